@@ -1,0 +1,65 @@
+"""Command line: `python -m mokd_jax.main --config=configs/default.py [--workdir=DIR]`.
+
+Flags and logging only; the work is `train.train_and_evaluate`. `--workdir` defaults to
+runs/<config file name>[_<arg>]. Bad input (config, data, checkpoint) ends the run with a
+one-line error and exit status 2, before anything saved is touched.
+"""
+
+import json
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mokd_jax import train
+from mokd_jax.errors import InputError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Configuration file (get_config(arg)).")
+flags.DEFINE_string("workdir", None, "Checkpoints, logs and summary.json go here.")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_flag_value: str) -> str:
+    """runs/<name of the config file>[_<arg>], e.g. runs/default or runs/default_smoke."""
+    path, _, arg = config_flag_value.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}_{arg}" if arg else name)
+
+
+def format_summary(summary: dict) -> str:
+    teacher, student = summary["teacher"], summary["student"]
+    return (
+        f"method {summary['method']} on {summary['dataset']}: "
+        f"teacher {teacher['model']} ({teacher['parameters']:,} params) "
+        f"test accuracy {teacher['test_accuracy']:.2%}; "
+        f"student {student['model']} ({student['parameters']:,} params) "
+        f"test accuracy {student['test_accuracy']:.2%}; {summary['wall_time_s']:.0f} s"
+    )
+
+
+def is_not_orbax_chatter(record) -> bool:
+    """Drops Orbax's INFO records (a dozen per save) and keeps its warnings and errors."""
+    return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_logger().addFilter(is_not_orbax_chatter)
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
+    try:
+        summary = train.train_and_evaluate(FLAGS.config, workdir)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(summary))
+    print(f"summary: {os.path.join(workdir, 'summary.json')}")
+    logging.info("summary: %s", json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,528 @@
+"""Teacher training, MoKD distillation and evaluation, top to bottom.
+
+The data flow of one distillation step (DESIGN.md):
+    batch -> teacher forward (eval mode, its variables passed in as an argument)
+          -> student forward + projector (one forward pass)
+          -> losses [task, distill]
+          -> per-objective gradients J = jacrev(losses), leading objective axis K
+          -> optax.chain(aggregator, optimizer) turns J into one update
+          -> new state; metrics (losses, cos(g_task, g_distill), norm ratio, weights)
+
+`train_and_evaluate(config, workdir)` runs the three phases: (1) train the teacher with
+cross-entropy, or restore it; (2) distill the student; (3) evaluate both and write
+WORKDIR/summary.json. Both phases checkpoint periodically and resume from the workdir.
+"""
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import struct
+
+from mokd_jax import aggregation, checkpoint, data, models
+from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix
+from mokd_jax.errors import invalid
+from mokd_jax.objectives import OBJECTIVE_NAMES, cross_entropy, loss_vector
+from mokd_jax.subspace import SubspaceProjector
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes. `params` are the differentiated variables; for the
+    student they are {'student': ..., 'projector': ...}. `constants` holds non-trainable
+    variables (the projector's fixed teacher lift)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    constants: Any
+    opt_state: optax.OptState
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises InputError for a numeric or named field outside what is allowed."""
+    for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
+        if config[field] < 1:
+            raise invalid(field, config[field], "a positive integer")
+    for section in ("teacher", "student"):
+        for field in ("num_train_steps", "learning_rate"):
+            if config[section][field] <= 0:
+                raise invalid(f"{section}.{field}", config[section][field], "a positive number")
+        if config[section].optimizer not in OPTIMIZERS:
+            raise invalid(f"{section}.optimizer", config[section].optimizer, f"one of {OPTIMIZERS}")
+    if config.distill.temperature <= 0:
+        raise invalid("distill.temperature", config.distill.temperature, "a positive number")
+    if config.projector.width_multiplier < 1:
+        raise invalid("projector.width_multiplier", config.projector.width_multiplier, ">= 1")
+    for section in ("teacher", "student"):
+        if config[section].model not in models.NAMES:
+            raise invalid(f"{section}.model", config[section].model, f"one of {models.NAMES}")
+    student_optimizer(config)  # checks the aggregator's name and hyperparameters
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def make_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Warm-up then cosine decay; SGD with Nesterov-free momentum 0.9, or AdamW."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=section.learning_rate,
+        warmup_steps=min(section.warmup_steps, section.num_train_steps - 1),
+        decay_steps=section.num_train_steps,
+    )
+    if section.optimizer == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(section.weight_decay), optax.sgd(schedule, momentum=0.9)
+        )
+    return optax.adamw(schedule, weight_decay=section.weight_decay)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def feature_width(model, image_shape: tuple[int, ...]) -> int:
+    """Width of the model's pooled features, from shapes only (no computation)."""
+    dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
+    _, features = jax.eval_shape(
+        functools.partial(model.apply, train=False, return_features=True), variables, dummy
+    )
+    return features["pooled"].shape[-1]
+
+
+def init_model(model, image_shape: tuple[int, ...], key: jax.Array) -> dict:
+    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+def create_teacher_state(model, image_shape, tx, key) -> TrainState:
+    variables = init_model(model, image_shape, key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        constants={},
+        opt_state=tx.init(variables["params"]),
+    )
+
+
+def create_student_state(student, projector, image_shape, teacher_width, tx, key) -> TrainState:
+    student_key, projector_key = jax.random.split(key)
+    variables = init_model(student, image_shape, student_key)
+    student_width = feature_width(student, image_shape)
+    projector_variables = projector.init(
+        projector_key, jnp.zeros((1, student_width)), jnp.zeros((1, teacher_width))
+    )
+    params = {"student": variables["params"], "projector": projector_variables["params"]}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        constants=projector_variables["constants"],
+        opt_state=tx.init(params),
+    )
+
+
+def shared_mask(params: Mapping[str, Any]) -> dict:
+    """The student's parameters take part in the aggregation; the projector's do not."""
+    return {
+        "student": jax.tree.map(lambda _: True, params["student"]),
+        "projector": jax.tree.map(lambda _: False, params["projector"]),
+    }
+
+
+def student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    hparams = dict(config.aggregation.get(config.aggregator, {}))
+    aggregator = aggregation.get(
+        config.aggregator, num_objectives=len(OBJECTIVE_NAMES), shared=shared_mask, **hparams
+    )
+    return optax.chain(aggregator, make_optimizer(config.student))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def teacher_step(state: TrainState, images, labels, *, model, tx) -> tuple[TrainState, dict]:
+    """One cross-entropy step of the teacher."""
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            data.normalize(images),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return cross_entropy(logits, labels), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    return new_state, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+def distill_step(
+    state: TrainState,
+    teacher_variables: Mapping[str, Any],
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    student,
+    teacher,
+    projector,
+    tx: optax.GradientTransformationExtraArgs,
+    distill: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict]:
+    """One MoKD step: per-objective gradients from one forward, aggregated by `tx`.
+
+    The teacher runs in eval mode on variables passed in as an argument: they are neither
+    closed over (no constant folding) nor differentiated (gradients reach only
+    `state.params`, i.e. the student and its projector).
+    """
+    inputs = data.normalize(images)
+    teacher_logits, teacher_features = teacher.apply(
+        teacher_variables, inputs, train=False, return_features=True
+    )
+
+    def objectives(params):
+        (logits, features), updates = student.apply(
+            {"params": params["student"], "batch_stats": state.batch_stats},
+            inputs,
+            train=True,
+            return_features=True,
+            mutable=["batch_stats"],
+        )
+        projected, target = projector.apply(
+            {"params": params["projector"], "constants": state.constants},
+            features["pooled"],
+            teacher_features["pooled"],
+        )
+        losses, parts = loss_vector(
+            logits,
+            teacher_logits,
+            labels,
+            projected,
+            target,
+            temperature=distill.temperature,
+            logit_weight=distill.logit_weight,
+            feature_weight=distill.feature_weight,
+        )
+        return losses, (losses, parts, logits, updates["batch_stats"])
+
+    jacobian, (losses, parts, logits, batch_stats) = jax.jacrev(objectives, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(jacobian, state.opt_state, state.params, losses=losses)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    gram, _ = gram_matrix(jacobian["student"])
+    weights = opt_state[0].weights
+    metrics = {
+        **{f"loss_{name}": losses[k] for k, name in enumerate(OBJECTIVE_NAMES)},
+        **{f"loss_{name}": value for name, value in parts.items()},
+        **{f"weight_{name}": weights[k] for k, name in enumerate(OBJECTIVE_NAMES)},
+        **conflict_diagnostics(gram),
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+    }
+    metrics["conflict"] = (metrics["cos_task_distill"] < 0).astype(jnp.float32)
+    return new_state, metrics
+
+
+def correct_predictions(variables, images, labels, mask, *, model) -> tuple[jax.Array, jax.Array]:
+    """(Number of correct top-1 predictions, number of real examples) in a padded batch."""
+    logits = model.apply(variables, data.normalize(images), train=False)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return correct.sum(), mask.sum()
+
+
+def evaluate(model, variables, images, labels, batch_size: int) -> float:
+    """Top-1 accuracy over every example exactly once."""
+    step = jax.jit(functools.partial(correct_predictions, model=model))
+    correct, total = 0, 0
+    for batch in data.batching.eval_batches(images, labels, batch_size):
+        batch_correct, batch_total = step(variables, *batch)
+        correct, total = correct + int(batch_correct), total + int(batch_total)
+    return correct / total
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def run_phase(
+    name: str,
+    state: TrainState,
+    step_fn: Callable[[TrainState, np.ndarray, np.ndarray], tuple[TrainState, dict]],
+    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    num_steps: int,
+    manager,
+    fingerprint: Mapping[str, Any],
+    writer: metric_writers.MetricWriter,
+    log_every_steps: int,
+) -> tuple[TrainState, dict[str, float]]:
+    """Runs `step_fn` from `state.step` to `num_steps`, saving and logging on the way.
+
+    Every step's metrics go to `writer` with their own step number, but they are fetched
+    from the device once per `log_every_steps`, so the loop never waits on the device each
+    step; the log gets one line per `log_every_steps` and CLU's progress report (steps/s,
+    ETA). Returns the final state and the mean of each metric over the steps run here.
+    """
+    first_step = int(state.step)
+    report = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_steps=log_every_steps, every_secs=30.0
+    )
+    pending: list[tuple[int, dict]] = []
+    sums: dict[str, float] = {}
+    for step in range(first_step + 1, num_steps + 1):
+        images, labels = next(batches)
+        state, metrics = step_fn(state, images, labels)
+        pending.append((step, metrics))
+        report(step)
+        if step % log_every_steps == 0 or step == num_steps:
+            for logged_step, logged in jax.device_get(pending):
+                writer.write_scalars(logged_step, logged)
+                for key, value in logged.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            logging.info("%s step %d/%d: %s", name, step, num_steps, format_metrics(logged))
+            pending = []
+        checkpoint.save(manager, step, state, fingerprint, force=step == num_steps)
+    manager.wait_until_finished()
+    writer.flush()
+    steps_run = max(num_steps - first_step, 1)
+    return state, {key: total / steps_run for key, total in sums.items()}
+
+
+def phase_writer(workdir: str, phase: str) -> metric_writers.MetricWriter:
+    """TensorBoard events of one phase in WORKDIR/tensorboard/<phase> (process 0 only)."""
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    directory = os.path.join(workdir, "tensorboard", phase)
+    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(directory))
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={float(value):.4g}" for key, value in sorted(metrics.items()))
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def data_fingerprint(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict:
+    return {
+        "dataset": config.dataset,
+        "data_dir": config.data_dir,
+        "num_classes": dataset.num_classes,
+        "image_shape": list(dataset.train_images.shape[1:]),
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+    }
+
+
+def teacher_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+    """What a teacher checkpoint must match to serve this run: architecture and classes."""
+    return {"model": config.teacher.model, "num_classes": num_classes}
+
+
+def check_teacher_identity(saved: Mapping[str, Any], expected: Mapping[str, Any], path: str):
+    if saved.get("num_classes") != expected["num_classes"]:
+        raise invalid(
+            "teacher.num_classes",
+            saved.get("num_classes"),
+            f"the teacher checkpoint at {path} must have the student's class count "
+            f"{expected['num_classes']}",
+        )
+    if saved.get("model") != expected["model"]:
+        raise invalid(
+            "teacher.model",
+            expected["model"],
+            f"the teacher checkpoint at {path} holds a {saved.get('model')!r}",
+        )
+
+
+def train_teacher(config, workdir, dataset) -> dict:
+    """Phase 1: cross-entropy training of the teacher; returns its exported variables."""
+    model = models.get(config.teacher.model, num_classes=dataset.num_classes)
+    tx = make_optimizer(config.teacher)
+    image_shape = dataset.train_images.shape[1:]
+    abstract = jax.eval_shape(
+        functools.partial(create_teacher_state, model, image_shape, tx), jax.random.key(0)
+    )
+    fingerprint = {**data_fingerprint(config, dataset), "teacher": config.teacher.to_dict()}
+    manager = checkpoint.open_manager(
+        os.path.join(workdir, "checkpoints", "teacher"),
+        config.checkpoint_every_steps,
+        config.max_checkpoints_to_keep,
+    )
+    state = checkpoint.restore_latest(manager, abstract, fingerprint)
+    if state is None:
+        state = create_teacher_state(model, image_shape, tx, jax.random.key(config.seed))
+    else:
+        logging.info("teacher: resuming from step %d", int(state.step))
+    step_fn = jax.jit(functools.partial(teacher_step, model=model, tx=tx), donate_argnums=0)
+    batches = data.batching.train_batches(
+        dataset.train_images, dataset.train_labels, config.batch_size, config.seed, int(state.step)
+    )
+    state, _ = run_phase(
+        "teacher",
+        state,
+        step_fn,
+        batches,
+        config.teacher.num_train_steps,
+        manager,
+        fingerprint,
+        phase_writer(workdir, "teacher"),
+        config.log_every_steps,
+    )
+    manager.close()
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def obtain_teacher(config, workdir, dataset) -> dict:
+    """The teacher's variables: from `teacher.checkpoint_dir`, or trained in WORKDIR/teacher."""
+    identity = teacher_identity(config, dataset.num_classes)
+    directory = config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
+    saved_identity = checkpoint.read_identity(directory) if os.path.isdir(directory) else None
+    if saved_identity is not None:
+        check_teacher_identity(saved_identity, identity, directory)
+        logging.info("teacher: restored from %s", directory)
+        return checkpoint.load_variables(directory)
+    if config.teacher.checkpoint_dir:
+        raise invalid(
+            "teacher.checkpoint_dir", directory, "a directory holding a teacher checkpoint"
+        )
+    variables = train_teacher(config, workdir, dataset)
+    checkpoint.export_variables(directory, variables, identity, config.teacher.num_train_steps)
+    return variables
+
+
+def distill_student(config, workdir, dataset, teacher_variables):
+    """Phase 2: MoKD distillation of the student; returns (student variables, diagnostics)."""
+    num_classes = dataset.num_classes
+    student = models.get(config.student.model, num_classes=num_classes)
+    teacher = models.get(config.teacher.model, num_classes=num_classes)
+    image_shape = dataset.train_images.shape[1:]
+    teacher_width = feature_width(teacher, image_shape)
+    projector = SubspaceProjector(
+        width=config.projector.width_multiplier * teacher_width,
+        orthogonal_init=config.projector.orthogonal_init,
+        seed=config.seed,
+    )
+    tx = student_optimizer(config)
+    create = functools.partial(
+        create_student_state, student, projector, image_shape, teacher_width, tx
+    )
+    fingerprint = {
+        **data_fingerprint(config, dataset),
+        **{key: config[key].to_dict() for key in ("teacher", "student", "distill", "projector")},
+        "aggregator": config.aggregator,
+        "aggregation": config.aggregation.get(config.aggregator, {}).to_dict(),
+    }
+    manager = checkpoint.open_manager(
+        os.path.join(workdir, "checkpoints", "student"),
+        config.checkpoint_every_steps,
+        config.max_checkpoints_to_keep,
+    )
+    state = checkpoint.restore_latest(
+        manager, jax.eval_shape(create, jax.random.key(0)), fingerprint
+    )
+    if state is None:
+        state = create(jax.random.key(config.seed + 1))
+    else:
+        logging.info("student: resuming from step %d", int(state.step))
+    step_fn = jax.jit(
+        functools.partial(
+            distill_step,
+            student=student,
+            teacher=teacher,
+            projector=projector,
+            tx=tx,
+            distill=config.distill,
+        ),
+        donate_argnums=0,
+    )
+    batches = data.batching.train_batches(
+        dataset.train_images, dataset.train_labels, config.batch_size, config.seed, int(state.step)
+    )
+    state, means = run_phase(
+        "student",
+        state,
+        lambda s, x, y: step_fn(s, teacher_variables, x, y),
+        batches,
+        config.student.num_train_steps,
+        manager,
+        fingerprint,
+        phase_writer(workdir, "student"),
+        config.log_every_steps,
+    )
+    manager.close()
+    return {"params": state.params["student"], "batch_stats": state.batch_stats}, means
+
+
+def parameter_count(variables: Mapping[str, Any]) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the three phases and writes WORKDIR/summary.json; returns the summary."""
+    start = time.time()
+    check_config(config)
+    dataset = data.load(config.dataset, config.data_dir, config.num_classes)
+    os.makedirs(workdir, exist_ok=True)
+    teacher_variables = obtain_teacher(config, workdir, dataset)
+    student_variables, diagnostics = distill_student(config, workdir, dataset, teacher_variables)
+    checkpoint.export_variables(
+        os.path.join(workdir, "student"),
+        student_variables,
+        {"model": config.student.model, "num_classes": dataset.num_classes},
+        config.student.num_train_steps,
+    )
+
+    accuracies = {}
+    for role, variables in (("teacher", teacher_variables), ("student", student_variables)):
+        model = models.get(config[role].model, num_classes=dataset.num_classes)
+        accuracies[role] = evaluate(
+            model, variables, dataset.test_images, dataset.test_labels, config.eval_batch_size
+        )
+        writer = phase_writer(workdir, role)
+        writer.write_scalars(config[role].num_train_steps, {"test_accuracy": accuracies[role]})
+        writer.close()
+    summary = {
+        "method": config.aggregator,
+        "dataset": dataset.name,
+        "teacher": {
+            "model": config.teacher.model,
+            "parameters": parameter_count(teacher_variables),
+            "test_accuracy": accuracies["teacher"],
+        },
+        "student": {
+            "model": config.student.model,
+            "parameters": parameter_count(student_variables),
+            "test_accuracy": accuracies["student"],
+        },
+        "training_diagnostics": diagnostics,
+        "wall_time_s": time.time() - start,
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

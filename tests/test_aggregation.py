@@ -1,0 +1,453 @@
+"""Tests of mokd_jax.aggregation against float64 numpy references written from the formulas.
+
+Gradients are flat numpy vectors J [K, 17] for the references and a pytree
+{'a': [K, 3, 4], 'b': [K, 5]} for the implementation, so that the tree handling (one global
+Gram matrix over several leaves) is exercised every time.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mokd_jax import aggregation
+from mokd_jax.aggregation import projection
+from mokd_jax.errors import InputError
+
+SIZE = 17
+FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None)
+NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def to_tree(rows: np.ndarray) -> dict[str, jax.Array]:
+    """J [K, 17] -> {'a': [K, 3, 4], 'b': [K, 5]} in float32."""
+    num = rows.shape[0]
+    return {
+        "a": jnp.asarray(rows[:, :12].reshape(num, 3, 4), jnp.float32),
+        "b": jnp.asarray(rows[:, 12:], jnp.float32),
+    }
+
+
+def to_rows(tree: dict[str, jax.Array]) -> np.ndarray:
+    """Inverse of to_tree (with or without the K axis), in float64."""
+    a, b = np.asarray(tree["a"], np.float64), np.asarray(tree["b"], np.float64)
+    return np.concatenate([a.reshape(a.shape[: a.ndim - 2] + (12,)), b], axis=-1)
+
+
+@functools.cache
+def jitted_update(name: str, num_objectives: int, hparams: tuple = ()):
+    """A jitted (J rows, losses) -> (d [17], weights) for one configuration, compiled once."""
+    tx = aggregation.get(name, num_objectives=num_objectives, **dict(hparams))
+
+    @jax.jit
+    def run(tree, losses):
+        out, state = tx.update(tree, tx.init(None), losses=losses)
+        return out, state.weights
+
+    return run
+
+
+def aggregate(name, rows, losses, **hparams):
+    """d (float64 [17]) and weights from the implementation."""
+    run = jitted_update(name, rows.shape[0], tuple(sorted(hparams.items())))
+    out, weights = run(to_tree(rows), jnp.asarray(losses, jnp.float32))
+    return to_rows(out), np.asarray(weights, np.float64)
+
+
+# ---------------------------------------------------------------- float64 references
+
+
+def ref_min_norm(gram: np.ndarray) -> np.ndarray:
+    """Exact min-norm simplex weights: the closed form for K = 2, else every active set."""
+    if len(gram) == 2:
+        spread = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]
+        first = np.clip((gram[1, 1] - gram[0, 1]) / spread, 0, 1)
+        return np.array([first, 1 - first])
+    best, best_value = None, np.inf
+    for size in range(1, len(gram) + 1):
+        for support in itertools.combinations(range(len(gram)), size):
+            idx = list(support)
+            kkt = np.zeros((size + 1, size + 1))
+            kkt[:size, :size] = 2 * gram[np.ix_(idx, idx)]
+            kkt[:size, size] = kkt[size, :size] = 1
+            solution = np.linalg.lstsq(kkt, np.eye(size + 1)[size], rcond=None)[0][:size]
+            if solution.min() < -1e-12:
+                continue
+            weights = np.zeros(len(gram))
+            weights[idx] = solution
+            if weights @ gram @ weights < best_value:
+                best, best_value = weights, weights @ gram @ weights
+    return best
+
+
+def ref_mgda_factors(rows, losses, normalization):
+    norms = np.linalg.norm(rows, axis=1)
+    factors = {"none": 1, "l2": 1 / norms, "loss": 1 / losses, "loss+": 1 / (losses * norms)}
+    return factors[normalization] * np.ones(len(rows))
+
+
+def ref_mgda(rows, losses, normalization):
+    scaled = rows * ref_mgda_factors(rows, losses, normalization)[:, None]
+    return ref_min_norm(scaled @ scaled.T) @ scaled
+
+
+def ref_mokd(rows, losses, rescale="mean_norm", max_norm=10.0):
+    logs = rows / losses[:, None]
+    pi = ref_min_norm(logs @ logs.T)
+    d = pi @ logs
+    if rescale == "mean_norm":
+        d *= np.linalg.norm(rows.mean(0)) / np.linalg.norm(d)
+    elif rescale == "loss":
+        d *= pi @ losses
+    if max_norm is not None and np.linalg.norm(d) > max_norm:
+        d *= max_norm / np.linalg.norm(d)
+    return d
+
+
+def ref_pcgrad(rows, orders):
+    """Sum of the PCGrad-modified gradients; objective k visits the others in orders[k]."""
+    modified = []
+    for k, order in enumerate(orders):
+        g = rows[k].copy()
+        for j in order:
+            if j != k and g @ rows[j] < 0:
+                g -= (g @ rows[j]) / (rows[j] @ rows[j]) * rows[j]
+        modified.append(g)
+    return np.sum(modified, axis=0)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def random_rows(seed, num_objectives, spread=0.0):
+    """(J rows, losses): random gradients whose norms differ by up to 10**spread either way;
+    g_0 and g_1 always conflict."""
+    rng = np.random.default_rng(seed)
+    scales = 10.0 ** rng.uniform(-spread, spread, num_objectives)
+    rows = rng.standard_normal((num_objectives, SIZE)) * scales[:, None]
+    if rows[0] @ rows[1] > 0:
+        rows[1] *= -1
+    return rows, rng.uniform(0.1, 3.0, num_objectives)
+
+
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+def relative_error(actual, expected):
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def effective_gradients(name, rows, losses):
+    """The rows whose min-norm point d is: log-gradients for mokd, raw ones for mgda."""
+    return rows / losses[:, None] if name == "mokd" else rows
+
+
+# ---------------------------------------------------------------- contract and errors
+
+
+def test_names_cover_this_round():
+    assert set(aggregation.NAMES) == {"sum", "weighted", "mean", "mgda", "pcgrad", "mokd"}
+
+
+def test_unknown_name_raises_input_error_naming_it():
+    with pytest.raises(InputError, match=r"aggregator='nope'.*mokd"):
+        aggregation.get("nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "hparams", "field"),
+    [
+        ("mgda", {"normalization": "foo"}, "aggregator.normalization='foo'"),
+        ("mgda", {"iterations": 0}, "aggregator.iterations=0"),
+        ("mokd", {"max_norm": -1.0}, "aggregator.max_norm=-1.0"),
+        ("mokd", {"rescale": "bar"}, "aggregator.rescale='bar'"),
+        ("mokd", {"num_objectives": 1}, "aggregator.num_objectives=1"),
+        ("sum", {"weights": (1.0, 2.0, 3.0)}, "aggregator.weights=(1.0, 2.0, 3.0)"),
+        ("pcgrad", {"seed": -1}, "aggregator.seed=-1"),
+        ("mean", {"foo": 3}, "aggregator.foo=3"),
+    ],
+)
+def test_bad_hyperparameter_raises_input_error_naming_field_and_value(name, hparams, field):
+    with pytest.raises(InputError) as error:
+        aggregation.get(name, **hparams)
+    assert str(error.value).startswith(field)
+
+
+def test_update_without_losses_is_a_clear_error():
+    tx = aggregation.get("mean")
+    with pytest.raises(TypeError, match="losses"):
+        tx.update(to_tree(np.ones((2, SIZE))), tx.init(None))
+
+
+def test_wrong_number_of_objectives_is_an_input_error():
+    tx = aggregation.get("mean", num_objectives=3)
+    with pytest.raises(InputError, match="num_objectives=3"):
+        tx.update(to_tree(np.ones((2, SIZE))), tx.init(None), losses=jnp.ones(2))
+
+
+# ---------------------------------------------------------------- Gram matrix
+
+
+@pytest.mark.parametrize("magnitude", [1e-20, 1.0, 1e20])
+def test_gram_matrix_is_overflow_and_underflow_safe(magnitude):
+    angle, ratio = 2.0, 1e-3  # cos = -0.416; distillation gradient 1000x smaller than task
+    rows = np.zeros((2, SIZE))
+    rows[0, 0] = 3.0
+    rows[1, :2] = 3.0 * ratio * np.array([np.cos(angle), np.sin(angle)])
+    gram, scale = jax.jit(aggregation.gram_matrix)(to_tree(rows * magnitude))
+    stats = aggregation.conflict_diagnostics(gram)
+    np.testing.assert_allclose(float(scale), 3.0 * magnitude, rtol=1e-6)
+    np.testing.assert_allclose(float(stats["cos_task_distill"]), np.cos(angle), rtol=1e-5)
+    np.testing.assert_allclose(float(stats["norm_ratio"]), ratio, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gram)[0, 0], 1.0, rtol=1e-6)
+
+
+def test_gram_matrix_uses_only_the_shared_leaves():
+    rows, _ = random_rows(0, 3)
+    gram, scale = aggregation.gram_matrix(to_tree(rows), {"a": True, "b": False})
+    expected = rows[:, :12] @ rows[:, :12].T
+    np.testing.assert_allclose(float(scale) ** 2 * np.asarray(gram), expected, rtol=1e-5)
+
+
+def test_conflict_diagnostics_are_finite_for_zero_gradients():
+    rows = np.zeros((2, SIZE))
+    stats = aggregation.conflict_diagnostics(aggregation.gram_matrix(to_tree(rows))[0])
+    assert all(np.isfinite(float(v)) for v in stats.values())
+    rows[1, 0] = 1.0
+    stats = aggregation.conflict_diagnostics(aggregation.gram_matrix(to_tree(rows))[0])
+    assert float(stats["cos_task_distill"]) == 0.0
+    assert np.isfinite(float(stats["norm_ratio"])) and float(stats["norm_ratio"]) > 1e6
+
+
+# ---------------------------------------------------------------- min-norm solver
+
+
+@pytest.mark.parametrize("num_objectives", [2, 3, 4])
+def test_min_norm_weights_match_the_exact_solution(num_objectives):
+    for seed in range(5):
+        rows, _ = random_rows(seed, num_objectives)
+        gram = rows @ rows.T
+        weights = np.asarray(jax.jit(aggregation.min_norm_weights)(jnp.asarray(gram)), float)
+        expected = ref_min_norm(gram)
+        assert weights.min() >= 0 and abs(weights.sum() - 1) < 1e-6
+        np.testing.assert_allclose(weights, expected, atol=1e-5)
+
+
+def test_min_norm_weights_of_identical_gradients_fall_back_to_the_mean():
+    np.testing.assert_allclose(aggregation.min_norm_weights(jnp.ones((2, 2))), [0.5, 0.5])
+
+
+# ---------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("name", ["mgda", "mokd"])
+@pytest.mark.parametrize("num_objectives", [2, 3])
+@FEW
+@given(seed=SEEDS)
+def test_min_norm_methods_never_increase_any_objective(name, num_objectives, seed):
+    rows, losses = random_rows(seed, num_objectives, spread=3.0)
+    d, weights = aggregate(name, rows, losses)
+    norms = np.linalg.norm(rows, axis=1)
+    assert np.all(rows @ d >= -1e-5 * norms * np.linalg.norm(d))
+    pi = weights * (losses if name == "mokd" else 1.0)
+    pi /= pi.sum()
+    if num_objectives == 2 and 1e-3 < pi[0] < 1 - 1e-3:
+        effective = effective_gradients(name, rows, losses)
+        projections = effective @ d
+        scale = np.linalg.norm(d) * np.linalg.norm(effective, axis=1).max()
+        np.testing.assert_allclose(projections[0], projections[1], rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("factor", [1e-3, 1e3])
+@pytest.mark.parametrize("num_objectives", [2, 3])
+def test_mokd_direction_ignores_a_rescaled_loss(factor, num_objectives):
+    for seed in range(3):
+        rows, losses = random_rows(seed, num_objectives)
+        d, _ = aggregate("mokd", rows, losses, max_norm=None)
+        rows[1] *= factor
+        losses[1] *= factor
+        d_scaled, _ = aggregate("mokd", rows, losses, max_norm=None)
+        cos = d @ d_scaled / (np.linalg.norm(d) * np.linalg.norm(d_scaled))
+        assert cos > 1 - 1e-6
+
+
+def pcgrad_coefficients(rows, orders):
+    gram = jnp.asarray(rows @ rows.T, jnp.float32)
+    return np.asarray(projection.projection_coefficients(gram, jnp.asarray(orders)), float)
+
+
+def test_pcgrad_two_objectives_modified_gradients_no_longer_conflict():
+    for seed in range(10):
+        rows, _ = random_rows(seed, 2)
+        modified = pcgrad_coefficients(rows, [[0, 1], [1, 0]]) @ rows
+        assert modified[0] @ modified[1] >= -1e-6 * np.prod(np.linalg.norm(rows, axis=1))
+
+
+# ---------------------------------------------------------------- parity with numpy
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("num_objectives", [2, 3])
+def test_mgda_matches_reference(normalization, num_objectives):
+    for seed in range(5):
+        rows, losses = random_rows(seed, num_objectives, spread=2.0)
+        d, _ = aggregate("mgda", rows, losses, normalization=normalization)
+        assert relative_error(d, ref_mgda(rows, losses, normalization)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [{}, {"rescale": "loss"}, {"rescale": "none", "max_norm": None}, {"max_norm": 0.1}],
+)
+@pytest.mark.parametrize("num_objectives", [2, 3])
+def test_mokd_matches_reference(hparams, num_objectives):
+    for seed in range(5):
+        rows, losses = random_rows(seed, num_objectives, spread=2.0)
+        d, _ = aggregate("mokd", rows, losses, **hparams)
+        assert relative_error(d, ref_mokd(rows, losses, **hparams)) < 1e-5
+
+
+def test_pcgrad_matches_reference_for_two_objectives():
+    for seed in range(10):
+        rows, losses = random_rows(seed, 2, spread=2.0)
+        d, _ = aggregate("pcgrad", rows, losses)
+        assert relative_error(d, ref_pcgrad(rows, [[0, 1], [1, 0]])) < 1e-5
+
+
+def test_pcgrad_projections_match_reference_for_three_objectives_in_any_order():
+    for seed in range(5):
+        rows, _ = random_rows(seed, 3, spread=2.0)
+        rows[2] -= rows[0] + rows[1]
+        for orders in ([[0, 1, 2], [0, 1, 2], [0, 1, 2]], [[2, 1, 0], [2, 0, 1], [1, 2, 0]]):
+            d = pcgrad_coefficients(rows, orders).sum(0) @ rows
+            assert relative_error(d, ref_pcgrad(rows, orders)) < 1e-5
+
+
+def test_linear_methods_match_reference():
+    rows, losses = random_rows(0, 3)
+    d, weights = aggregate("sum", rows, losses, weights=(1.0, 0.5, 2.0))
+    assert relative_error(d, np.array([1.0, 0.5, 2.0]) @ rows) < 1e-6
+    d, _ = aggregate("mean", rows, losses)
+    assert relative_error(d, rows.mean(0)) < 1e-6
+
+
+# ---------------------------------------------------------------- every method
+
+
+def edge_case(case: str, num_objectives: int) -> np.ndarray:
+    rows, _ = random_rows(0, num_objectives)
+    if case == "zero":
+        rows[1] = 0
+    elif case == "identical":
+        rows[1] = rows[0]
+    elif case == "opposite":
+        rows[1] = -rows[0]
+    elif case == "all zero":
+        rows[:] = 0
+    return rows * {"tiny": 1e-20, "huge": 1e20}.get(case, 1.0)
+
+
+@pytest.mark.parametrize("case", ["zero", "identical", "opposite", "all zero", "tiny", "huge"])
+@pytest.mark.parametrize("num_objectives", [2, 3])
+@pytest.mark.parametrize("name", aggregation.NAMES)
+def test_edge_cases_give_finite_updates(name, num_objectives, case):
+    rows = edge_case(case, num_objectives)
+    for losses in ([1.0, 1.0, 1.0], [2.0, 0.5, 1.0], [0.0, 1.0, 1e-3]):
+        d, weights = aggregate(name, rows, np.array(losses[:num_objectives]))
+        assert np.all(np.isfinite(d)) and np.all(np.isfinite(weights))
+        if case == "identical" and num_objectives == 2:
+            assert d @ rows[0] / (np.linalg.norm(d) * np.linalg.norm(rows[0])) > 1 - 1e-6
+
+
+def test_mokd_falls_back_to_the_mean_when_one_gradient_is_zero():
+    rows = edge_case("zero", 2)
+    for losses in ([1.0, 1.0], [2.0, 0.0]):
+        d, _ = aggregate("mokd", rows, np.array(losses))
+        assert relative_error(d, rows.mean(0)) < 1e-6
+    # Plain MGDA keeps its textbook answer: 0 is in the convex hull, so d = 0.
+    d, _ = aggregate("mgda", rows, np.array([1.0, 1.0]))
+    assert np.linalg.norm(d) == 0
+
+
+def test_mask_of_the_wrong_structure_is_an_input_error():
+    tx = aggregation.get("mean", shared={"a": True, "c": False})
+    with pytest.raises(InputError, match="aggregator.shared"):
+        tx.update(to_tree(np.ones((2, SIZE))), tx.init(None), losses=jnp.ones(2))
+
+
+@pytest.mark.parametrize("name", aggregation.NAMES)
+@pytest.mark.parametrize("num_objectives", [2, 3])
+def test_weights_reproduce_the_shared_update(name, num_objectives):
+    rows, losses = random_rows(1, num_objectives)
+    tx = aggregation.get(name, num_objectives=num_objectives)
+    state = tx.init(None)
+    assert state.weights.shape == (num_objectives,) and state.weights.dtype == jnp.float32
+    out, state = jax.jit(tx.update)(to_tree(rows), state, losses=jnp.asarray(losses))
+    assert state.weights.shape == (num_objectives,)
+    d = to_rows(out)
+    assert relative_error(np.asarray(state.weights, np.float64) @ rows, d) < 1e-5
+
+
+@pytest.mark.parametrize("name", aggregation.NAMES)
+def test_non_shared_leaves_get_their_rows_summed(name):
+    rows, losses = random_rows(2, 3)
+    tree = to_tree(rows)
+    only_a = aggregation.get(name, num_objectives=3)
+    masked = aggregation.get(name, num_objectives=3, shared={"a": True, "b": False})
+    by_path = aggregation.get(name, num_objectives=3, shared=lambda params: {"a": True, "b": False})
+    expected, _ = only_a.update({"a": tree["a"]}, only_a.init(None), losses=losses)
+    for tx in (masked, by_path):
+        params = jax.tree.map(lambda g: g[0], tree)
+        out, _ = jax.jit(tx.update)(tree, tx.init(params), params, losses=jnp.asarray(losses))
+        np.testing.assert_allclose(out["b"], tree["b"].sum(0), rtol=1e-6)
+        np.testing.assert_allclose(out["a"], expected["a"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", aggregation.NAMES)
+def test_deterministic_for_a_fixed_seed(name):
+    rows, losses = random_rows(3, 3)
+    rows[2] -= rows[0]
+
+    def three_steps():
+        tx = aggregation.get(name, num_objectives=3)
+        state, outs = tx.init(None), []
+        update = jax.jit(tx.update)
+        for _ in range(3):
+            out, state = update(to_tree(rows), state, losses=jnp.asarray(losses))
+            outs.append(to_rows(out))
+        return np.stack(outs)
+
+    np.testing.assert_array_equal(three_steps(), three_steps())
+
+
+def test_pcgrad_order_comes_from_the_state_key():
+    tx = aggregation.get("pcgrad", num_objectives=3, seed=7)
+    state = tx.init(None)
+    rows, losses = random_rows(4, 3)
+    _, new_state = tx.update(to_tree(rows), state, losses=jnp.asarray(losses))
+    assert not np.array_equal(state.key, new_state.key)
+    np.testing.assert_array_equal(tx.init(None).key, state.key)
+
+
+@pytest.mark.parametrize("name", aggregation.NAMES)
+def test_chains_with_sgd_under_jit(name):
+    rows, losses = random_rows(5, 2)
+    params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), to_tree(rows))
+    aggregator = aggregation.get(name)
+    tx = optax.chain(aggregator, optax.sgd(0.1, momentum=0.9))
+
+    @jax.jit
+    def step(params, opt_state, grads, losses):
+        updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
+        return optax.apply_updates(params, updates), opt_state
+
+    new_params, opt_state = step(params, tx.init(params), to_tree(rows), jnp.asarray(losses))
+    combined, _ = aggregator.update(to_tree(rows), aggregator.init(params), losses=losses)
+    np.testing.assert_allclose(to_rows(new_params), -0.1 * to_rows(combined), rtol=1e-5)
+    assert opt_state[0].weights.shape == (2,)

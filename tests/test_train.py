@@ -1,0 +1,262 @@
+"""The trainer end to end on the real digits: one step, the CLI, resume, bad input."""
+
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from configs import default
+from mokd_jax import checkpoint, data, models, train
+from mokd_jax.errors import InputError
+from mokd_jax.subspace import SubspaceProjector
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A complete smoke run (teacher, distillation, evaluation) in its own workdir."""
+    workdir = str(tmp_path_factory.mktemp("finished"))
+    summary = train.train_and_evaluate(default.get_config("smoke"), workdir)
+    return workdir, summary
+
+
+def tree_digest(directory: str) -> str:
+    """A hash of every file's path and bytes under `directory`."""
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(directory)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(path.encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def test_distill_step_updates_student_and_projector_only():
+    config = default.get_config("smoke")
+    config.student.warmup_steps = 0  # a non-zero learning rate on the first step
+    dataset = data.load("digits")
+    images, labels = dataset.train_images[:16], dataset.train_labels[:16]
+    image_shape = images.shape[1:]
+    teacher = models.get(config.teacher.model, num_classes=10)
+    student = models.get(config.student.model, num_classes=10)
+    teacher_variables = train.init_model(teacher, image_shape, jax.random.key(1))
+    teacher_width = train.feature_width(teacher, image_shape)
+    projector = SubspaceProjector(width=2 * teacher_width)
+    tx = train.student_optimizer(config)
+    state = train.create_student_state(
+        student, projector, image_shape, teacher_width, tx, jax.random.key(2)
+    )
+    step = jax.jit(
+        functools.partial(
+            train.distill_step,
+            student=student,
+            teacher=teacher,
+            projector=projector,
+            tx=tx,
+            distill=config.distill,
+        )
+    )
+    teacher_before = jax.tree.map(np.array, teacher_variables)
+    new_state, metrics = step(state, teacher_variables, images, labels)
+
+    assert int(new_state.step) == 1
+    for part in ("student", "projector"):
+        before, after = jax.tree.leaves(state.params[part]), jax.tree.leaves(new_state.params[part])
+        assert any(not np.array_equal(b, a) for b, a in zip(before, after, strict=True)), part
+    jax.tree.map(np.testing.assert_array_equal, teacher_before, jax.device_get(teacher_variables))
+    np.testing.assert_array_equal(
+        new_state.constants["teacher_lift"], state.constants["teacher_lift"]
+    )
+    expected = {
+        "loss_task", "loss_distill", "loss_kd_logit", "loss_kd_feature", "weight_task",
+        "weight_distill", "cos_task_distill", "norm_ratio", "accuracy", "conflict",
+    }  # fmt: skip
+    assert expected <= set(metrics)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert -1.0 <= float(metrics["cos_task_distill"]) <= 1.0
+    assert float(metrics["norm_ratio"]) > 0
+
+
+def test_teacher_is_an_argument_of_the_step_not_a_constant():
+    """Different teacher variables through the same compiled step give different updates."""
+    config = default.get_config("smoke")
+    dataset = data.load("digits")
+    images, labels = dataset.train_images[:16], dataset.train_labels[:16]
+    image_shape = images.shape[1:]
+    teacher = models.get(config.teacher.model, num_classes=10)
+    student = models.get(config.student.model, num_classes=10)
+    teacher_width = train.feature_width(teacher, image_shape)
+    projector = SubspaceProjector(width=2 * teacher_width)
+    tx = train.student_optimizer(config)
+    create = functools.partial(
+        train.create_student_state, student, projector, image_shape, teacher_width, tx
+    )
+    step = jax.jit(
+        functools.partial(
+            train.distill_step, student=student, teacher=teacher, projector=projector, tx=tx,
+            distill=config.distill,
+        )
+    )  # fmt: skip
+    losses = [
+        float(step(create(jax.random.key(0)), train.init_model(teacher, image_shape, key),
+                   images, labels)[1]["loss_distill"])
+        for key in (jax.random.key(1), jax.random.key(2))
+    ]  # fmt: skip
+    assert step._cache_size() == 1
+    assert losses[0] != losses[1]
+
+
+def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
+    workdir, summary = finished_run
+    with open(os.path.join(workdir, "summary.json")) as f:
+        saved = json.load(f)
+    assert saved["method"] == "mokd"
+    for role in ("teacher", "student"):
+        assert 0.0 <= saved[role]["test_accuracy"] <= 1.0
+    assert saved["student"]["parameters"] * 5 <= saved["teacher"]["parameters"]
+    assert saved == json.loads(json.dumps(summary))
+    for name in ("teacher", "student", "checkpoints/teacher", "checkpoints/student"):
+        assert os.path.isdir(os.path.join(workdir, name)), name
+    events = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard", "student"),
+        size_guidance={event_accumulator.TENSORS: 0},
+    )
+    events.Reload()
+    for tag in ("loss_task", "loss_distill", "cos_task_distill", "norm_ratio", "weight_task"):
+        assert [event.step for event in events.Tensors(tag)] == list(range(1, 21)), tag
+    exported = checkpoint.load_variables(os.path.join(workdir, "student"))
+    assert set(exported) == {"params", "batch_stats"}
+    assert "projector" not in exported["params"]
+
+
+def test_rerunning_a_finished_workdir_restores_instead_of_training(finished_run):
+    workdir, summary = finished_run
+    before = tree_digest(workdir + "/checkpoints")
+    again = train.train_and_evaluate(default.get_config("smoke"), workdir)
+    assert again["student"]["test_accuracy"] == summary["student"]["test_accuracy"]
+    assert tree_digest(workdir + "/checkpoints") == before
+
+
+def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(finished_run, tmp_path, monkeypatch):
+    reference_dir, _ = finished_run
+    config = default.get_config("smoke")
+    config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
+    real_batches = data.batching.train_batches
+
+    def preempted_batches(*args, **kwargs):
+        batches = real_batches(*args, **kwargs)
+        for _ in range(13):  # past the step-10 checkpoint, short of the end (20)
+            yield next(batches)
+        raise KeyboardInterrupt("simulated preemption")
+
+    monkeypatch.setattr(data.batching, "train_batches", preempted_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(data.batching, "train_batches", real_batches)
+    train.train_and_evaluate(config, str(tmp_path))
+
+    resumed = checkpoint.load_variables(str(tmp_path / "student"))
+    uninterrupted = checkpoint.load_variables(os.path.join(reference_dir, "student"))
+    jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("aggregator", "nope", "aggregator='nope'"),
+        ("student.model", "resnet9000", "student.model='resnet9000'"),
+        ("teacher.model", "nope", "teacher.model='nope'"),
+        ("dataset", "imagenet9", "dataset='imagenet9'"),
+        ("student.optimizer", "lion", "student.optimizer='lion'"),
+        ("distill.temperature", -1.0, "distill.temperature=-1.0"),
+    ],
+)
+def test_bad_config_names_field_and_value(tmp_path, field, value, message):
+    config = default.get_config("smoke")
+    section, _, key = field.rpartition(".")
+    (config[section] if section else config)[key] = value
+    with pytest.raises(InputError, match=message.replace(".", r"\.") + ".*allowed"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def write_npz(directory, labels, num_examples=64, shape=(8, 8, 1)):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        images = rng.integers(0, 256, (num_examples, *shape), dtype=np.uint8)
+        np.savez(directory / f"{split}.npz", image=images, label=labels(num_examples))
+
+
+def test_missing_npz_file_names_the_file(tmp_path):
+    config = default.get_config("smoke")
+    config.dataset, config.data_dir = "npz", str(tmp_path)
+    with pytest.raises(InputError, match="train.npz"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_labels_out_of_range(tmp_path):
+    write_npz(tmp_path, lambda n: np.arange(n) % 12)
+    config = default.get_config("smoke")
+    config.dataset, config.data_dir, config.num_classes = "npz", str(tmp_path), 10
+    with pytest.raises(InputError, match="num_classes=10.*max label is 11"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_teacher_with_other_class_count_is_refused(finished_run, tmp_path):
+    reference_dir, _ = finished_run
+    write_npz(tmp_path, lambda n: np.arange(n) % 12)
+    config = default.get_config("smoke")
+    config.dataset, config.data_dir = "npz", str(tmp_path)
+    config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
+    with pytest.raises(InputError, match="teacher.num_classes=10.*class count 12"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_npz_data_trains_end_to_end(tmp_path):
+    """Bring-your-own data of another size and channel count (12x12 RGB, 3 classes)."""
+    write_npz(tmp_path, lambda n: np.arange(n) % 3, shape=(12, 12, 3))
+    config = default.get_config("smoke")
+    config.dataset, config.data_dir = "npz", str(tmp_path)
+    config.teacher.num_train_steps = config.student.num_train_steps = 3
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["dataset"] == "npz"
+    assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
+
+
+def test_workdir_of_another_configuration_is_refused_and_kept(finished_run):
+    workdir, _ = finished_run
+    before = tree_digest(workdir)
+    config = default.get_config("smoke")
+    config.student.learning_rate = 0.5
+    with pytest.raises(InputError, match="workdir=.*student.learning_rate: 0.003 -> 0.5"):
+        train.train_and_evaluate(config, workdir)
+    assert tree_digest(workdir) == before
+
+
+def test_cli_runs_and_reports_bad_input_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "mokd_jax.main", "--config=configs/default.py:smoke"]
+    run = subprocess.run(
+        [*command, f"--workdir={tmp_path}/ok"], cwd=REPO, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "student cnn_small" in run.stdout and "test accuracy" in run.stdout
+    with open(tmp_path / "ok" / "summary.json") as f:
+        assert json.load(f)["method"] == "mokd"
+    assert "steps/s" in run.stderr or "ETA" in run.stderr
+
+    bad = subprocess.run(
+        [*command, f"--workdir={tmp_path}/bad", "--config.aggregator=nope"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    error_lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "aggregator='nope'" in error_lines[0]
