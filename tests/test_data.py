@@ -1,6 +1,9 @@
 """Tests for mokd_jax.data: loaders, input checks, batch iterators, normalisation."""
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -261,3 +264,17 @@ def test_normalize_runs_under_jit():
     out = jax.jit(data.normalize)(np.array([0, 255, 128], np.uint8))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [-2.0, 2.0, (128 / 255 - 0.5) / 0.25], atol=1e-6)
+
+
+def test_export_npz_script_roundtrips_digits(tmp_path):
+    """scripts/export_npz.py writes files that the npz loader reads back identically."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "scripts/export_npz.py", "--dataset=digits", f"--out={tmp_path}"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
+    original, exported = data.load("digits"), data.load("npz", str(tmp_path))
+    for field in ("train_images", "train_labels", "test_images", "test_labels", "num_classes"):
+        np.testing.assert_array_equal(getattr(exported, field), getattr(original, field))
