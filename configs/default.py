@@ -21,18 +21,16 @@ DIR/test.npz (arrays `image` uint8 [N,H,W,C] and `label` int [N]).
 
 import ml_collections
 
+from mokd_jax import aggregation
+
 
 def aggregation_defaults() -> ml_collections.ConfigDict:
-    """Hyperparameters per aggregator; only the section of the chosen aggregator is used."""
-    return ml_collections.ConfigDict(
-        {
-            "sum": {"weights": (1.0, 1.0)},
-            "mean": {},
-            "mgda": {"normalization": "none", "iterations": 100},
-            "pcgrad": {"seed": 0},
-            "mokd": {"rescale": "mean_norm", "max_norm": 10.0, "iterations": 100},
-        }
-    )
+    """Hyperparameters per aggregator, with the defaults of `mokd_jax.aggregation`; only the
+    section of the chosen aggregator is used. `dot` takes its weight decay from
+    `student.weight_decay`, so its section has none."""
+    sections = {name: aggregation.default_hyperparameters(name) for name in aggregation.NAMES}
+    del sections["dot"]["weight_decay"]
+    return ml_collections.ConfigDict(sections)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -66,12 +64,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distill.temperature = 4.0
     config.distill.logit_weight = 1.0
     config.distill.feature_weight = 1.0
+    config.distill.objectives = "merged"  # [task, distill]; "separate": [task, logit, feature]
+    config.distill.logit_loss = "kd"  # or "dkd": decoupled KD (TCKD + NCKD)
+    config.distill.dkd_alpha = 1.0
+    config.distill.dkd_beta = 8.0
+    config.distill.dkd_warmup_steps = 100
 
     config.projector = ml_collections.ConfigDict()
     config.projector.width_multiplier = 2
     config.projector.orthogonal_init = False
 
     config.aggregator = "mokd"
+    config.granularity = "global"  # or "per_layer": every parameter leaf weighted on its own
     config.aggregation = aggregation_defaults()
 
     config.log_every_steps = 50

@@ -1,17 +1,23 @@
 """Per-objective losses of knowledge distillation, stacked into one vector.
 
-The trainer differentiates the vector `[task, distill]` with one `jax.jacrev`, so every
-objective here is a pure function of logits/features that returns a scalar mean over the
-batch. One definition serves training and evaluation.
+The trainer differentiates the loss vector (e.g. `[task, distill]`) through one `jax.vjp`,
+so every objective here is a pure function of logits/features that returns a scalar mean
+over the batch. One definition serves training and evaluation.
 """
 
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-OBJECTIVE_NAMES = ("task", "distill")
+OBJECTIVES = {"merged": ("task", "distill"), "separate": ("task", "logit", "feature")}
+"""The objective vectors on offer (`distill.objectives`): the distillation signal as one
+objective (logit + feature, K = 2), or logit and feature distillation as objectives of their
+own (K = 3), so that the aggregator also balances them against each other."""
+
+LOGIT_LOSSES = ("kd", "dkd")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -42,24 +48,77 @@ def feature_distance(projected_student: jax.Array, teacher_target: jax.Array) ->
     return optax.huber_loss(projected_student, teacher_target, delta=1.0).mean()
 
 
+def decoupled_kd(
+    student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, temperature: float
+) -> tuple[jax.Array, jax.Array]:
+    """DKD's two parts (Zhao et al. 2022), each T^2-scaled: (TCKD, NCKD).
+
+    TCKD is the KL between the binary (target, rest) distributions, NCKD the KL between the
+    distributions over the non-target classes. Both come from log-probabilities with the
+    target masked to -inf, not from the common "-1000" logit shift, so they stay exact for
+    logits of any size; the masked entries are replaced by 0 before any product, so neither
+    the values nor the gradients meet inf - inf.
+    """
+    target = jax.nn.one_hot(labels, student_logits.shape[-1], dtype=bool)
+
+    def binary_log_probs(logits):
+        log_probs = jax.nn.log_softmax(logits / temperature)
+        log_target = jnp.sum(jnp.where(target, log_probs, 0.0), axis=-1)
+        log_rest = jax.nn.logsumexp(jnp.where(target, -jnp.inf, log_probs), axis=-1)
+        return jnp.stack([log_target, log_rest], axis=-1)
+
+    def non_target_log_probs(logits):
+        log_probs = jax.nn.log_softmax(jnp.where(target, -jnp.inf, logits / temperature))
+        return jnp.where(target, 0.0, log_probs)
+
+    def kl(teacher_log_probs, student_log_probs, valid=True):
+        terms = jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs)
+        return jnp.sum(jnp.where(valid, terms, 0.0), axis=-1).mean()
+
+    tckd = kl(binary_log_probs(teacher_logits), binary_log_probs(student_logits))
+    nckd = kl(non_target_log_probs(teacher_logits), non_target_log_probs(student_logits), ~target)
+    return temperature**2 * tckd, temperature**2 * nckd
+
+
+def logit_distillation(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    step: jax.Array,
+    distill: ml_collections.ConfigDict,
+) -> jax.Array:
+    """Hinton KD, or DKD = warm-up(step) x (alpha TCKD + beta NCKD), by `distill.logit_loss`.
+
+    DKD's warm-up ramps the loss linearly from 0 over `dkd_warmup_steps` (the published
+    recipe uses 20 epochs), since NCKD with a large beta dominates a random student.
+    """
+    if distill.logit_loss == "kd":
+        return hinton_kd(student_logits, teacher_logits, distill.temperature)
+    tckd, nckd = decoupled_kd(student_logits, teacher_logits, labels, distill.temperature)
+    warmup = jnp.minimum(1.0, (step + 1) / max(distill.dkd_warmup_steps, 1))
+    return warmup * (distill.dkd_alpha * tckd + distill.dkd_beta * nckd)
+
+
 def loss_vector(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
     labels: jax.Array,
     projected_student: jax.Array,
     teacher_target: jax.Array,
-    *,
-    temperature: float,
-    logit_weight: float,
-    feature_weight: float,
+    step: jax.Array,
+    distill: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
-    """The objectives `[task, distill]` and their components for logging.
+    """The objectives named by `OBJECTIVES[distill.objectives]`, and their parts for logging.
 
-    distill = logit_weight * KD + feature_weight * feature distance, one objective: it is
-    the distillation signal that MoKD balances against the task.
+    merged: [task, logit_weight * logit + feature_weight * feature];
+    separate: [task, logit_weight * logit, feature_weight * feature].
     """
     task = cross_entropy(student_logits, labels)
-    kd = hinton_kd(student_logits, teacher_logits, temperature)
+    logit = logit_distillation(student_logits, teacher_logits, labels, step, distill)
     feature = feature_distance(projected_student, teacher_target)
-    distill = logit_weight * kd + feature_weight * feature
-    return jnp.stack([task, distill]), {"kd_logit": kd, "kd_feature": feature}
+    weighted = (distill.logit_weight * logit, distill.feature_weight * feature)
+    if distill.objectives == "merged":
+        losses = jnp.stack([task, weighted[0] + weighted[1]])
+    else:
+        losses = jnp.stack([task, *weighted])
+    return losses, {"kd_logit": logit, "kd_feature": feature}

@@ -29,10 +29,10 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import struct
 
-from mokd_jax import aggregation, checkpoint, data, models
+from mokd_jax import aggregation, checkpoint, data, models, plots
 from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix
 from mokd_jax.errors import invalid
-from mokd_jax.objectives import OBJECTIVE_NAMES, cross_entropy, loss_vector
+from mokd_jax.objectives import LOGIT_LOSSES, OBJECTIVES, cross_entropy, loss_vector
 from mokd_jax.subspace import SubspaceProjector
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -64,6 +64,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 raise invalid(f"{section}.{field}", config[section][field], "a positive number")
         if config[section].optimizer not in OPTIMIZERS:
             raise invalid(f"{section}.optimizer", config[section].optimizer, f"one of {OPTIMIZERS}")
+    if config.distill.objectives not in OBJECTIVES:
+        raise invalid(
+            "distill.objectives", config.distill.objectives, f"one of {tuple(OBJECTIVES)}"
+        )
+    if config.distill.logit_loss not in LOGIT_LOSSES:
+        raise invalid("distill.logit_loss", config.distill.logit_loss, f"one of {LOGIT_LOSSES}")
+    if config.aggregator == "dot" and config.student.optimizer != "sgd":
+        raise invalid("student.optimizer", config.student.optimizer, "sgd with aggregator=dot")
     if config.distill.temperature <= 0:
         raise invalid("distill.temperature", config.distill.temperature, "a positive number")
     if config.projector.width_multiplier < 1:
@@ -77,14 +85,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- optimizers
 
 
-def make_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Warm-up then cosine decay; SGD with Nesterov-free momentum 0.9, or AdamW."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(section: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to 0 at `num_train_steps`."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=section.learning_rate,
         warmup_steps=min(section.warmup_steps, section.num_train_steps - 1),
         decay_steps=section.num_train_steps,
     )
+
+
+def make_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD with momentum 0.9 and L2 weight decay, or AdamW, on the schedule above."""
+    schedule = learning_rate_schedule(section)
     if section.optimizer == "sgd":
         return optax.chain(
             optax.add_decayed_weights(section.weight_decay), optax.sgd(schedule, momentum=0.9)
@@ -145,11 +158,31 @@ def shared_mask(params: Mapping[str, Any]) -> dict:
     }
 
 
+def objective_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return OBJECTIVES[config.distill.objectives]
+
+
+def aggregator_hparams(config: ml_collections.ConfigDict) -> dict:
+    """The chosen aggregator's section of `config.aggregation` ({} when it has none)."""
+    section = config.aggregation.get(config.aggregator)
+    return section.to_dict() if section is not None else {}
+
+
 def student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    hparams = dict(config.aggregation.get(config.aggregator, {}))
+    """optax.chain(aggregator, optimizer). DOT brings its own momenta and weight decay, so
+    it is followed by plain SGD on the schedule."""
+    hparams = aggregator_hparams(config)
+    if config.aggregator == "dot":
+        hparams["weight_decay"] = config.student.weight_decay
     aggregator = aggregation.get(
-        config.aggregator, num_objectives=len(OBJECTIVE_NAMES), shared=shared_mask, **hparams
+        config.aggregator,
+        num_objectives=len(objective_names(config)),
+        shared=shared_mask,
+        granularity=config.granularity,
+        **hparams,
     )
+    if config.aggregator == "dot":
+        return optax.chain(aggregator, optax.sgd(learning_rate_schedule(config.student)))
     return optax.chain(aggregator, make_optimizer(config.student))
 
 
@@ -190,12 +223,16 @@ def distill_step(
     projector,
     tx: optax.GradientTransformationExtraArgs,
     distill: ml_collections.ConfigDict,
+    names: tuple[str, ...],
 ) -> tuple[TrainState, dict]:
     """One MoKD step: per-objective gradients from one forward, aggregated by `tx`.
 
     The teacher runs in eval mode on variables passed in as an argument: they are neither
     closed over (no constant folding) nor differentiated (gradients reach only
-    `state.params`, i.e. the student and its projector).
+    `state.params`, i.e. the student and its projector). One forward pass gives the loss
+    vector and its pullback; pulling back the K unit rows (vmapped, one batched backward)
+    gives the per-objective gradients J with a leading axis K, or, for the one-backward
+    aggregators, a single weighted row gives their one gradient.
     """
     inputs = data.normalize(images)
     teacher_logits, teacher_features = teacher.apply(
@@ -216,37 +253,31 @@ def distill_step(
             teacher_features["pooled"],
         )
         losses, parts = loss_vector(
-            logits,
-            teacher_logits,
-            labels,
-            projected,
-            target,
-            temperature=distill.temperature,
-            logit_weight=distill.logit_weight,
-            feature_weight=distill.feature_weight,
+            logits, teacher_logits, labels, projected, target, state.step, distill
         )
-        return losses, (losses, parts, logits, updates["batch_stats"])
+        return losses, (parts, logits, updates["batch_stats"])
 
-    jacobian, (losses, parts, logits, batch_stats) = jax.jacrev(objectives, has_aux=True)(
-        state.params
-    )
-    updates, opt_state = tx.update(jacobian, state.opt_state, state.params, losses=losses)
+    losses, pullback, (parts, logits, batch_stats) = jax.vjp(objectives, state.params, has_aux=True)
+    rows = jax.lax.stop_gradient(aggregation.backward_rows(state.opt_state[0], losses))
+    (gradients,) = jax.vmap(pullback)(rows)
+    updates, opt_state = tx.update(gradients, state.opt_state, state.params, losses=losses)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
-    gram, _ = gram_matrix(jacobian["student"])
     weights = opt_state[0].weights
     metrics = {
-        **{f"loss_{name}": losses[k] for k, name in enumerate(OBJECTIVE_NAMES)},
+        **{f"loss_{name}": losses[k] for k, name in enumerate(names)},
         **{f"loss_{name}": value for name, value in parts.items()},
-        **{f"weight_{name}": weights[k] for k, name in enumerate(OBJECTIVE_NAMES)},
-        **conflict_diagnostics(gram),
+        **{f"weight_{name}": weights[k] for k, name in enumerate(names)},
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
     }
-    metrics["conflict"] = (metrics["cos_task_distill"] < 0).astype(jnp.float32)
+    if rows.shape[0] == len(names):  # per-objective gradients: conflict diagnostics
+        diagnostics = conflict_diagnostics(gram_matrix(gradients["student"])[0], names)
+        metrics.update(diagnostics)
+        metrics["conflict"] = (diagnostics[f"cos_task_{names[1]}"] < 0).astype(jnp.float32)
     return new_state, metrics
 
 
@@ -365,9 +396,8 @@ def train_teacher(config, workdir, dataset) -> dict:
     model = models.get(config.teacher.model, num_classes=dataset.num_classes)
     tx = make_optimizer(config.teacher)
     image_shape = dataset.train_images.shape[1:]
-    abstract = jax.eval_shape(
-        functools.partial(create_teacher_state, model, image_shape, tx), jax.random.key(0)
-    )
+    create = functools.partial(create_teacher_state, model, image_shape, tx)
+    abstract = jax.eval_shape(create, jax.random.key(0))
     fingerprint = {**data_fingerprint(config, dataset), "teacher": config.teacher.to_dict()}
     manager = checkpoint.open_manager(
         os.path.join(workdir, "checkpoints", "teacher"),
@@ -376,7 +406,7 @@ def train_teacher(config, workdir, dataset) -> dict:
     )
     state = checkpoint.restore_latest(manager, abstract, fingerprint)
     if state is None:
-        state = create_teacher_state(model, image_shape, tx, jax.random.key(config.seed))
+        state = jax.jit(create)(jax.random.key(config.seed))  # one compile, not op by op
     else:
         logging.info("teacher: resuming from step %d", int(state.step))
     step_fn = jax.jit(functools.partial(teacher_step, model=model, tx=tx), donate_argnums=0)
@@ -436,7 +466,8 @@ def distill_student(config, workdir, dataset, teacher_variables):
         **data_fingerprint(config, dataset),
         **{key: config[key].to_dict() for key in ("teacher", "student", "distill", "projector")},
         "aggregator": config.aggregator,
-        "aggregation": config.aggregation.get(config.aggregator, {}).to_dict(),
+        "aggregation": aggregator_hparams(config),
+        "granularity": config.granularity,
     }
     manager = checkpoint.open_manager(
         os.path.join(workdir, "checkpoints", "student"),
@@ -447,7 +478,7 @@ def distill_student(config, workdir, dataset, teacher_variables):
         manager, jax.eval_shape(create, jax.random.key(0)), fingerprint
     )
     if state is None:
-        state = create(jax.random.key(config.seed + 1))
+        state = jax.jit(create)(jax.random.key(config.seed + 1))
     else:
         logging.info("student: resuming from step %d", int(state.step))
     step_fn = jax.jit(
@@ -458,6 +489,7 @@ def distill_student(config, workdir, dataset, teacher_variables):
             projector=projector,
             tx=tx,
             distill=config.distill,
+            names=objective_names(config),
         ),
         donate_argnums=0,
     )
@@ -507,6 +539,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer = phase_writer(workdir, role)
         writer.write_scalars(config[role].num_train_steps, {"test_accuracy": accuracies[role]})
         writer.close()
+    if jax.process_index() == 0:
+        plots.plot_diagnostics(
+            os.path.join(workdir, "tensorboard", "student"),
+            os.path.join(workdir, "diagnostics.png"),
+            title=f"{config.aggregator} on {dataset.name}: student {config.student.model}",
+        )
     summary = {
         "method": config.aggregator,
         "dataset": dataset.name,

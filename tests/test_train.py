@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from mokd_jax import checkpoint, data, models, train
+from mokd_jax import aggregation, checkpoint, data, models, train
 from mokd_jax.errors import InputError
 from mokd_jax.subspace import SubspaceProjector
 
@@ -63,6 +63,7 @@ def test_distill_step_updates_student_and_projector_only():
             projector=projector,
             tx=tx,
             distill=config.distill,
+            names=train.objective_names(config),
         )
     )
     teacher_before = jax.tree.map(np.array, teacher_variables)
@@ -78,12 +79,12 @@ def test_distill_step_updates_student_and_projector_only():
     )
     expected = {
         "loss_task", "loss_distill", "loss_kd_logit", "loss_kd_feature", "weight_task",
-        "weight_distill", "cos_task_distill", "norm_ratio", "accuracy", "conflict",
+        "weight_distill", "cos_task_distill", "norm_ratio_distill", "accuracy", "conflict",
     }  # fmt: skip
     assert expected <= set(metrics)
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert -1.0 <= float(metrics["cos_task_distill"]) <= 1.0
-    assert float(metrics["norm_ratio"]) > 0
+    assert float(metrics["norm_ratio_distill"]) > 0
 
 
 def test_teacher_is_an_argument_of_the_step_not_a_constant():
@@ -103,7 +104,7 @@ def test_teacher_is_an_argument_of_the_step_not_a_constant():
     step = jax.jit(
         functools.partial(
             train.distill_step, student=student, teacher=teacher, projector=projector, tx=tx,
-            distill=config.distill,
+            distill=config.distill, names=train.objective_names(config),
         )
     )  # fmt: skip
     losses = [
@@ -131,7 +132,13 @@ def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
         size_guidance={event_accumulator.TENSORS: 0},
     )
     events.Reload()
-    for tag in ("loss_task", "loss_distill", "cos_task_distill", "norm_ratio", "weight_task"):
+    for tag in (
+        "loss_task",
+        "loss_distill",
+        "cos_task_distill",
+        "norm_ratio_distill",
+        "weight_task",
+    ):
         assert [event.step for event in events.Tensors(tag)] == list(range(1, 21)), tag
     exported = checkpoint.load_variables(os.path.join(workdir, "student"))
     assert set(exported) == {"params", "batch_stats"}
@@ -260,3 +267,41 @@ def test_cli_runs_and_reports_bad_input_in_one_line(tmp_path):
     assert bad.returncode == 2
     error_lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "aggregator='nope'" in error_lines[0]
+
+
+def short_student_run(reference_dir, workdir, **overrides):
+    """Three distillation steps with the reference run's teacher; returns the summary."""
+    config = default.get_config("smoke")
+    config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
+    config.student.num_train_steps = 3
+    config.update_from_flattened_dict(overrides)
+    return train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("name", aggregation.NAMES)
+def test_every_aggregator_trains_end_to_end(finished_run, tmp_path, name):
+    overrides = {"aggregator": name}
+    if name == "dot":
+        overrides["student.optimizer"] = "sgd"
+    summary = short_student_run(finished_run[0], str(tmp_path), **overrides)
+    assert summary["method"] == name
+    assert all(np.isfinite(value) for value in summary["training_diagnostics"].values())
+
+
+def test_three_objectives_with_dkd_train_end_to_end(finished_run, tmp_path):
+    summary = short_student_run(
+        finished_run[0],
+        str(tmp_path),
+        **{"distill.objectives": "separate", "distill.logit_loss": "dkd"},
+    )
+    diagnostics = summary["training_diagnostics"]
+    assert {"weight_logit", "weight_feature", "cos_task_logit", "cos_task_feature"} <= set(
+        diagnostics
+    )
+
+
+def test_dot_refuses_adamw(tmp_path):
+    config = default.get_config("smoke")
+    config.aggregator = "dot"
+    with pytest.raises(InputError, match="student.optimizer='adamw'.*sgd"):
+        train.train_and_evaluate(config, str(tmp_path))

@@ -12,6 +12,7 @@ squared, and so that one absolute epsilon means the same thing at every gradient
 "negligible next to the largest gradient".
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -49,6 +50,12 @@ def nonzero(divisor: jax.Array) -> jax.Array:
     """`divisor`, with zeros replaced by 1: for normalising by a max that may be 0, where
     the numerators are then 0 as well and stay 0."""
     return jnp.where(divisor > 0, divisor, 1.0)
+
+
+def inverse_losses(losses: jax.Array) -> jax.Array:
+    """1 / (L_k + eps): grad log(L_k + eps) = g_k / (L_k + eps), the loss-scale-free gradient.
+    Losses are clamped at 0 (a loss is assumed non-negative)."""
+    return 1.0 / (jnp.maximum(losses, 0.0) + EPS)
 
 
 def expand_mask(mask: Mask | None, tree: Any) -> Any:
@@ -112,22 +119,27 @@ def combination_norm(gram: jax.Array, weights: jax.Array) -> jax.Array:
     return peak * jnp.sqrt(jnp.maximum(dot(unit, dot(gram, unit)), 0.0))
 
 
-def conflict_diagnostics(gram: jax.Array) -> dict[str, jax.Array]:
-    """Conflict and dominance between objective 0 (task) and 1 (distillation), for logging.
+def conflict_diagnostics(
+    gram: jax.Array, names: Sequence[str] = ("task", "distill")
+) -> dict[str, jax.Array]:
+    """Conflict and dominance of each objective against objective 0 (the task), for logging.
 
     Args:
       gram: a Gram matrix, normally `gram_matrix`'s normalised one: both numbers are
         scale-free, and the EPS guards assume the largest gradient norm is about 1.
+      names: the K objective names; names[0] is the task.
 
-    Returns:
-      cos_task_distill: cosine between g_0 and g_1 (0 when either is zero);
-      norm_ratio: ||g_1|| / ||g_0|| (about 1/EPS when g_0 is zero, 0 when both are).
+    Returns, for every objective k >= 1 named n:
+      cos_task_<n>: cosine between g_0 and g_k (0 when either is zero);
+      norm_ratio_<n>: ||g_k|| / ||g_0|| (about 1/EPS when g_0 is zero, 0 when both are).
     """
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-    return {
-        "cos_task_distill": safe_divide(gram[0, 1], norms[0] * norms[1], 0.0, floor=EPS**2),
-        "norm_ratio": norms[1] / jnp.maximum(norms[0], EPS),
-    }
+    diagnostics = {}
+    for k, name in enumerate(names[1:], start=1):
+        cosine = safe_divide(gram[0, k], norms[0] * norms[k], 0.0, floor=EPS**2)
+        diagnostics[f"cos_task_{name}"] = cosine
+        diagnostics[f"norm_ratio_{name}"] = norms[k] / jnp.maximum(norms[0], EPS)
+    return diagnostics
 
 
 def min_norm_weights(gram: jax.Array, iterations: int = 100) -> jax.Array:
@@ -179,3 +191,12 @@ def min_norm_weights(gram: jax.Array, iterations: int = 100) -> jax.Array:
 
     uniform = jnp.full((num_objectives,), 1.0 / num_objectives, jnp.float32)
     return jax.lax.fori_loop(0, iterations, best_pair_step, uniform)
+
+
+def clip_weights(
+    gram: jax.Array, scale: jax.Array, weights: jax.Array, max_norm: float
+) -> jax.Array:
+    """`weights` shrunk so that ||sum_k w_k g_k|| <= max_norm in raw units (true Gram matrix
+    scale**2 * gram); unchanged when already within."""
+    length = scale * combination_norm(gram, weights)
+    return weights * (max_norm / jnp.maximum(length, max_norm))

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 
 from mokd_jax.aggregation.gram import (
     EPS,
+    clip_weights,
     combination_norm,
     dot,
+    inverse_losses,
     min_norm_weights,
     nonzero,
     safe_divide,
@@ -40,11 +42,6 @@ def _length_and_floor(gram: jax.Array, coefficients: jax.Array) -> tuple[jax.Arr
     return combination_norm(gram, coefficients), _VANISHING * longest_term
 
 
-def _inverse_losses(losses: jax.Array) -> jax.Array:
-    """1 / (L_k + eps); losses are clamped at 0 (a loss is assumed non-negative)."""
-    return 1.0 / (jnp.maximum(losses, 0.0) + EPS)
-
-
 def _inverse_norms(gram: jax.Array, scale: jax.Array) -> jax.Array:
     """1 / ||g_k|| in raw units; a gradient below EPS of the longest counts as EPS long."""
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), EPS**2))
@@ -64,8 +61,8 @@ def scaled_min_norm(gram: jax.Array, factors: jax.Array, iterations: int) -> jax
 _NORMALIZATIONS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "none": lambda gram, scale, losses: jnp.ones_like(losses),
     "l2": lambda gram, scale, losses: _inverse_norms(gram, scale),
-    "loss": lambda gram, scale, losses: _inverse_losses(losses),
-    "loss+": lambda gram, scale, losses: _inverse_losses(losses) * _inverse_norms(gram, scale),
+    "loss": lambda gram, scale, losses: inverse_losses(losses),
+    "loss+": lambda gram, scale, losses: inverse_losses(losses) * _inverse_norms(gram, scale),
 }
 
 
@@ -146,15 +143,12 @@ def mokd(
     check_int("aggregator.iterations", iterations, 1)
 
     def weights(gram: jax.Array, scale: jax.Array, losses: jax.Array) -> jax.Array:
-        inverse_losses = _inverse_losses(losses)
-        pi = scaled_min_norm(gram, inverse_losses, iterations)
-        length, floor = _length_and_floor(gram, pi * inverse_losses)
+        factors = inverse_losses(losses)
+        pi = scaled_min_norm(gram, factors, iterations)
+        length, floor = _length_and_floor(gram, pi * factors)
         pi = jnp.where(length > floor, pi, 1.0 / num_objectives)
-        coefficients = pi * inverse_losses
+        coefficients = pi * factors
         rescaled = coefficients * _rescale_factor(rescale, gram, coefficients, pi, losses)
-        if max_norm is None:
-            return rescaled
-        length = scale * combination_norm(gram, rescaled)
-        return rescaled * (max_norm / jnp.maximum(length, max_norm))
+        return rescaled if max_norm is None else clip_weights(gram, scale, rescaled, max_norm)
 
     return stateless(num_objectives, weights)
