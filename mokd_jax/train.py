@@ -4,7 +4,7 @@ The data flow of one distillation step (DESIGN.md):
     batch -> teacher forward (eval mode, its variables passed in as an argument)
           -> student forward + projector (one forward pass)
           -> losses [task, distill]
-          -> per-objective gradients J = jacrev(losses), leading objective axis K
+          -> per-objective gradients J = vmap(pullback)(eye(K)), leading objective axis K
           -> optax.chain(aggregator, optimizer) turns J into one update
           -> new state; metrics (losses, cos(g_task, g_distill), norm ratio, weights)
 

@@ -366,7 +366,12 @@ def test_linear_methods_match_reference():
 
 
 def edge_case(case: str, num_objectives: int) -> np.ndarray:
-    rows, _ = random_rows(0, num_objectives)
+    return with_edge_case(random_rows(0, num_objectives)[0], case)
+
+
+def with_edge_case(rows: np.ndarray, case: str) -> np.ndarray:
+    """`rows` turned into one of the edge cases every method must survive."""
+    rows = rows.copy()
     if case == "zero":
         rows[1] = 0
     elif case == "identical":

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_aggregation import with_edge_case
 
 from mokd_jax import aggregation
 from mokd_jax.aggregation import projection
@@ -327,16 +328,7 @@ def test_db_mtl_state_and_reported_weights():
 
 
 def edge_rows(case: str, num_objectives: int) -> np.ndarray:
-    rows = step_inputs(7, num_objectives, steps=1)[0][0]
-    if case == "zero":
-        rows[1] = 0
-    elif case == "identical":
-        rows[1] = rows[0]
-    elif case == "opposite":
-        rows[1] = -rows[0]
-    elif case == "all zero":
-        rows[:] = 0
-    return rows * {"tiny": 1e-20, "huge": 1e20}.get(case, 1.0)
+    return with_edge_case(step_inputs(7, num_objectives, steps=1)[0][0], case)
 
 
 CASES = ["zero", "identical", "opposite", "all zero", "tiny", "huge"]
