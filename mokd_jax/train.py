@@ -212,6 +212,68 @@ def teacher_step(state: TrainState, images, labels, *, model, tx) -> tuple[Train
     return new_state, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
+def student_functions(
+    state: TrainState,
+    inputs: jax.Array,
+    labels: jax.Array,
+    teacher_logits: jax.Array,
+    teacher_pooled: jax.Array,
+    *,
+    student,
+    projector,
+    distill: ml_collections.ConfigDict,
+) -> tuple[Callable, Callable]:
+    """The student's forward pass in two differentiable halves, split at its pooled
+    features (the representation where the classifier and the projector branch off):
+
+    encode(student_params) -> (pooled, new batch_stats), in train mode;
+    head_objectives(params, pooled) -> (losses [K], (loss parts, logits)).
+    """
+
+    def encode(student_params):
+        features, updates = student.apply(
+            {"params": student_params, "batch_stats": state.batch_stats},
+            inputs,
+            train=True,
+            method="encode",
+            mutable=["batch_stats"],
+        )
+        return features["pooled"], updates["batch_stats"]
+
+    def head_objectives(params, pooled):
+        logits = student.apply({"params": params["student"]}, pooled, method="classify")
+        projected, target = projector.apply(
+            {"params": params["projector"], "constants": state.constants},
+            pooled,
+            teacher_pooled,
+        )
+        losses, parts = loss_vector(
+            logits, teacher_logits, labels, projected, target, state.step, distill
+        )
+        return losses, (parts, logits)
+
+    return encode, head_objectives
+
+
+def representation_gradients(encode, head_objectives, params, combine):
+    """Gradients for a representation method (GradDrop), as one row [1, ...].
+
+    Two pullbacks instead of one: the head's (classifier, projector and losses, from the
+    pooled features) gives every objective's gradient for the parameters after the
+    representation and for the representation itself; `combine` merges the latter, and the
+    encoder's pullback carries the merged representation gradient into the encoder.
+    """
+    pooled, encoder_pullback, batch_stats = jax.vjp(encode, params["student"], has_aux=True)
+    losses, head_pullback, (parts, logits) = jax.vjp(head_objectives, params, pooled, has_aux=True)
+    parameter_rows, representation_rows = jax.vmap(head_pullback)(jnp.eye(losses.shape[0]))
+    combined, kept = combine(representation_rows)
+    (encoder_gradient,) = encoder_pullback(combined)
+    gradient = jax.tree.map(lambda rows: rows.sum(0), parameter_rows)
+    gradient["student"] = jax.tree.map(jnp.add, gradient["student"], encoder_gradient)
+    rows = jax.tree.map(lambda leaf: leaf[None], gradient)
+    return rows, losses, (parts, logits, batch_stats), {"kept": kept}
+
+
 def distill_step(
     state: TrainState,
     teacher_variables: Mapping[str, Any],
@@ -232,35 +294,44 @@ def distill_step(
     `state.params`, i.e. the student and its projector). One forward pass gives the loss
     vector and its pullback; pulling back the K unit rows (vmapped, one batched backward)
     gives the per-objective gradients J with a leading axis K, or, for the one-backward
-    aggregators, a single weighted row gives their one gradient.
+    aggregators, a single weighted row gives their one gradient. Representation methods
+    (GradDrop) combine the objectives at the pooled features instead
+    (`representation_gradients`).
     """
     inputs = data.normalize(images)
     teacher_logits, teacher_features = teacher.apply(
         teacher_variables, inputs, train=False, return_features=True
     )
 
-    def objectives(params):
-        (logits, features), updates = student.apply(
-            {"params": params["student"], "batch_stats": state.batch_stats},
-            inputs,
-            train=True,
-            return_features=True,
-            mutable=["batch_stats"],
-        )
-        projected, target = projector.apply(
-            {"params": params["projector"], "constants": state.constants},
-            features["pooled"],
-            teacher_features["pooled"],
-        )
-        losses, parts = loss_vector(
-            logits, teacher_logits, labels, projected, target, state.step, distill
-        )
-        return losses, (parts, logits, updates["batch_stats"])
+    encode, head_objectives = student_functions(
+        state,
+        inputs,
+        labels,
+        teacher_logits,
+        teacher_features["pooled"],
+        student=student,
+        projector=projector,
+        distill=distill,
+    )
 
-    losses, pullback, (parts, logits, batch_stats) = jax.vjp(objectives, state.params, has_aux=True)
-    rows = jax.lax.stop_gradient(aggregation.backward_rows(state.opt_state[0], losses))
-    (gradients,) = jax.vmap(pullback)(rows)
-    updates, opt_state = tx.update(gradients, state.opt_state, state.params, losses=losses)
+    def objectives(params):
+        pooled, batch_stats = encode(params["student"])
+        losses, (parts, logits) = head_objectives(params, pooled)
+        return losses, (parts, logits, batch_stats)
+
+    aggregator_state = state.opt_state[0]
+    combine = getattr(aggregator_state, "combine_representation", None)
+    if combine is not None:
+        gradients, losses, aux, extra = representation_gradients(
+            encode, head_objectives, state.params, combine
+        )
+    else:
+        losses, pullback, aux = jax.vjp(objectives, state.params, has_aux=True)
+        rows = jax.lax.stop_gradient(aggregation.backward_rows(aggregator_state, losses))
+        (gradients,) = jax.vmap(pullback)(rows)
+        extra = {}
+    parts, logits, batch_stats = aux
+    updates, opt_state = tx.update(gradients, state.opt_state, state.params, losses=losses, **extra)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
@@ -274,7 +345,7 @@ def distill_step(
         **{f"weight_{name}": weights[k] for k, name in enumerate(names)},
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
     }
-    if rows.shape[0] == len(names):  # per-objective gradients: conflict diagnostics
+    if jax.tree.leaves(gradients)[0].shape[0] == len(names):  # per-objective gradients
         diagnostics = conflict_diagnostics(gram_matrix(gradients["student"])[0], names)
         metrics.update(diagnostics)
         metrics["conflict"] = (diagnostics[f"cos_task_{names[1]}"] < 0).astype(jnp.float32)

@@ -175,7 +175,9 @@ def effective_gradients(name, rows, losses):
 def test_names_cover_this_round():
     gram_space = {"sum", "weighted", "mean", "mgda", "pcgrad", "mokd", "cagrad", "nash_mtl"}
     gram_space |= {"aligned_mtl", "imtl_g", "upgrad", "gradvac"}
-    assert set(aggregation.NAMES) == gram_space | {"db_mtl", "dot", "famo", "mokd_amortized"}
+    whole = {"dot", "famo", "mokd_amortized", "graddrop"}
+    assert set(aggregation.NAMES) == gram_space | {"db_mtl"} | whole
+    assert set(aggregation.WHOLE_TRANSFORMS) == whole
 
 
 def test_unknown_name_raises_input_error_naming_it():
@@ -412,7 +414,12 @@ def test_mask_of_the_wrong_structure_is_an_input_error():
         tx.update(to_tree(np.ones((2, SIZE))), tx.init(None), losses=jnp.ones(2))
 
 
-@pytest.mark.parametrize("name", aggregation.NAMES)
+PARAMETER_METHODS = [n for n in aggregation.NAMES if n not in aggregation.REPRESENTATION]
+"""The methods that take parameter gradients (GradDrop takes representation gradients and
+has tests of its own in test_aggregation_step_changing.py)."""
+
+
+@pytest.mark.parametrize("name", PARAMETER_METHODS)
 @pytest.mark.parametrize("num_objectives", [2, 3])
 def test_weights_reproduce_the_shared_update(name, num_objectives):
     skip_unless_defined(name, num_objectives)
@@ -429,7 +436,7 @@ def test_weights_reproduce_the_shared_update(name, num_objectives):
 
 
 @pytest.mark.parametrize(
-    "name", [name for name in aggregation.NAMES if name not in aggregation.ONE_BACKWARD]
+    "name", [name for name in PARAMETER_METHODS if name not in aggregation.ONE_BACKWARD]
 )
 def test_non_shared_leaves_get_their_rows_summed(name):
     rows, losses = random_rows(2, 2 if name == "dot" else 3)

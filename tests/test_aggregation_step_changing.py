@@ -165,3 +165,64 @@ def test_dot_chains_with_plain_sgd_and_checks_its_hyperparameters():
         aggregation.get("dot", num_objectives=3)
     with pytest.raises(InputError, match="aggregator.delta=0.5"):
         aggregation.get("dot", delta=0.5)
+
+
+# ---------------------------------------------------------------- graddrop
+
+
+def numpy_graddrop(gradients, uniform, leak=0.0):
+    """GradDrop from AGGREGATORS.md, float64, with the batch summed for the masks."""
+    summed = gradients.sum(axis=1)
+    purity = 0.5 * (1 + summed.sum(0) / (np.abs(summed).sum(0) + 1e-8))
+    mask = ((purity > uniform) & (summed > 0)) | ((purity < uniform) & (summed < 0))
+    keep = leak + (1 - leak) * mask
+    return np.sum(keep[:, None] * gradients, axis=0)
+
+
+def graddrop_uniform(state, shape):
+    """The U that `combine_representation` draws from this state."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+    return np.asarray(jax.random.uniform(key, shape), np.float64)
+
+
+@pytest.mark.parametrize("num_objectives", [2, 3])
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+def test_graddrop_matches_reference(num_objectives, leak):
+    rng = np.random.default_rng(num_objectives)
+    gradients = rng.normal(size=(num_objectives, 4, 6)).astype(np.float32)
+    state = aggregation.get("graddrop", num_objectives=num_objectives, leak=leak).init(None)
+    combined, kept = jax.jit(type(state).combine_representation)(state, jnp.asarray(gradients))
+    expected = numpy_graddrop(gradients.astype(np.float64), graddrop_uniform(state, (6,)), leak)
+    np.testing.assert_allclose(np.asarray(combined), expected, rtol=1e-5, atol=1e-6)
+    assert kept.shape == (num_objectives,)
+
+
+def test_graddrop_keeps_one_sign_per_feature_and_agreeing_gradients_whole():
+    rng = np.random.default_rng(5)
+    gradients = jnp.asarray(rng.normal(size=(3, 8, 16)), jnp.float32)
+    state = aggregation.get("graddrop", num_objectives=3).init(None)
+    combined, _ = state.combine_representation(gradients)
+    uniform = graddrop_uniform(state, (16,))
+    summed = np.asarray(gradients, np.float64).sum(1)
+    purity = 0.5 * (1 + summed.sum(0) / np.abs(summed).sum(0))
+    kept_sign = np.where(purity > uniform, 1.0, -1.0)
+    for feature in range(16):  # every kept batch-summed gradient has the chosen sign
+        kept = [s for s in summed[:, feature] if np.sign(s) == kept_sign[feature]]
+        np.testing.assert_allclose(
+            np.asarray(combined, np.float64).sum(0)[feature], np.sum(kept), rtol=1e-4, atol=1e-5
+        )
+    agreeing = jnp.abs(gradients)  # all positive: purity 1, nothing is dropped
+    combined, kept = state.combine_representation(agreeing)
+    np.testing.assert_allclose(np.asarray(combined), np.asarray(agreeing.sum(0)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(kept), np.ones(3))
+
+
+def test_graddrop_update_passes_the_gradient_on_and_advances_its_key():
+    tx = aggregation.get("graddrop", seed=3)
+    state = tx.init(None)
+    out, new_state = tx.update({"w": jnp.ones((1, 4))}, state, losses=jnp.ones(2), kept=jnp.ones(2))
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.ones(4))
+    assert not np.array_equal(np.asarray(state.key), np.asarray(new_state.key))
+    np.testing.assert_array_equal(np.asarray(tx.init(None).key), np.asarray(state.key))
+    with pytest.raises(InputError, match="aggregator.leak=2"):
+        aggregation.get("graddrop", leak=2)

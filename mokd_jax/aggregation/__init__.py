@@ -23,6 +23,7 @@ from mokd_jax.aggregation import (
     constrained,
     dot,
     dual_balancing,
+    graddrop,
     linear,
     min_norm,
     projection,
@@ -51,6 +52,7 @@ _REGISTRY: dict[str, Callable[..., Method]] = {
 _TRANSFORMS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
     "dot": dot.dot,
     "famo": amortized.famo,
+    "graddrop": graddrop.graddrop,
     "mokd_amortized": amortized.mokd_amortized,
 }
 """Methods that change the step itself (their own momenta, one backward), so they are whole
@@ -59,10 +61,18 @@ transforms, `(num_objectives, shared, **hparams) -> transform`, not Gram weighti
 NAMES: tuple[str, ...] = (*_REGISTRY, *_TRANSFORMS)
 """Every accepted aggregator name (aliases included)."""
 
+WHOLE_TRANSFORMS: tuple[str, ...] = tuple(_TRANSFORMS)
+"""The methods that are whole transforms rather than Gram weightings (global only)."""
+
 ONE_BACKWARD: tuple[str, ...] = ("famo", "mokd_amortized")
 """Methods that take ONE gradient, of the loss vector pulled back with the row
 `backward_rows(state, losses)`, instead of the K per-objective gradients; parameters outside
 the shared mask then get their objective's gradient times its weight."""
+
+REPRESENTATION: tuple[str, ...] = ("graddrop",)
+"""Methods that combine the objectives' gradients at the student's representation (its
+pooled features) with `state.combine_representation`, before the encoder's backward pass;
+the parameters after the representation get the plain sum of the objectives' gradients."""
 
 
 def default_hyperparameters(name: str) -> dict[str, Any]:
@@ -128,6 +138,8 @@ def get(
 __all__ = [
     "NAMES",
     "ONE_BACKWARD",
+    "REPRESENTATION",
+    "WHOLE_TRANSFORMS",
     "backward_rows",
     "conflict_diagnostics",
     "default_hyperparameters",

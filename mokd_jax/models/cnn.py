@@ -11,6 +11,22 @@ import jax.numpy as jnp
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+class ConvBlock(nn.Module):
+    """conv3x3 (no bias) -> BatchNorm -> relu."""
+
+    width: int
+    stride: int = 1
+
+    def setup(self):
+        self.conv = nn.Conv(
+            self.width, (3, 3), strides=self.stride, use_bias=False, kernel_init=_conv_init
+        )
+        self.bn = nn.BatchNorm(momentum=0.9)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return nn.relu(self.bn(self.conv(x), use_running_average=not train))
+
+
 class ConvNet(nn.Module):
     """Stages of [conv3x3 -> BatchNorm -> relu] blocks, global average pool, Dense head.
 
@@ -18,11 +34,15 @@ class ConvNet(nn.Module):
     `strides[i]`. The default strides (1, 2, 1) halve the resolution once: an 8x8 input
     ends on 4x4 maps, never on 2x2 maps, where XLA's CPU 3x3 convolutions are ~20x slower.
 
-    Call `apply(variables, images, train=False)` for logits, or with
-    `return_features=True` for `(logits, features)`: `features['stage{i}']` is each
-    stage's output [B,h,w,widths[i]] and `features['pooled']` the pooled penultimate
-    features [B, feature_width], what the feature-distillation projector consumes.
-    `train=True` normalises with batch statistics and needs `mutable=['batch_stats']`.
+    The model contract every network here follows (written in `setup` style so that
+    several methods share the submodules):
+      `encode(images, train)` -> named feature taps: `stage{i}` (each stage's output) and
+        `pooled` (the globally pooled penultimate features [B, feature_width], what the
+        classifier and the feature-distillation projector consume);
+      `classify(pooled)` -> logits;
+      `__call__(images, train=False, return_features=False)` -> logits, or
+        `(logits, features)`. `train=True` normalises with batch statistics and needs
+        `mutable=['batch_stats']`.
     """
 
     num_classes: int
@@ -30,31 +50,36 @@ class ConvNet(nn.Module):
     blocks: Sequence[int]
     strides: Sequence[int] = (1, 2, 1)
 
+    def setup(self):
+        self.stages = [
+            [ConvBlock(width, stride if block == 0 else 1) for block in range(num_blocks)]
+            for width, num_blocks, stride in zip(
+                self.widths, self.blocks, self.strides, strict=True
+            )
+        ]
+        self.head = nn.Dense(self.num_classes)
+
     @property
     def feature_width(self) -> int:
         """Width of features['pooled'], known without running the model."""
         return self.widths[-1]
 
-    @nn.compact
+    def encode(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        features = {}
+        x = images
+        for stage, blocks in enumerate(self.stages, start=1):
+            for block in blocks:
+                x = block(x, train)
+            features[f"stage{stage}"] = x
+        features["pooled"] = jnp.mean(x, axis=(1, 2))
+        return features
+
+    def classify(self, pooled: jax.Array) -> jax.Array:
+        return self.head(pooled)
+
     def __call__(
         self, images: jax.Array, train: bool = False, return_features: bool = False
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        features = {}
-        x = images
-        for stage, (width, num_blocks, stride) in enumerate(
-            zip(self.widths, self.blocks, self.strides, strict=True), start=1
-        ):
-            for block in range(num_blocks):
-                x = nn.Conv(
-                    width,
-                    (3, 3),
-                    strides=stride if block == 0 else 1,
-                    use_bias=False,
-                    kernel_init=_conv_init,
-                )(x)
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-                x = nn.relu(x)
-            features[f"stage{stage}"] = x
-        features["pooled"] = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes)(features["pooled"])
+        features = self.encode(images, train)
+        logits = self.classify(features["pooled"])
         return (logits, features) if return_features else logits
