@@ -1,0 +1,615 @@
+"""Streaming tf.data input pipelines for the TFDS benchmarks (imagenet2012, cifar100, cifar10).
+
+ImageNet does not fit in host memory, so unlike `mokd_jax.data.Dataset` these pipelines read
+the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3] (the jitted step
+applies `mokd_jax.data.normalize`) and int32 labels [B].
+
+Nothing here downloads. A dataset must already be prepared under `data_dir`:
+  - cifar10 / cifar100: `tfds build cifar10 --data_dir=DIR` where the internet is reachable
+    (it fetches the archive), then copy DIR/cifar10 to the training machine.
+  - imagenet2012: TFDS cannot download it. Put `ILSVRC2012_img_train.tar` and
+    `ILSVRC2012_img_val.tar` (from image-net.org, after registering) in TFDS's manual
+    download folder `DIR/downloads/manual/`, then run
+    `tfds build imagenet2012 --data_dir=DIR` (hours; it writes DIR/imagenet2012/5.1.0).
+An unprepared `data_dir` raises a one-line `InputError` that says this.
+
+Determinism and resume (`train_batches`): epoch e of host p is a pure function of
+(seed, p, e). Its TFDS file order and its `shuffle` buffer are seeded with values drawn from
+(seed, p, e), and each example's augmentation uses stateless random ops seeded with
+(seed, p, e) folded with the example's position in the epoch. Resuming at step s = e * n + k
+(n steps per epoch) rebuilds epoch e and skips its first k * batch_size examples before they
+are decoded, so the batches are bitwise those of an uninterrupted run. The cost: the skipped
+records are still read and shuffled (no JPEG decoding or augmentation), up to one epoch of
+I/O (ImageNet: ~140 GB / process_count at worst). Rebuilding the pipeline each epoch also
+costs a pause per epoch: the shuffle buffer refills (ImageNet: 10k records) and the map
+function is traced again (about a second with RandAugment).
+
+Multi-host: each process reads only `tfds.split_for_jax_process(split, process_index,
+process_count, drop_remainder=True)`, an even, disjoint slice of the split, which TFDS turns
+into per-file skip/take instructions, so a host opens only the records of its slice. Every
+host gets the same number of examples, hence the same number of steps per epoch.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mokd_jax.errors import invalid
+
+__all__ = ["NAMES", "RECIPES", "dataset_info", "eval_batches", "mixup_cutmix", "train_batches"]
+
+# A crop/resize turns (encoded image, stateless seed [2], image_size) into uint8 [S,S,3].
+_TrainCrop = Callable[[tf.Tensor, tf.Tensor, int], tf.Tensor]
+_EvalCrop = Callable[[tf.Tensor, int], tf.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What differs between datasets: splits, shuffle buffer, crops, how to prepare it."""
+
+    train_split: str
+    eval_split: str
+    # Examples held by tf.data's shuffle; the file order is shuffled too, so the mix reaches
+    # beyond the buffer. ImageNet: 10k encoded JPEGs are ~1 GB of host memory. CIFAR: the
+    # whole train split (~130 MB of PNGs), a full shuffle.
+    shuffle_buffer: int
+    train_crop: _TrainCrop
+    eval_crop: _EvalCrop
+    prepare: str
+
+
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Bilinear resize to size x size, antialiased when shrinking (as PIL and torchvision)."""
+    if tuple(image.shape[:2]) == (size, size):
+        return image
+    return _to_uint8(tf.image.resize(image, [size, size], antialias=True))
+
+
+def _decode_cifar(encoded: tf.Tensor) -> tf.Tensor:
+    return tf.ensure_shape(tf.io.decode_png(encoded, channels=3), [32, 32, 3])
+
+
+def _cifar_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Zero-pad 4, random 32x32 crop, random horizontal flip (the ResNet CIFAR recipe)."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    padded = tf.pad(_decode_cifar(encoded), [[4, 4], [4, 4], [0, 0]])
+    image = tf.image.stateless_random_crop(padded, [32, 32, 3], crop_seed)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return _resize_square(image, image_size)
+
+
+def _cifar_eval(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    return _resize_square(_decode_cifar(encoded), image_size)
+
+
+def _imagenet_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
+    """torchvision's RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip.
+
+    The crop window is sampled from the JPEG header and only that window is decoded, which
+    saves most of the decoding work for small crops. Where 10 tries find no window, the whole
+    image is used (torchvision falls back to a centre crop instead).
+    """
+    box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(encoded),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=box_seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    top, left, _ = tf.unstack(begin)
+    height, width, _ = tf.unstack(size)
+    window = tf.stack([top, left, height, width])
+    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    image = _resize_square(image, image_size)
+    return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def _imagenet_eval(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Shorter side to image_size * 256/224, then the central image_size square."""
+    image = tf.io.decode_jpeg(encoded, channels=3)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    resized_shape = tf.cast(
+        tf.round(shape * round(image_size * 256 / 224) / tf.reduce_min(shape)), tf.int32
+    )
+    image = tf.image.resize(image, resized_shape, antialias=True)
+    top, left = tf.unstack((resized_shape - image_size) // 2)
+    image = tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
+    return tf.ensure_shape(_to_uint8(image), [image_size, image_size, 3])
+
+
+def _cifar(name: str) -> _Spec:
+    return _Spec(
+        train_split="train",
+        eval_split="test",
+        shuffle_buffer=50_000,
+        train_crop=_cifar_train,
+        eval_crop=_cifar_eval,
+        prepare=(
+            f"run `tfds build {name} --data_dir={{data_dir}}` on a machine that reaches the "
+            f"internet (then copy {{data_dir}}/{name} here if that is another one)"
+        ),
+    )
+
+
+_DATASETS: dict[str, _Spec] = {
+    "imagenet2012": _Spec(
+        train_split="train",
+        eval_split="validation",
+        shuffle_buffer=10_000,
+        train_crop=_imagenet_train,
+        eval_crop=_imagenet_eval,
+        prepare=(
+            "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org) in "
+            "{data_dir}/downloads/manual/ and run `tfds build imagenet2012 --data_dir={data_dir}`"
+        ),
+    ),
+    "cifar100": _cifar("cifar100"),
+    "cifar10": _cifar("cifar10"),
+}
+NAMES = tuple(_DATASETS)
+
+# --- RandAugment (timm's rand-m9-inc1, DeiT's setting) ----------------------------------
+# All 15 ops of timm's "increasing" list, at magnitude m=9 on its 0..10 scale. Each of the
+# N=2 layers draws an op uniformly and applies it with probability 0.5, as timm does.
+# Left out: timm's magnitude noise (mstd0.5: m is fixed at 9 here), its random choice of
+# resampling filter (bilinear here), and its per-channel fill (one grey, 128).
+_LEVEL = 9 / 10
+_RAND_AUGMENT_LAYERS = 2
+_RAND_AUGMENT_PROB = 0.5
+_FILL = 128.0
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL ImageEnhance: factor 0 gives `degenerate`, 1 the image, > 1 extrapolates."""
+    return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
+
+
+def _enhance_factor(sign: tf.Tensor) -> tf.Tensor:
+    return 1.0 + sign * _LEVEL * 0.9
+
+
+def _transform(image: tf.Tensor, transform: list[float | tf.Tensor]) -> tf.Tensor:
+    """Projective transform mapping output (x, y) to input coordinates, as PIL's AFFINE."""
+    transform = tf.stack([tf.cast(value, tf.float32) for value in transform + [0.0, 0.0]])
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
+        fill_value=_FILL,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
+
+
+def _auto_contrast(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    low = tf.reduce_min(image, axis=[0, 1])
+    high = tf.reduce_max(image, axis=[0, 1])
+    stretch = high > low
+    scale = tf.where(stretch, 255.0 / tf.maximum(high - low, 1.0), 1.0)
+    return (image - tf.where(stretch, low, 0.0)) * scale
+
+
+def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageOps.equalize on one channel: map through the normalised cumulative histogram."""
+    pixels = tf.cast(channel, tf.int32)
+    histogram = tf.math.bincount(pixels, minlength=256, maxlength=256)
+    last = tf.boolean_mask(histogram, histogram > 0)[-1]
+    step = (tf.reduce_sum(histogram) - last) // 255
+    lookup = (tf.cumsum(histogram) + step // 2) // tf.maximum(step, 1)
+    lookup = tf.clip_by_value(tf.concat([[0], lookup[:-1]], 0), 0, 255)
+    return tf.where(step > 0, tf.cast(tf.gather(lookup, pixels), tf.float32), channel)
+
+
+def _equalize(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+
+
+def _invert(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    return 255.0 - image
+
+
+def _rotate(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    """Rotation by +-27 degrees about the centre."""
+    angle = sign * _LEVEL * 30.0 * math.pi / 180.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32) - 1.0)
+    x_offset = (width - (cos * width - sin * height)) / 2.0
+    y_offset = (height - (sin * width + cos * height)) / 2.0
+    return _transform(image, [cos, -sin, x_offset, sin, cos, y_offset])
+
+
+def _posterize(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    """Keeps the top 4 - int(4 * level) = 1 bit of each channel."""
+    quantum = 2.0 ** (8 - (4 - int(_LEVEL * 4)))
+    return tf.floor(image / quantum) * quantum
+
+
+def _solarize(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    threshold = 256.0 - int(_LEVEL * 256)
+    return tf.where(image < threshold, image, 255.0 - image)
+
+
+def _solarize_add(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    return tf.where(image < 128.0, tf.minimum(image + int(_LEVEL * 110), 255.0), image)
+
+
+def _color(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+    return _blend(gray, image, _enhance_factor(sign))
+
+
+def _contrast(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+    return _blend(mean, image, _enhance_factor(sign))
+
+
+def _brightness(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    return _blend(tf.zeros_like(image), image, _enhance_factor(sign))
+
+
+def _sharpness(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    """Blend with PIL's SMOOTH filter of the image; border pixels stay unfiltered, as in PIL."""
+    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
+    border = [[1, 1], [1, 1], [0, 0]]
+    inside = tf.pad(tf.ones_like(smooth, tf.bool), border)
+    degenerate = tf.where(inside, tf.pad(smooth, border), image)
+    return _blend(degenerate, image, _enhance_factor(sign))
+
+
+def _shear_x(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    return _transform(image, [1.0, sign * _LEVEL * 0.3, 0.0, 0.0, 1.0, 0.0])
+
+
+def _shear_y(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    return _transform(image, [1.0, 0.0, 0.0, sign * _LEVEL * 0.3, 1.0, 0.0])
+
+
+def _translate_x(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    pixels = sign * _LEVEL * 0.45 * tf.cast(tf.shape(image)[1], tf.float32)
+    return _transform(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0])
+
+
+def _translate_y(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    pixels = sign * _LEVEL * 0.45 * tf.cast(tf.shape(image)[0], tf.float32)
+    return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels])
+
+
+# Each op maps float32 pixels [H,W,3] in [0, 255] and a random sign (+-1, used by the ops
+# whose direction timm negates at random) to pixels of the same shape.
+_RAND_AUGMENT_OPS: tuple[Callable[[tf.Tensor, tf.Tensor], tf.Tensor], ...] = (
+    _auto_contrast,
+    _equalize,
+    _invert,
+    _rotate,
+    _posterize,
+    _solarize,
+    _solarize_add,
+    _color,
+    _contrast,
+    _brightness,
+    _sharpness,
+    _shear_x,
+    _shear_y,
+    _translate_x,
+    _translate_y,
+)
+
+
+def _rand_augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """RandAugment n=2, m=9 on a uint8 image; pixels are rounded after each op, as in PIL."""
+    pixels = tf.cast(image, tf.float32)
+    for layer_seed in tf.unstack(
+        tf.random.experimental.stateless_split(seed, _RAND_AUGMENT_LAYERS)
+    ):
+        op_seed, sign_seed, apply_seed = tf.unstack(
+            tf.random.experimental.stateless_split(layer_seed, 3)
+        )
+        op = tf.random.stateless_uniform(
+            [], op_seed, minval=0, maxval=len(_RAND_AUGMENT_OPS), dtype=tf.int32
+        )
+        sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
+        augmented = tf.switch_case(
+            op, [functools.partial(function, pixels, sign) for function in _RAND_AUGMENT_OPS]
+        )
+        applied = tf.random.stateless_uniform([], apply_seed) < _RAND_AUGMENT_PROB
+        pixels = tf.where(applied, tf.round(tf.clip_by_value(augmented, 0.0, 255.0)), pixels)
+    return tf.cast(pixels, tf.uint8)
+
+
+# Train-time pixel augmentation after the crop, on uint8 [S,S,3] with a stateless seed.
+# Mixup/CutMix and label smoothing, the rest of DeiT's recipe, run on the device: see
+# `mixup_cutmix`. DeiT's random erasing is not implemented.
+_RECIPES: dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]] = {
+    "standard": lambda image, seed: image,
+    "deit": _rand_augment,
+}
+RECIPES = tuple(_RECIPES)
+
+
+# --- Reading ---------------------------------------------------------------------------
+
+
+def _spec(name: str) -> _Spec:
+    if name not in _DATASETS:
+        raise invalid("dataset", name, f"one of {', '.join(NAMES)}")
+    return _DATASETS[name]
+
+
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The TFDS builder; an empty data_dir means TFDS's default (~/tensorflow_datasets)."""
+    return tfds.builder(name, data_dir=data_dir or None)
+
+
+def _read(
+    builder: tfds.core.DatasetBuilder,
+    data_dir: str,
+    split: tfds.typing.SplitArg,
+    file_seed: int | None,
+) -> tf.data.Dataset:
+    """Raw examples with the image left encoded, so that skipped ones are never decoded.
+
+    `file_seed` None reads the files unshuffled; otherwise it seeds their shuffle.
+    """
+    try:
+        return builder.as_dataset(
+            split=split,
+            shuffle_files=file_seed is not None,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            # Each pipeline is read once (train rebuilds one per epoch), so TFDS's in-memory
+            # autocache of small datasets (CIFAR) would only copy them.
+            read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False),
+        )
+    except AssertionError as error:
+        # TFDS reports a data_dir without the prepared dataset only by this assertion
+        # ("Dataset imagenet2012: could not find data in DIR. Please make sure to call
+        # dataset_builder.download_and_prepare() ..."), never naming the manual download.
+        if "could not find data" not in str(error):
+            raise
+        prepare = _DATASETS[builder.name].prepare.format(data_dir=data_dir or "DIR")
+        raise invalid(
+            "data_dir", data_dir, f"a folder holding the prepared {builder.name}: {prepare}"
+        ) from None
+
+
+def dataset_info(name: str, data_dir: str = "") -> tuple[int, tuple[int | None, ...]]:
+    """(num_classes, image_shape) of the stored examples, e.g. (1000, (None, None, 3)).
+
+    A None dimension varies per image (ImageNet); the pipelines then resize to `image_size`.
+    Read from the builder's feature spec, which TFDS has from code even before the data is
+    prepared and under `tfds.testing.mock_data`; never from `info.splits`, which mock data and
+    unprepared folders leave empty.
+    """
+    _spec(name)
+    features = _builder(name, data_dir).info.features
+    return features["label"].num_classes, tuple(features["image"].shape)
+
+
+class _EpochSeeds(NamedTuple):
+    files: int  # TFDS file order
+    shuffle: int  # tf.data shuffle buffer
+    augment: tuple[int, int]  # stateless seed, folded with each example's position
+
+
+def _epoch_seeds(seed: int, process_index: int, epoch: int) -> _EpochSeeds:
+    """Independent seeds for one host's epoch, a pure function of its arguments."""
+    files, shuffle, augment_0, augment_1 = (
+        np.random.SeedSequence([seed, process_index, epoch]).generate_state(4).tolist()
+    )
+    return _EpochSeeds(files, shuffle, (augment_0, augment_1))
+
+
+def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Pins tf.data's element order (parallel map and interleave) whatever the defaults."""
+    options = tf.data.Options()
+    options.deterministic = True
+    return dataset.with_options(options)
+
+
+def _train_epoch(
+    read: Callable[[int], tf.data.Dataset],
+    preprocess: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    shuffle_buffer: int,
+    batch_size: int,
+    seeds: _EpochSeeds,
+    first_step: int,
+) -> tf.data.Dataset:
+    """One epoch's batches from `first_step` on (see the module docstring)."""
+    examples = read(seeds.files).shuffle(
+        shuffle_buffer, seed=seeds.shuffle, reshuffle_each_iteration=False
+    )
+    # Enumerated before the skip: an example's augmentation seed is its position in the
+    # epoch, wherever the iterator started.
+    examples = examples.enumerate().skip(first_step * batch_size)
+
+    def prepare(position: tf.Tensor, example: dict) -> tuple[tf.Tensor, tf.Tensor]:
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.constant(seeds.augment, tf.int64), position
+        )
+        return preprocess(example["image"], seed), tf.cast(example["label"], tf.int32)
+
+    batches = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    batches = batches.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return _deterministic(batches)
+
+
+def _endless(
+    epoch_batches: Callable[[int, int], tf.data.Dataset], steps_per_epoch: int, start_step: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    epoch, first_step = divmod(start_step, steps_per_epoch)
+    while True:
+        yield from epoch_batches(epoch, first_step).as_numpy_iterator()
+        epoch, first_step = epoch + 1, 0
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size <= 0:
+        raise invalid("image_size", image_size, "a positive integer")
+
+
+def train_batches(
+    name: str,
+    data_dir: str,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    *,
+    image_size: int,
+    recipe: str = "standard",
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless augmented (images uint8 [B,S,S,3], labels int32 [B]) batches of this host.
+
+    Shuffled per epoch, remainder dropped; the batch at any step is a pure function of
+    (seed, process_index, step), so `start_step=s` resumes exactly (module docstring).
+    `batch_size` is per host. `recipe`: 'standard' (crop + flip) or 'deit' (then RandAugment
+    n=2, m=9; apply `mixup_cutmix` in the step). Arguments, and that the data is prepared,
+    are checked here, not on the first `next()`.
+    """
+    spec = _spec(name)
+    if recipe not in _RECIPES:
+        raise invalid("recipe", recipe, f"one of {', '.join(RECIPES)}")
+    _check_image_size(image_size)
+    if seed < 0:
+        raise invalid("seed", seed, "a non-negative integer")
+    if start_step < 0:
+        raise invalid("start_step", start_step, "a non-negative integer")
+    if process_count <= 0:
+        raise invalid("process_count", process_count, "a positive integer")
+    if not 0 <= process_index < process_count:
+        raise invalid("process_index", process_index, f"0 to {process_count - 1}")
+    split = tfds.split_for_jax_process(
+        spec.train_split,
+        process_index=process_index,
+        process_count=process_count,
+        drop_remainder=True,
+    )
+    read = functools.partial(_read, _builder(name, data_dir), data_dir, split)
+    # TFDS records every split's (and slice's) size as the dataset's cardinality.
+    num_examples = int(read(None).cardinality())
+    if not 0 < batch_size <= num_examples:
+        raise invalid(
+            "batch_size",
+            batch_size,
+            f"1 to {num_examples}, the number of training examples of this process",
+        )
+    augment = _RECIPES[recipe]
+
+    def preprocess(encoded: tf.Tensor, example_seed: tf.Tensor) -> tf.Tensor:
+        crop_seed, augment_seed = tf.unstack(
+            tf.random.experimental.stateless_split(example_seed, 2)
+        )
+        return augment(spec.train_crop(encoded, crop_seed, image_size), augment_seed)
+
+    def epoch_batches(epoch: int, first_step: int) -> tf.data.Dataset:
+        seeds = _epoch_seeds(seed, process_index, epoch)
+        return _train_epoch(read, preprocess, spec.shuffle_buffer, batch_size, seeds, first_step)
+
+    return _endless(epoch_batches, num_examples // batch_size, start_step)
+
+
+def eval_batches(
+    name: str, data_dir: str, batch_size: int, *, image_size: int, split: str | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, labels, mask) batches covering every example of `split` once.
+
+    `split` defaults to the dataset's evaluation split (ImageNet 'validation', CIFAR
+    'test'). As in `mokd_jax.data.eval_batches`, the last batch is padded with zero images
+    to `batch_size` so the jitted eval step keeps one shape, and `mask` is False there. Every
+    process reads the whole split.
+    """
+    spec = _spec(name)
+    if batch_size <= 0:
+        raise invalid("batch_size", batch_size, "a positive integer")
+    _check_image_size(image_size)
+    examples = _read(_builder(name, data_dir), data_dir, split or spec.eval_split, None)
+    padding = -int(examples.cardinality()) % batch_size
+
+    def prepare(example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        image = spec.eval_crop(example["image"], image_size)
+        return image, tf.cast(example["label"], tf.int32), tf.constant(True)
+
+    blank = (tf.zeros([image_size, image_size, 3], tf.uint8), tf.constant(0), tf.constant(False))
+    examples = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    examples = examples.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+    batches = examples.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _deterministic(batches).as_numpy_iterator()
+
+
+# --- Mixup / CutMix (device side) ------------------------------------------------------
+
+_CUTMIX_PROB = 0.5  # timm's switch_prob: CutMix or Mixup per batch when both are enabled
+
+
+def mixup_cutmix(
+    images: jax.Array | np.ndarray,
+    labels: jax.Array | np.ndarray,
+    key: jax.Array,
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    smoothing: float = 0.1,
+) -> tuple[jax.Array, jax.Array]:
+    """timm's batch-mode Mixup/CutMix with label smoothing: (float32 images, soft labels [B, C]).
+
+    Each example is mixed with the one mirrored in the batch (index B-1-i), with one
+    lambda per batch drawn from Beta(alpha, alpha); CutMix pastes the partner's box and sets
+    lambda to the area actually kept. Images stay in pixel units [0, 255]: `normalize` is
+    affine with weights summing to 1, so it may run before or after. Pure jnp and jit-safe;
+    `num_classes` and the alphas are Python numbers (static): an alpha of 0 switches that
+    mix off, and both 0 give the images unchanged with smoothed one-hot labels.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    targets = jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, targets
+    mixup_key, cutmix_key, switch_key, box_key = jax.random.split(key, 4)
+    mixup_lam = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+    partners = images[::-1]
+    mixed = mixup_lam * images + (1.0 - mixup_lam) * partners
+    if cutmix_alpha > 0:
+        cutmix_lam = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha)
+        inside = _cutmix_box(box_key, images.shape[1], images.shape[2], cutmix_lam)
+        pasted = jnp.where(inside[None, :, :, None], partners, images)
+        use_cutmix = jax.random.bernoulli(switch_key, _CUTMIX_PROB) if mixup_alpha > 0 else True
+        mixed = jnp.where(use_cutmix, pasted, mixed)
+        lam = jnp.where(use_cutmix, 1.0 - jnp.mean(inside), mixup_lam)
+    else:
+        lam = mixup_lam
+    return mixed, lam * targets + (1.0 - lam) * targets[::-1]
+
+
+def _cutmix_box(key: jax.Array, height: int, width: int, lam: jax.Array) -> jax.Array:
+    """timm's rand_bbox: a box of sides sqrt(1 - lam) * (H, W) centred uniformly, clipped.
+
+    Returns the bool [H, W] mask of the box; clipping makes its area at most 1 - lam.
+    """
+    y_key, x_key = jax.random.split(key)
+    cut = jnp.sqrt(1.0 - lam)
+    centre_y = jax.random.randint(y_key, (), 0, height)
+    centre_x = jax.random.randint(x_key, (), 0, width)
+    half_h = (height * cut).astype(jnp.int32) // 2
+    half_w = (width * cut).astype(jnp.int32) // 2
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    inside_y = (rows >= centre_y - half_h) & (rows < centre_y + half_h)
+    inside_x = (cols >= centre_x - half_w) & (cols < centre_x + half_w)
+    return inside_y & inside_x

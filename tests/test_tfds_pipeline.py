@@ -1,0 +1,262 @@
+"""Tests for mokd_jax.data.tfds_pipeline, all offline on `tfds.testing.mock_data`.
+
+tfds's mock yields `num_examples` random examples for any split and ignores split slicing,
+so the process-sharding test passes it `_sliced_mock`, a stand-in for the file reader that
+resolves the slices with TFDS's own split arithmetic and labels example i with i.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import mocking
+
+from mokd_jax.data import tfds_pipeline
+from mokd_jax.errors import InputError
+
+# 10 examples, batches of 4: two steps per epoch, and a last eval batch with 2 of 4 real.
+NUM_EXAMPLES = 10
+BATCH = 4
+SIZES = {"cifar10": 32, "cifar100": 32, "imagenet2012": 64}
+
+
+def _take(iterator, count):
+    return list(itertools.islice(iterator, count))
+
+
+def _assert_batches_equal(left, right):
+    assert len(left) == len(right)
+    for left_batch, right_batch in zip(left, right, strict=True):
+        for left_array, right_array in zip(left_batch, right_batch, strict=True):
+            np.testing.assert_array_equal(left_array, right_array)
+
+
+@pytest.mark.parametrize(
+    ("name", "num_classes", "stored_shape"),
+    [
+        ("cifar10", 10, (32, 32, 3)),
+        ("cifar100", 100, (32, 32, 3)),
+        ("imagenet2012", 1000, (None, None, 3)),
+    ],
+)
+def test_shapes_dtypes_and_info(name, num_classes, stored_shape):
+    size = SIZES[name]
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        assert tfds_pipeline.dataset_info(name, "") == (num_classes, stored_shape)
+        images, labels = next(tfds_pipeline.train_batches(name, "", BATCH, 0, image_size=size))
+        evaluated = list(tfds_pipeline.eval_batches(name, "", BATCH, image_size=size))
+    assert images.shape == (BATCH, size, size, 3) and images.dtype == np.uint8
+    assert labels.shape == (BATCH,) and labels.dtype == np.int32
+    assert 0 <= labels.min() and labels.max() < num_classes
+    assert len(evaluated) == 3
+    for images, labels, mask in evaluated:
+        assert images.shape == (BATCH, size, size, 3) and images.dtype == np.uint8
+        assert labels.dtype == np.int32 and mask.dtype == bool
+        assert 0 <= labels.min() and labels.max() < num_classes
+
+
+def test_imagenet_deit_recipe_shapes():
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        batches = tfds_pipeline.train_batches(
+            "imagenet2012", "", BATCH, 0, image_size=64, recipe="deit"
+        )
+        images, labels = next(batches)
+    assert images.shape == (BATCH, 64, 64, 3) and images.dtype == np.uint8
+    assert labels.shape == (BATCH,)
+
+
+@pytest.mark.parametrize("op", tfds_pipeline._RAND_AUGMENT_OPS, ids=lambda op: op.__name__)
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_rand_augment_ops_keep_shape_and_range(op, sign):
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (24, 20, 3)), tf.float32)
+    out = op(image, tf.constant(sign)).numpy()
+    assert out.shape == (24, 20, 3)
+    assert np.isfinite(out).all()
+    assert out.min() >= -0.5 and out.max() <= 255.5
+
+
+@pytest.mark.parametrize(("name", "recipe"), [("cifar10", "standard"), ("imagenet2012", "deit")])
+def test_train_is_deterministic_shuffled_and_resumes(name, recipe):
+    train = functools.partial(
+        tfds_pipeline.train_batches, name, "", BATCH, image_size=SIZES[name], recipe=recipe
+    )
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        fresh = _take(train(7), 6)  # three epochs of two steps
+        _assert_batches_equal(_take(train(7), 6), fresh)
+        _assert_batches_equal(_take(train(7, start_step=3), 3), fresh[3:])
+        other_seed = _take(train(8), 2)
+    # Each epoch has its own order and augmentation; another seed gives other batches.
+    assert not np.array_equal(fresh[0][0], fresh[2][0])
+    assert not np.array_equal(fresh[0][0], other_seed[0][0])
+
+
+@pytest.mark.parametrize("name", ["cifar100", "imagenet2012"])
+def test_eval_covers_every_example_once_with_mask(name):
+    size = SIZES[name]
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        batches = list(tfds_pipeline.eval_batches(name, "", BATCH, image_size=size))
+        raw = list(
+            tfds.as_numpy(tfds.load(name, split="test" if name == "cifar100" else "validation"))
+        )
+    masks = np.concatenate([mask for _, _, mask in batches])
+    np.testing.assert_array_equal(masks, np.arange(3 * BATCH) < NUM_EXAMPLES)
+    labels = np.concatenate([labels for _, labels, _ in batches])[masks]
+    np.testing.assert_array_equal(labels, [example["label"] for example in raw])
+    images = np.concatenate([images for images, _, _ in batches])
+    assert not images[~masks].any()
+    if name == "cifar100":  # CIFAR eval images are the stored ones, untouched
+        np.testing.assert_array_equal(images[masks], [example["image"] for example in raw])
+
+
+def _sliced_mock(num_examples):
+    """A `FileReaderBuilder._as_dataset` for mock_data that honours split slices.
+
+    The `num_examples` examples of every split are tfds's encoded random ones, but example i
+    has label i (ids below num_classes), and a slice keeps the examples TFDS's split
+    arithmetic assigns to it.
+    """
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        infos = tfds.core.SplitDict(
+            [tfds.core.SplitInfo(name="train", shard_lengths=[num_examples], num_bytes=0)]
+        )
+        (instruction,) = split.to_absolute(infos)
+        features = self.info.features
+        examples = [
+            dict(example, label=index)
+            for index, example in enumerate(
+                mocking.EncodedRandomFakeGenerator(features, num_examples)
+            )
+        ][instruction.from_ : instruction.to]
+        signature = tf.nest.map_structure(
+            lambda info: tf.TensorSpec(info.shape, info.tf_dtype), features.get_serialized_info()
+        )
+        dataset = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=signature)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(examples)))
+        return dataset.map(functools.partial(features.decode_example, decoders=decoders))
+
+    return as_dataset
+
+
+def test_processes_read_disjoint_parts_covering_the_split():
+    def first_epoch_labels(process_index, process_count):
+        steps = 12 // process_count // 3
+        batches = tfds_pipeline.train_batches(
+            "cifar100",
+            "",
+            3,
+            0,
+            image_size=32,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        return np.concatenate([labels for _, labels in _take(batches, steps)])
+
+    with tfds.testing.mock_data(num_examples=12, as_dataset_fn=_sliced_mock(12)):
+        single = first_epoch_labels(0, 1)
+        first, second = first_epoch_labels(0, 2), first_epoch_labels(1, 2)
+    assert sorted(single) == list(range(12))  # one epoch is a permutation
+    assert len(first) == len(second) == 6
+    assert not set(first) & set(second)
+    assert sorted(np.concatenate([first, second])) == list(range(12))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"name": "mnist"},
+            "dataset='mnist' is not allowed: one of imagenet2012, cifar100, cifar10",
+        ),
+        ({"recipe": "autoaugment"}, "recipe='autoaugment' is not allowed: one of standard, deit"),
+        ({"process_index": 2, "process_count": 2}, "process_index=2 is not allowed: 0 to 1"),
+        ({"batch_size": 11}, "batch_size=11 is not allowed: 1 to 10"),
+        ({"image_size": 0}, "image_size=0 is not allowed"),
+        ({"start_step": -1}, "start_step=-1 is not allowed"),
+    ],
+)
+def test_bad_train_arguments(kwargs, expected):
+    arguments = {
+        "name": "cifar10",
+        "data_dir": "",
+        "batch_size": BATCH,
+        "seed": 0,
+        "image_size": 32,
+    }
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        with pytest.raises(InputError, match=expected):
+            tfds_pipeline.train_batches(**{**arguments, **kwargs})
+
+
+def test_missing_imagenet_names_data_dir_and_manual_folder(tmp_path):
+    # Outside mock_data on purpose: an empty folder is what TFDS reports as not prepared.
+    for read in (
+        lambda: tfds_pipeline.train_batches("imagenet2012", str(tmp_path), 8, 0, image_size=64),
+        lambda: tfds_pipeline.eval_batches("imagenet2012", str(tmp_path), 8, image_size=64),
+    ):
+        with pytest.raises(InputError) as error:
+            read()
+        message = str(error.value)
+        assert "\n" not in message
+        assert message.startswith(f"data_dir='{tmp_path}' is not allowed")
+        assert f"{tmp_path}/downloads/manual/" in message
+        assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in message
+        assert f"tfds build imagenet2012 --data_dir={tmp_path}" in message
+
+
+def _batch(size=8, num_classes=5):
+    images = np.random.default_rng(0).integers(0, 256, (size, 6, 5, 3)).astype(np.uint8)
+    return images, np.arange(size) % num_classes
+
+
+def test_mixup_cutmix_shapes_and_soft_labels_under_jit():
+    images, labels = _batch()
+    mix = jax.jit(functools.partial(tfds_pipeline.mixup_cutmix, num_classes=5))
+    for seed in range(6):
+        mixed, targets = mix(images, labels, jax.random.key(seed))
+        assert mixed.shape == images.shape and mixed.dtype == jnp.float32
+        assert targets.shape == (8, 5)
+        np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+        assert float(targets.min()) >= 0.1 / 5 - 1e-7
+
+
+def test_mixup_cutmix_with_alphas_zero_is_smoothed_one_hot():
+    images, labels = _batch()
+    mixed, targets = tfds_pipeline.mixup_cutmix(
+        images, labels, jax.random.key(0), 5, mixup_alpha=0.0, cutmix_alpha=0.0
+    )
+    np.testing.assert_array_equal(mixed, images.astype(np.float32))
+    expected = np.full((8, 5), 0.1 / 5)
+    expected[np.arange(8), labels] += 0.9
+    np.testing.assert_allclose(targets, expected, rtol=1e-6)
+
+
+def test_mixup_only_blends_with_the_mirrored_example():
+    images, labels = _batch()
+    mixed, targets = tfds_pipeline.mixup_cutmix(
+        images, labels, jax.random.key(1), 5, cutmix_alpha=0.0, smoothing=0.0
+    )
+    lam = float(targets[0, labels[0]])  # example 0 and its partner 7 have different labels
+    expected = lam * images.astype(np.float32) + (1 - lam) * images[::-1].astype(np.float32)
+    np.testing.assert_allclose(mixed, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_cutmix_only_pastes_a_box_and_weights_labels_by_area():
+    images, labels = _batch()
+    for seed in range(5):
+        mixed, targets = tfds_pipeline.mixup_cutmix(
+            images, labels, jax.random.key(seed), 5, mixup_alpha=0.0, smoothing=0.0
+        )
+        mixed = np.asarray(mixed)
+        kept = (mixed == images).all(axis=-1)
+        pasted = (mixed == images[::-1]).all(axis=-1)
+        assert (kept | pasted).all()
+        # Same box for the whole batch; the kept area is the label weight of the example.
+        box = ~kept[0]
+        assert (~kept == box).all()
+        np.testing.assert_allclose(targets[0, labels[0]], 1 - box.mean(), rtol=1e-6)
