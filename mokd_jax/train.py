@@ -108,16 +108,6 @@ def make_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransfor
 # ----------------------------------------------------------------------------- state
 
 
-def feature_width(model, image_shape: tuple[int, ...]) -> int:
-    """Width of the model's pooled features, from shapes only (no computation)."""
-    dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
-    _, features = jax.eval_shape(
-        functools.partial(model.apply, train=False, return_features=True), variables, dummy
-    )
-    return features["pooled"].shape[-1]
-
-
 def init_model(model, image_shape: tuple[int, ...], key: jax.Array) -> dict:
     return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
 
@@ -136,9 +126,8 @@ def create_teacher_state(model, image_shape, tx, key) -> TrainState:
 def create_student_state(student, projector, image_shape, teacher_width, tx, key) -> TrainState:
     student_key, projector_key = jax.random.split(key)
     variables = init_model(student, image_shape, student_key)
-    student_width = feature_width(student, image_shape)
     projector_variables = projector.init(
-        projector_key, jnp.zeros((1, student_width)), jnp.zeros((1, teacher_width))
+        projector_key, jnp.zeros((1, student.feature_width)), jnp.zeros((1, teacher_width))
     )
     params = {"student": variables["params"], "projector": projector_variables["params"]}
     return TrainState(
@@ -352,21 +341,23 @@ def distill_step(
     return new_state, metrics
 
 
-def correct_predictions(variables, images, labels, mask, *, model) -> tuple[jax.Array, jax.Array]:
-    """(Number of correct top-1 predictions, number of real examples) in a padded batch."""
+def correct_predictions(variables, images, labels, mask, *, model) -> jax.Array:
+    """[correct top-1, correct top-5, real examples] in a padded batch."""
     logits = model.apply(variables, data.normalize(images), train=False)
-    correct = (jnp.argmax(logits, -1) == labels) & mask
-    return correct.sum(), mask.sum()
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
+    top1 = jnp.argmax(logits, -1) == labels
+    return jnp.stack([(top1 & mask).sum(), (in_top5 & mask).sum(), mask.sum()])
 
 
-def evaluate(model, variables, images, labels, batch_size: int) -> float:
-    """Top-1 accuracy over every example exactly once."""
+def evaluate(model, variables, images, labels, batch_size: int) -> dict[str, float]:
+    """Top-1 and top-5 accuracy over every example exactly once."""
     step = jax.jit(functools.partial(correct_predictions, model=model))
-    correct, total = 0, 0
-    for batch in data.batching.eval_batches(images, labels, batch_size):
-        batch_correct, batch_total = step(variables, *batch)
-        correct, total = correct + int(batch_correct), total + int(batch_total)
-    return correct / total
+    counts = sum(
+        np.asarray(step(variables, *batch), np.int64)
+        for batch in data.batching.eval_batches(images, labels, batch_size)
+    )
+    return {"test_accuracy": counts[0] / counts[2], "test_top5_accuracy": counts[1] / counts[2]}
 
 
 # ----------------------------------------------------------------------------- loop
@@ -523,7 +514,7 @@ def distill_student(config, workdir, dataset, teacher_variables):
     student = models.get(config.student.model, num_classes=num_classes)
     teacher = models.get(config.teacher.model, num_classes=num_classes)
     image_shape = dataset.train_images.shape[1:]
-    teacher_width = feature_width(teacher, image_shape)
+    teacher_width = teacher.feature_width
     projector = SubspaceProjector(
         width=config.projector.width_multiplier * teacher_width,
         orthogonal_init=config.projector.orthogonal_init,
@@ -608,7 +599,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             model, variables, dataset.test_images, dataset.test_labels, config.eval_batch_size
         )
         writer = phase_writer(workdir, role)
-        writer.write_scalars(config[role].num_train_steps, {"test_accuracy": accuracies[role]})
+        writer.write_scalars(config[role].num_train_steps, accuracies[role])
         writer.close()
     if jax.process_index() == 0:
         plots.plot_diagnostics(
@@ -622,12 +613,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "teacher": {
             "model": config.teacher.model,
             "parameters": parameter_count(teacher_variables),
-            "test_accuracy": accuracies["teacher"],
+            **accuracies["teacher"],
         },
         "student": {
             "model": config.student.model,
             "parameters": parameter_count(student_variables),
-            "test_accuracy": accuracies["student"],
+            **accuracies["student"],
         },
         "training_diagnostics": diagnostics,
         "wall_time_s": time.time() - start,

@@ -182,7 +182,7 @@ def build_mode(
         return functools.partial(train.teacher_step, model=student, tx=tx), state, ()
 
     teacher = models.get(config.teacher.model, num_classes=num_classes)
-    teacher_width = train.feature_width(teacher, image_shape)
+    teacher_width = teacher.feature_width
     projector = SubspaceProjector(
         width=config.projector.width_multiplier * teacher_width,
         orthogonal_init=config.projector.orthogonal_init,

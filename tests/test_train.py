@@ -50,7 +50,7 @@ def test_distill_step_updates_student_and_projector_only():
     teacher = models.get(config.teacher.model, num_classes=10)
     student = models.get(config.student.model, num_classes=10)
     teacher_variables = train.init_model(teacher, image_shape, jax.random.key(1))
-    teacher_width = train.feature_width(teacher, image_shape)
+    teacher_width = teacher.feature_width
     projector = SubspaceProjector(width=2 * teacher_width)
     tx = train.student_optimizer(config)
     state = train.create_student_state(
@@ -96,7 +96,7 @@ def test_teacher_is_an_argument_of_the_step_not_a_constant():
     image_shape = images.shape[1:]
     teacher = models.get(config.teacher.model, num_classes=10)
     student = models.get(config.student.model, num_classes=10)
-    teacher_width = train.feature_width(teacher, image_shape)
+    teacher_width = teacher.feature_width
     projector = SubspaceProjector(width=2 * teacher_width)
     tx = train.student_optimizer(config)
     create = functools.partial(
@@ -123,7 +123,7 @@ def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
         saved = json.load(f)
     assert saved["method"] == "mokd"
     for role in ("teacher", "student"):
-        assert 0.0 <= saved[role]["test_accuracy"] <= 1.0
+        assert 0.0 <= saved[role]["test_accuracy"] <= saved[role]["test_top5_accuracy"] <= 1.0
     assert saved["student"]["parameters"] * 5 <= saved["teacher"]["parameters"]
     assert saved == json.loads(json.dumps(summary))
     for name in ("teacher", "student", "checkpoints/teacher", "checkpoints/student"):
@@ -347,3 +347,15 @@ def test_representation_path_with_everything_kept_equals_the_plain_sum():
         lambda row, want: np.testing.assert_allclose(row[0], want, rtol=2e-4, atol=1e-6),
         rows, expected,
     )  # fmt: skip
+
+
+def test_evaluate_counts_top1_and_top5_over_every_example_once():
+    dataset = data.load("digits")
+    images, labels = dataset.test_images[:37], dataset.test_labels[:37]  # padded last batch
+    model = models.get("cnn_small", num_classes=10)
+    variables = train.init_model(model, images.shape[1:], jax.random.key(3))
+    logits = np.asarray(model.apply(variables, data.normalize(images)))
+    ranks = (logits > logits[np.arange(37), labels][:, None]).sum(-1)
+    result = train.evaluate(model, variables, images, labels, batch_size=16)
+    assert result["test_accuracy"] == pytest.approx(np.mean(ranks == 0))
+    assert result["test_top5_accuracy"] == pytest.approx(np.mean(ranks < 5))
