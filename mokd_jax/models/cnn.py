@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mokd_jax.models.base import StagedClassifier
+
 # He initialisation (fan-out), as in ResNets: keeps activations at unit scale through
 # relu blocks, so the teacher and the student start equally well conditioned.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -27,7 +29,7 @@ class ConvBlock(nn.Module):
         return nn.relu(self.bn(self.conv(x), use_running_average=not train))
 
 
-class ConvNet(nn.Module):
+class ConvNet(StagedClassifier):
     """Stages of [conv3x3 -> BatchNorm -> relu] blocks, global average pool, Dense head.
 
     Stage i has `blocks[i]` blocks of `widths[i]` channels; its first block uses stride
@@ -65,21 +67,11 @@ class ConvNet(nn.Module):
         return self.widths[-1]
 
     def encode(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        features = {}
-        x = images
-        for stage, blocks in enumerate(self.stages, start=1):
-            for block in blocks:
-                x = block(x, train)
-            features[f"stage{stage}"] = x
+        x, features = self._run_stages(images, train)
         features["pooled"] = jnp.mean(x, axis=(1, 2))
         return features
 
     def classify(self, pooled: jax.Array) -> jax.Array:
+        # `head`, not the base class's `fc`: Flax seeds each module by its name, so a rename
+        # would change the initial weights and with them the digits results in the README.
         return self.head(pooled)
-
-    def __call__(
-        self, images: jax.Array, train: bool = False, return_features: bool = False
-    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        features = self.encode(images, train)
-        logits = self.classify(features["pooled"])
-        return (logits, features) if return_features else logits

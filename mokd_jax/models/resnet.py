@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from mokd_jax.errors import invalid
+from mokd_jax.models.base import StagedClassifier
 
 # torch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal of
 # variance 2 / (k * k * out_channels), which RepDistiller's WRN init also draws.
@@ -97,31 +98,6 @@ def _block_plan(
     return plan
 
 
-class _StagedClassifier(nn.Module):
-    """What the families below share: running the stages with their taps, and the
-    contract's `classify` and `__call__`. A subclass defines `encode` and, in its setup,
-    `stages` (lists of blocks called as `block(x, train)`) and an `fc` Dense head."""
-
-    def _run_stages(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The last stage's output and the taps `stage{i}` (each stage's output)."""
-        features = {}
-        for stage, blocks in enumerate(self.stages, start=1):
-            for block in blocks:
-                x = block(x, train)
-            features[f"stage{stage}"] = x
-        return x, features
-
-    def classify(self, pooled: jax.Array) -> jax.Array:
-        return self.fc(pooled)
-
-    def __call__(
-        self, images: jax.Array, train: bool = False, return_features: bool = False
-    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        features = self.encode(images, train)
-        logits = self.classify(features["pooled"])
-        return (logits, features) if return_features else logits
-
-
 class BlockSpec(NamedTuple):
     """A post-activation residual block: the conv kernel sizes along its main path, and
     the factor by which the last conv widens the block's width (torchvision's expansion)."""
@@ -172,7 +148,7 @@ class ResidualBlock(nn.Module):
         return nn.relu(y + x)
 
 
-class ResNet(_StagedClassifier):
+class ResNet(StagedClassifier):
     """Stem, stages of `ResidualBlock`s (taps `stage{i}`: each stage's output), global
     average pool (`pooled`), fc. Defaults are torchvision's ImageNet widths and stem; the
     CIFAR models (`cifar_resnet`) use a conv3x3 stem without max-pool. RepDistiller's
@@ -266,7 +242,7 @@ class PreActBlock(nn.Module):
         return y + (self.conv_shortcut(activated) if self.project else x)
 
 
-class WideResNet(_StagedClassifier):
+class WideResNet(StagedClassifier):
     """conv3x3 stem, stages of `PreActBlock`s (taps `stage{i}`: each stage's output, before
     the final BN), BN -> relu -> global average pool (`pooled`), fc. Build the named
     models with `wide_resnet`."""
