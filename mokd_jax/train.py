@@ -203,21 +203,27 @@ def teacher_step(state: TrainState, images, labels, *, model, tx) -> tuple[Train
 
 def student_functions(
     state: TrainState,
-    inputs: jax.Array,
+    teacher_variables: Mapping[str, Any],
+    images: jax.Array,
     labels: jax.Array,
-    teacher_logits: jax.Array,
-    teacher_pooled: jax.Array,
     *,
     student,
+    teacher,
     projector,
     distill: ml_collections.ConfigDict,
 ) -> tuple[Callable, Callable]:
-    """The student's forward pass in two differentiable halves, split at its pooled
-    features (the representation where the classifier and the projector branch off):
+    """The teacher's forward pass (eval mode, on variables passed in, not differentiated),
+    then the student's in two differentiable halves, split at its pooled features (the
+    representation where the classifier and the projector branch off):
 
     encode(student_params) -> (pooled, new batch_stats), in train mode;
     head_objectives(params, pooled) -> (losses [K], (loss parts, logits)).
     """
+    inputs = data.normalize(images)
+    teacher_logits, teacher_features = teacher.apply(
+        teacher_variables, inputs, train=False, return_features=True
+    )
+    teacher_pooled = teacher_features["pooled"]
 
     def encode(student_params):
         features, updates = student.apply(
@@ -290,18 +296,13 @@ def distill_step(
     (GradDrop) combine the objectives at the pooled features instead
     (`representation_gradients`).
     """
-    inputs = data.normalize(images)
-    teacher_logits, teacher_features = teacher.apply(
-        teacher_variables, inputs, train=False, return_features=True
-    )
-
     encode, head_objectives = student_functions(
         state,
-        inputs,
+        teacher_variables,
+        images,
         labels,
-        teacher_logits,
-        teacher_features["pooled"],
         student=student,
+        teacher=teacher,
         projector=projector,
         distill=distill,
     )

@@ -54,7 +54,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
-from mokd_jax import aggregation, data, models, train  # noqa: E402
+from mokd_jax import aggregation, models, train  # noqa: E402
 from mokd_jax.errors import invalid  # noqa: E402
 from mokd_jax.subspace import SubspaceProjector  # noqa: E402
 
@@ -132,17 +132,13 @@ def summed_distill_step(
     """Summed KD with one backward: the loss vector pulled back with a ones row gives the
     gradient of the sum directly, which `distill_step` with `sum` does not (it pulls back
     the K unit rows and sums them in the aggregator). `tx` is the plain optimizer."""
-    inputs = data.normalize(images)
-    teacher_logits, teacher_features = teacher.apply(
-        teacher_variables, inputs, train=False, return_features=True
-    )
     encode, head_objectives = train.student_functions(
         state,
-        inputs,
+        teacher_variables,
+        images,
         labels,
-        teacher_logits,
-        teacher_features["pooled"],
         student=student,
+        teacher=teacher,
         projector=projector,
         distill=distill,
     )

@@ -62,9 +62,13 @@ def test_init_is_deterministic():
     jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
-def test_train_mode_uses_batch_statistics():
-    model, variables = _init("cnn_small", (4, 8, 8, 1))
-    images = 3.0 + jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+@pytest.mark.parametrize(
+    "name, shape",
+    [("cnn_small", (4, 8, 8, 1)), ("resnet8x4", (4, 32, 32, 3)), ("wrn_16_2", (4, 32, 32, 3))],
+)
+def test_train_mode_uses_and_updates_batch_statistics(name, shape):
+    model, variables = _init(name, shape)
+    images = 3.0 + jax.random.normal(jax.random.key(1), shape)
     eval_logits = model.apply(variables, images, train=False)
     train_logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
     assert not np.allclose(eval_logits, train_logits)

@@ -299,21 +299,6 @@ def test_encode_then_classify_is_call(build, size):
     assert np.all(np.isfinite(logits))
 
 
-@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2"])
-def test_train_mode_uses_and_updates_batch_statistics(name):
-    model, variables = _init(name, 32)
-    images = _images(32, batch=4, offset=3.0)
-    eval_logits = model.apply(variables, images, train=False)
-    train_logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    assert not np.allclose(eval_logits, train_logits)
-    moved = jax.tree.map(
-        lambda old, new: not np.allclose(old, new),
-        variables["batch_stats"],
-        updates["batch_stats"],
-    )
-    assert all(jax.tree.leaves(moved))
-
-
 def test_bad_depths_are_input_errors():
     with pytest.raises(InputError, match="depth=21 is not allowed: 6n \\+ 2"):
         cifar_resnet(21, (16, 16, 32, 64), 10)

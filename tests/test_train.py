@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,21 +42,38 @@ def tree_digest(directory: str) -> str:
     return digest.hexdigest()
 
 
+class StepParts(NamedTuple):
+    """A tiny batch and everything a distillation step needs, from the smoke config."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    teacher: object
+    student: object
+    projector: SubspaceProjector
+    tx: object
+    create_state: functools.partial  # key -> a fresh student TrainState
+
+
+def step_parts(config) -> StepParts:
+    dataset = data.load("digits")
+    images, labels = dataset.train_images[:16], dataset.train_labels[:16]
+    teacher = models.get(config.teacher.model, num_classes=10)
+    student = models.get(config.student.model, num_classes=10)
+    projector = SubspaceProjector(width=2 * teacher.feature_width)
+    tx = train.student_optimizer(config)
+    create_state = functools.partial(
+        train.create_student_state,
+        student, projector, images.shape[1:], teacher.feature_width, tx,
+    )  # fmt: skip
+    return StepParts(images, labels, teacher, student, projector, tx, create_state)
+
+
 def test_distill_step_updates_student_and_projector_only():
     config = default.get_config("smoke")
     config.student.warmup_steps = 0  # a non-zero learning rate on the first step
-    dataset = data.load("digits")
-    images, labels = dataset.train_images[:16], dataset.train_labels[:16]
-    image_shape = images.shape[1:]
-    teacher = models.get(config.teacher.model, num_classes=10)
-    student = models.get(config.student.model, num_classes=10)
-    teacher_variables = train.init_model(teacher, image_shape, jax.random.key(1))
-    teacher_width = teacher.feature_width
-    projector = SubspaceProjector(width=2 * teacher_width)
-    tx = train.student_optimizer(config)
-    state = train.create_student_state(
-        student, projector, image_shape, teacher_width, tx, jax.random.key(2)
-    )
+    images, labels, teacher, student, projector, tx, create_state = step_parts(config)
+    teacher_variables = train.init_model(teacher, images.shape[1:], jax.random.key(1))
+    state = create_state(jax.random.key(2))
     step = jax.jit(
         functools.partial(
             train.distill_step,
@@ -91,17 +109,8 @@ def test_distill_step_updates_student_and_projector_only():
 def test_teacher_is_an_argument_of_the_step_not_a_constant():
     """Different teacher variables through the same compiled step give different updates."""
     config = default.get_config("smoke")
-    dataset = data.load("digits")
-    images, labels = dataset.train_images[:16], dataset.train_labels[:16]
+    images, labels, teacher, student, projector, tx, create = step_parts(config)
     image_shape = images.shape[1:]
-    teacher = models.get(config.teacher.model, num_classes=10)
-    student = models.get(config.student.model, num_classes=10)
-    teacher_width = teacher.feature_width
-    projector = SubspaceProjector(width=2 * teacher_width)
-    tx = train.student_optimizer(config)
-    create = functools.partial(
-        train.create_student_state, student, projector, image_shape, teacher_width, tx
-    )
     step = jax.jit(
         functools.partial(
             train.distill_step, student=student, teacher=teacher, projector=projector, tx=tx,
@@ -313,26 +322,13 @@ def test_representation_path_with_everything_kept_equals_the_plain_sum():
     gradient) reproduce the one-pullback gradient of the summed losses when nothing is
     dropped: the plumbing of `representation_gradients` is exact."""
     config = default.get_config("smoke")
-    dataset = data.load("digits")
-    inputs = data.normalize(dataset.train_images[:16])
-    labels = dataset.train_labels[:16]
-    image_shape = inputs.shape[1:]
-    teacher = models.get(config.teacher.model, num_classes=10)
-    student = models.get(config.student.model, num_classes=10)
-    teacher_variables = train.init_model(teacher, image_shape, jax.random.key(1))
-    teacher_logits, teacher_features = teacher.apply(
-        teacher_variables, inputs, return_features=True
-    )
-    teacher_width = teacher_features["pooled"].shape[-1]
-    projector = SubspaceProjector(width=2 * teacher_width)
-    tx = train.student_optimizer(config)
-    state = train.create_student_state(
-        student, projector, image_shape, teacher_width, tx, jax.random.key(2)
-    )
+    images, labels, teacher, student, projector, tx, create_state = step_parts(config)
+    teacher_variables = train.init_model(teacher, images.shape[1:], jax.random.key(1))
+    state = create_state(jax.random.key(2))
 
     encode, head_objectives = train.student_functions(
-        state, inputs, labels, teacher_logits, teacher_features["pooled"],
-        student=student, projector=projector, distill=config.distill,
+        state, teacher_variables, images, labels,
+        student=student, teacher=teacher, projector=projector, distill=config.distill,
     )  # fmt: skip
 
     def summed(params):
