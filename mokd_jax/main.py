@@ -1,20 +1,29 @@
 """Command line: `python -m mokd_jax.main --config=configs/default.py [--workdir=DIR]`.
 
-Flags and logging only; the work is `train.train_and_evaluate`. `--workdir` defaults to
-runs/<config file name>[_<arg>]. Bad input (config, data, checkpoint) ends the run with a
-one-line error and exit status 2, before anything saved is touched.
+Flags, start-up and logging only; the work is `train.train_and_evaluate`. `--workdir`
+defaults to runs/<config file name>[_<arg>]. Bad input (config, data, checkpoint) ends the
+run with a one-line error and exit status 2, before anything saved is touched.
+
+Launched on several hosts (a TPU pod slice, SLURM, or JAX_COORDINATOR_ADDRESS set), every
+host runs this same command and `jax.distributed.initialize()` joins them first. SIGTERM
+(a preemption notice) makes the run save a checkpoint at its current step and exit with
+status 143 (128 + SIGTERM, what schedulers read as "terminated"); the same command then
+resumes from it.
 """
 
 import json
 import logging as std_logging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mokd_jax import train
+from mokd_jax import parallel, train
 from mokd_jax.errors import InputError
+
+PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (get_config(arg)).")
@@ -45,9 +54,16 @@ def is_not_orbax_chatter(record) -> bool:
     return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname.replace("\\", "/")
 
 
+def request_stop(signum, frame) -> None:
+    """SIGTERM handler: the training loop saves and stops at the end of its current step."""
+    train.PREEMPTION.set()
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    parallel.initialize_distributed()
+    signal.signal(signal.SIGTERM, request_stop)
     logging.get_absl_logger().addFilter(is_not_orbax_chatter)
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
@@ -56,6 +72,9 @@ def main(argv: list[str]) -> None:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except train.Preempted as stopped:
+        print(f"{stopped}; run the same command to resume from it", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_STATUS)
     print(format_summary(summary))
     print(f"summary: {os.path.join(workdir, 'summary.json')}")
     logging.info("summary: %s", json.dumps(summary))

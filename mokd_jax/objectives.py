@@ -21,8 +21,17 @@ LOGIT_LOSSES = ("kd", "dkd")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy against integer labels."""
+    """Mean softmax cross-entropy against integer labels [B] or soft targets [B, C]
+    (label smoothing, Mixup/CutMix)."""
+    if labels.ndim == logits.ndim:
+        return optax.softmax_cross_entropy(logits, labels).mean()
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def hard_labels(labels: jax.Array) -> jax.Array:
+    """Integer labels [B] from integer labels or soft targets [B, C] (their arg-max: the
+    dominant class of a Mixup/CutMix pair), for accuracy and DKD's target class."""
+    return labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
 
 
 def hinton_kd(
@@ -94,7 +103,9 @@ def logit_distillation(
     """
     if distill.logit_loss == "kd":
         return hinton_kd(student_logits, teacher_logits, distill.temperature)
-    tckd, nckd = decoupled_kd(student_logits, teacher_logits, labels, distill.temperature)
+    tckd, nckd = decoupled_kd(
+        student_logits, teacher_logits, hard_labels(labels), distill.temperature
+    )
     warmup = jnp.minimum(1.0, (step + 1) / max(distill.dkd_warmup_steps, 1))
     return warmup * (distill.dkd_alpha * tckd + distill.dkd_beta * nckd)
 

@@ -16,6 +16,7 @@ WORKDIR/summary.json. Both phases checkpoint periodically and resume from the wo
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -26,16 +27,36 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import struct
 
-from mokd_jax import aggregation, checkpoint, data, models, plots
+from mokd_jax import aggregation, checkpoint, data, models, parallel, plots
 from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix
+from mokd_jax.data.mixing import mixup_cutmix
 from mokd_jax.errors import invalid
-from mokd_jax.objectives import LOGIT_LOSSES, OBJECTIVES, cross_entropy, loss_vector
+from mokd_jax.objectives import (
+    LOGIT_LOSSES,
+    OBJECTIVES,
+    cross_entropy,
+    hard_labels,
+    loss_vector,
+)
 from mokd_jax.subspace import SubspaceProjector
 
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
+DTYPES = ("float32", "bfloat16")
+
+PREEMPTION = threading.Event()
+"""Set by the SIGTERM handler of `mokd_jax.main`: the loop then saves and stops."""
+
+
+class Preempted(Exception):  # noqa: N818 (an event, not an error)
+    """Training stopped early on a preemption notice, after saving a checkpoint."""
+
+    def __init__(self, phase: str, step: int):
+        super().__init__(f"{phase} preempted at step {step}; its checkpoint is saved")
+        self.phase = phase
+        self.step = step
 
 
 class TrainState(struct.PyTreeNode):
@@ -64,6 +85,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 raise invalid(f"{section}.{field}", config[section][field], "a positive number")
         if config[section].optimizer not in OPTIMIZERS:
             raise invalid(f"{section}.optimizer", config[section].optimizer, f"one of {OPTIMIZERS}")
+        check_schedule(f"{section}", config[section])
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        if config.augment[field] < 0:
+            raise invalid(f"augment.{field}", config.augment[field], "a number >= 0 (0: off)")
+    if not 0 <= config.augment.label_smoothing < 1:
+        raise invalid("augment.label_smoothing", config.augment.label_smoothing, "0 <= value < 1")
+    if config.dtype not in DTYPES:
+        raise invalid("dtype", config.dtype, f"one of {DTYPES}")
+    if config.mesh.fsdp_min_size < 0:
+        raise invalid("mesh.fsdp_min_size", config.mesh.fsdp_min_size, "a count >= 0")
     if config.distill.objectives not in OBJECTIVES:
         raise invalid(
             "distill.objectives", config.distill.objectives, f"one of {tuple(OBJECTIVES)}"
@@ -85,14 +116,41 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- optimizers
 
 
+def check_schedule(name: str, section: ml_collections.ConfigDict) -> None:
+    if section.schedule not in SCHEDULES:
+        raise invalid(f"{name}.schedule", section.schedule, f"one of {SCHEDULES}")
+    boundaries = list(section.decay_boundaries)
+    if section.schedule == "step" and (
+        boundaries != sorted(set(boundaries))
+        or not all(0 < b < section.num_train_steps for b in boundaries)
+    ):
+        raise invalid(
+            f"{name}.decay_boundaries",
+            tuple(boundaries),
+            f"increasing steps between 0 and {name}.num_train_steps={section.num_train_steps}",
+        )
+
+
 def learning_rate_schedule(section: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0, then cosine decay to 0 at `num_train_steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=section.learning_rate,
-        warmup_steps=min(section.warmup_steps, section.num_train_steps - 1),
-        decay_steps=section.num_train_steps,
+    """Linear warm-up from 0, then `schedule`: 'cosine' decays to 0 at `num_train_steps`;
+    'step' multiplies the rate by `decay_factor` at each step of `decay_boundaries` (the
+    ImageNet and CIFAR recipes: x0.1 at epochs 30/60/90 and 150/180/210)."""
+    warmup_steps = min(section.warmup_steps, section.num_train_steps - 1)
+    if section.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=section.learning_rate,
+            warmup_steps=warmup_steps,
+            decay_steps=section.num_train_steps,
+        )
+    decay = optax.piecewise_constant_schedule(
+        section.learning_rate,
+        {boundary: section.decay_factor for boundary in section.decay_boundaries},
     )
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, section.learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, lambda step: decay(step + warmup_steps)], [warmup_steps])
 
 
 def make_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -178,8 +236,49 @@ def student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransf
 # ----------------------------------------------------------------------------- steps
 
 
-def teacher_step(state: TrainState, images, labels, *, model, tx) -> tuple[TrainState, dict]:
-    """One cross-entropy step of the teacher."""
+def mix_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    step: jax.Array,
+    *,
+    seed: int,
+    num_classes: int,
+    augment: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array]:
+    """Mixup/CutMix and label smoothing of one batch (float pixels, soft targets [B, C]);
+    the draw is a pure function of (seed, step), so resumed runs mix alike."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return mixup_cutmix(
+        images,
+        labels,
+        key,
+        num_classes,
+        augment.mixup_alpha,
+        augment.cutmix_alpha,
+        augment.label_smoothing,
+    )
+
+
+def batch_mixer(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> Callable | None:
+    """`mix_batch` for the config's `augment` section, or None when it is all off."""
+    augment = config.augment
+    if not (augment.mixup_alpha or augment.cutmix_alpha or augment.label_smoothing):
+        return None
+    return functools.partial(mix_batch, seed=seed, num_classes=num_classes, augment=augment)
+
+
+def dropout_rngs(step: jax.Array) -> dict[str, jax.Array]:
+    """The dropout key of a training step (MobileNetV2 has dropout; the other models ignore
+    it): a pure function of the step, so resumed runs drop alike."""
+    return {"dropout": jax.random.fold_in(jax.random.key(0), step)}
+
+
+def teacher_step(
+    state: TrainState, images, labels, *, model, tx, mix: Callable | None = None
+) -> tuple[TrainState, dict]:
+    """One cross-entropy step of the teacher (on a `mix`ed batch when given)."""
+    if mix is not None:
+        images, labels = mix(images, labels, state.step)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -187,6 +286,7 @@ def teacher_step(state: TrainState, images, labels, *, model, tx) -> tuple[Train
             data.normalize(images),
             train=True,
             mutable=["batch_stats"],
+            rngs=dropout_rngs(state.step),
         )
         return cross_entropy(logits, labels), (logits, updates["batch_stats"])
 
@@ -198,7 +298,8 @@ def teacher_step(state: TrainState, images, labels, *, model, tx) -> tuple[Train
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
-    return new_state, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels))
+    return new_state, {"loss": loss, "accuracy": accuracy}
 
 
 def student_functions(
@@ -223,7 +324,8 @@ def student_functions(
     teacher_logits, teacher_features = teacher.apply(
         teacher_variables, inputs, train=False, return_features=True
     )
-    teacher_pooled = teacher_features["pooled"]
+    # The projector and the losses run in float32 whatever the models' compute dtype.
+    teacher_pooled = teacher_features["pooled"].astype(jnp.float32)
 
     def encode(student_params):
         features, updates = student.apply(
@@ -232,8 +334,9 @@ def student_functions(
             train=True,
             method="encode",
             mutable=["batch_stats"],
+            rngs=dropout_rngs(state.step),
         )
-        return features["pooled"], updates["batch_stats"]
+        return features["pooled"].astype(jnp.float32), updates["batch_stats"]
 
     def head_objectives(params, pooled):
         logits = student.apply({"params": params["student"]}, pooled, method="classify")
@@ -281,6 +384,7 @@ def distill_step(
     tx: optax.GradientTransformationExtraArgs,
     distill: ml_collections.ConfigDict,
     names: tuple[str, ...],
+    mix: Callable | None = None,
 ) -> tuple[TrainState, dict]:
     """One MoKD step: per-objective gradients from one forward, aggregated by `tx`.
 
@@ -294,8 +398,11 @@ def distill_step(
     measured 16% faster for the whole ResNet-34 -> ResNet-18 step on CPU (0.58 s against
     0.69 s, scripts/benchmark.py); both share the one forward pass. Representation methods
     (GradDrop) combine the objectives at the pooled features instead
-    (`representation_gradients`).
+    (`representation_gradients`). With `mix`, teacher and student see the mixed batch and
+    the task loss uses its soft targets.
     """
+    if mix is not None:
+        images, labels = mix(images, labels, state.step)
     encode, head_objectives = student_functions(
         state,
         teacher_variables,
@@ -338,13 +445,28 @@ def distill_step(
         **{f"loss_{name}": losses[k] for k, name in enumerate(names)},
         **{f"loss_{name}": value for name, value in parts.items()},
         **{f"weight_{name}": weights[k] for k, name in enumerate(names)},
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels)),
     }
     if jax.tree.leaves(gradients)[0].shape[0] == len(names):  # per-objective gradients
         diagnostics = conflict_diagnostics(gram_matrix(gradients["student"])[0], names)
         metrics.update(diagnostics)
         metrics["conflict"] = (diagnostics[f"cos_task_{names[1]}"] < 0).astype(jnp.float32)
     return new_state, metrics
+
+
+def bound_distill_step(config, *, student, teacher, projector, tx, mix=None) -> Callable:
+    """`distill_step` with the models, optimizer and config bound:
+    (state, teacher_variables, images, labels) -> (state, metrics)."""
+    return functools.partial(
+        distill_step,
+        student=student,
+        teacher=teacher,
+        projector=projector,
+        tx=tx,
+        distill=config.distill,
+        names=objective_names(config),
+        mix=mix,
+    )
 
 
 def correct_predictions(variables, images, labels, mask, *, model) -> jax.Array:
@@ -356,14 +478,36 @@ def correct_predictions(variables, images, labels, mask, *, model) -> jax.Array:
     return jnp.stack([(top1 & mask).sum(), (in_top5 & mask).sum(), mask.sum()])
 
 
-def evaluate(model, variables, images, labels, batch_size: int) -> dict[str, float]:
-    """Top-1 and top-5 accuracy over every example exactly once."""
-    step = jax.jit(functools.partial(correct_predictions, model=model))
+def evaluate(model, variables, dataset, batch_size: int, mesh) -> dict[str, float]:
+    """Top-1 and top-5 accuracy over every evaluation example exactly once.
+
+    Every process reads the whole evaluation split and feeds its own rows of each batch.
+    """
+    rows = data.process_slice(batch_size, jax.process_index(), jax.process_count())
+    sharding = parallel.batch_sharding(mesh)
+    step = jax.jit(
+        functools.partial(correct_predictions, model=model),
+        in_shardings=(variables_sharding(variables), sharding, sharding, sharding),
+        out_shardings=parallel.replicated(mesh),
+    )
     counts = sum(
-        np.asarray(step(variables, *batch), np.int64)
-        for batch in data.batching.eval_batches(images, labels, batch_size)
+        np.asarray(
+            jax.device_get(
+                step(
+                    variables,
+                    *parallel.global_batch(tuple(array[rows] for array in batch), sharding),
+                )
+            ),
+            np.int64,
+        )
+        for batch in dataset.eval_batches(batch_size)
     )
     return {"test_accuracy": counts[0] / counts[2], "test_top5_accuracy": counts[1] / counts[2]}
+
+
+def variables_sharding(variables: Any) -> Any:
+    """The shardings that placed `variables` (global jax arrays)."""
+    return jax.tree.map(lambda leaf: leaf.sharding, variables)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -372,12 +516,12 @@ def evaluate(model, variables, images, labels, batch_size: int) -> dict[str, flo
 def run_phase(
     name: str,
     state: TrainState,
-    step_fn: Callable[[TrainState, np.ndarray, np.ndarray], tuple[TrainState, dict]],
-    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    step_fn: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]],
+    batches: Iterator[tuple[jax.Array, jax.Array]],
     num_steps: int,
     manager,
     fingerprint: Mapping[str, Any],
-    writer: metric_writers.MetricWriter,
+    writer,
     log_every_steps: int,
 ) -> tuple[TrainState, dict[str, float]]:
     """Runs `step_fn` from `state.step` to `num_steps`, saving and logging on the way.
@@ -385,8 +529,13 @@ def run_phase(
     Every step's metrics go to `writer` with their own step number, but they are fetched
     from the device once per `log_every_steps`, so the loop never waits on the device each
     step; the log gets one line per `log_every_steps` and CLU's progress report (steps/s,
-    ETA). Returns the final state and the mean of each metric over the steps run here.
+    ETA). A preemption notice (SIGTERM in a single-process run, see `PREEMPTION`; on
+    several hosts Orbax's `reached_preemption`, which every host agrees on) saves the
+    state at the current step and raises `Preempted`. Returns the final state and the mean
+    of each metric over the steps run here.
     """
+    from clu import periodic_actions  # imported here: see phase_writer
+
     first_step = int(state.step)
     report = periodic_actions.ReportProgress(
         num_train_steps=num_steps, writer=writer, every_steps=log_every_steps, every_secs=30.0
@@ -405,15 +554,33 @@ def run_phase(
                     sums[key] = sums.get(key, 0.0) + float(value)
             logging.info("%s step %d/%d: %s", name, step, num_steps, format_metrics(logged))
             pending = []
-        checkpoint.save(manager, step, state, fingerprint, force=step == num_steps)
+        preempted = preemption_noticed(manager, step)
+        checkpoint.save(manager, step, state, fingerprint, force=step == num_steps or preempted)
+        if preempted:
+            manager.wait_until_finished()
+            writer.flush()
+            raise Preempted(name, step)
     manager.wait_until_finished()
     writer.flush()
     steps_run = max(num_steps - first_step, 1)
     return state, {key: total / steps_run for key, total in sums.items()}
 
 
-def phase_writer(workdir: str, phase: str) -> metric_writers.MetricWriter:
-    """TensorBoard events of one phase in WORKDIR/tensorboard/<phase> (process 0 only)."""
+def preemption_noticed(manager, step: int) -> bool:
+    if jax.process_count() > 1:
+        return manager.reached_preemption(step)
+    return PREEMPTION.is_set()
+
+
+def phase_writer(workdir: str, phase: str):
+    """TensorBoard events of one phase in WORKDIR/tensorboard/<phase> (process 0 only).
+
+    CLU's writers import TensorFlow, so the loop imports them here and not at the top: the
+    step functions (what scripts/benchmark.py and library users call) then need neither,
+    which keeps them importable where TensorFlow is not installed (e.g. a GPU image).
+    """
+    from clu import metric_writers
+
     if jax.process_index() > 0:
         return metric_writers.MultiWriter([])
     directory = os.path.join(workdir, "tensorboard", phase)
@@ -424,17 +591,70 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={float(value):.4g}" for key, value in sorted(metrics.items()))
 
 
+def device_batches(
+    dataset, batch_size: int, seed: int, start_step: int, mesh
+) -> Iterator[tuple[jax.Array, ...]]:
+    """Global batches sharded over the mesh; each process reads and places only its part."""
+    sharding = parallel.batch_sharding(mesh)
+    local = dataset.train_batches(
+        batch_size,
+        seed,
+        start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return (parallel.global_batch(batch, sharding) for batch in local)
+
+
+def initial_state(create, seed: int, manager, fingerprint, mesh, config, phase: str):
+    """The phase's state, sharded over the mesh: restored from its newest checkpoint, or
+    created directly in its shardings (`jit(create, out_shardings=...)`, so no device ever
+    holds a full unsharded copy). Returns (state, its shardings)."""
+    abstract = jax.eval_shape(create, jax.random.key(0))
+    shardings = parallel.tree_shardings(mesh, abstract, config.mesh.fsdp_min_size)
+    state = checkpoint.restore_latest(
+        manager, parallel.with_shardings(abstract, shardings), fingerprint
+    )
+    if state is None:
+        state = jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+    else:
+        logging.info("%s: resuming from step %d", phase, int(state.step))
+    return state, shardings
+
+
+def place_variables(variables: Mapping[str, Any], mesh, config) -> dict:
+    """Model variables onto the mesh, FSDP-sharded like the train state."""
+    shardings = parallel.tree_shardings(mesh, variables, config.mesh.fsdp_min_size)
+    return jax.device_put(dict(variables), shardings)
+
+
+def compiled_step(step_fn, state_shardings, mesh, extra_shardings=()):
+    """`step_fn(state, *extra, images, labels)` jitted over the mesh, state donated."""
+    batch = parallel.batch_sharding(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, *extra_shardings, batch, batch),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 # ----------------------------------------------------------------------------- phases
 
 
-def data_fingerprint(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict:
+def data_fingerprint(config: ml_collections.ConfigDict, dataset) -> dict:
+    """The data fields that shape a trajectory (not the mesh: a run may resume on another
+    number of devices)."""
     return {
         "dataset": config.dataset,
         "data_dir": config.data_dir,
         "num_classes": dataset.num_classes,
-        "image_shape": list(dataset.train_images.shape[1:]),
+        "image_shape": list(dataset.image_shape),
+        "recipe": config.recipe,
+        "augment": config.augment.to_dict(),
         "seed": config.seed,
         "batch_size": config.batch_size,
+        "dtype": config.dtype,
     }
 
 
@@ -459,33 +679,68 @@ def check_teacher_identity(saved: Mapping[str, Any], expected: Mapping[str, Any]
         )
 
 
-def train_teacher(config, workdir, dataset) -> dict:
-    """Phase 1: cross-entropy training of the teacher; returns its exported variables."""
-    model = models.get(config.teacher.model, num_classes=dataset.num_classes)
+def build_model(config: ml_collections.ConfigDict, role: str, dataset):
+    """The teacher's or student's module for `dataset`, computing in `config.dtype`."""
+    return models.get(
+        config[role].model,
+        num_classes=dataset.num_classes,
+        dtype=config.dtype,
+        image_size=dataset.image_shape[0],
+    )
+
+
+def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory: str) -> None:
+    """Raises InputError when restored teacher variables do not fit the teacher model on
+    this dataset's images (e.g. an RGB ImageNet teacher on grayscale digits), naming the
+    first variable whose shape differs, instead of a shape error deep inside Flax."""
+    model = build_model(config, "teacher", dataset)
+    expected = jax.eval_shape(
+        functools.partial(init_model, model, dataset.image_shape), jax.random.key(0)
+    )
+    expected_shapes = {
+        jax.tree_util.keystr(path): leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            {key: expected[key] for key in ("params", "batch_stats") if key in expected}
+        )
+    }
+    saved_shapes = {
+        jax.tree_util.keystr(path): np.shape(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(dict(variables))
+    }
+    for name in sorted(set(expected_shapes) | set(saved_shapes)):
+        if expected_shapes.get(name) != saved_shapes.get(name):
+            raise invalid(
+                "teacher.checkpoint_dir",
+                directory,
+                f"variables of a {config.teacher.model} for {dataset.name} images of shape "
+                f"{tuple(dataset.image_shape)}; {name} has shape {saved_shapes.get(name)}, "
+                f"the model needs {expected_shapes.get(name)}",
+            )
+
+
+def train_teacher(config, workdir, dataset, mesh) -> dict:
+    """Phase 1: cross-entropy training of the teacher; returns its variables."""
+    model = build_model(config, "teacher", dataset)
     tx = make_optimizer(config.teacher)
-    image_shape = dataset.train_images.shape[1:]
-    create = functools.partial(create_teacher_state, model, image_shape, tx)
-    abstract = jax.eval_shape(create, jax.random.key(0))
+    create = functools.partial(create_teacher_state, model, dataset.image_shape, tx)
     fingerprint = {**data_fingerprint(config, dataset), "teacher": config.teacher.to_dict()}
     manager = checkpoint.open_manager(
         os.path.join(workdir, "checkpoints", "teacher"),
         config.checkpoint_every_steps,
         config.max_checkpoints_to_keep,
     )
-    state = checkpoint.restore_latest(manager, abstract, fingerprint)
-    if state is None:
-        state = jax.jit(create)(jax.random.key(config.seed))  # one compile, not op by op
-    else:
-        logging.info("teacher: resuming from step %d", int(state.step))
-    step_fn = jax.jit(functools.partial(teacher_step, model=model, tx=tx), donate_argnums=0)
-    batches = data.batching.train_batches(
-        dataset.train_images, dataset.train_labels, config.batch_size, config.seed, int(state.step)
+    state, shardings = initial_state(
+        create, config.seed, manager, fingerprint, mesh, config, "teacher"
+    )
+    mix = batch_mixer(config, dataset.num_classes, config.seed)
+    step_fn = compiled_step(
+        functools.partial(teacher_step, model=model, tx=tx, mix=mix), shardings, mesh
     )
     state, _ = run_phase(
         "teacher",
         state,
         step_fn,
-        batches,
+        device_batches(dataset, config.batch_size, config.seed, int(state.step), mesh),
         config.teacher.num_train_steps,
         manager,
         fingerprint,
@@ -496,30 +751,32 @@ def train_teacher(config, workdir, dataset) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def obtain_teacher(config, workdir, dataset) -> dict:
-    """The teacher's variables: from `teacher.checkpoint_dir`, or trained in WORKDIR/teacher."""
+def obtain_teacher(config, workdir, dataset, mesh) -> dict:
+    """The teacher's variables on the mesh: from `teacher.checkpoint_dir`, or trained in
+    WORKDIR/teacher."""
     identity = teacher_identity(config, dataset.num_classes)
     directory = config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
     saved_identity = checkpoint.read_identity(directory) if os.path.isdir(directory) else None
     if saved_identity is not None:
         check_teacher_identity(saved_identity, identity, directory)
         logging.info("teacher: restored from %s", directory)
-        return checkpoint.load_variables(directory)
+        variables = checkpoint.load_variables(directory)
+        check_teacher_fits(variables, config, dataset, directory)
+        return place_variables(variables, mesh, config)
     if config.teacher.checkpoint_dir:
         raise invalid(
             "teacher.checkpoint_dir", directory, "a directory holding a teacher checkpoint"
         )
-    variables = train_teacher(config, workdir, dataset)
+    variables = train_teacher(config, workdir, dataset, mesh)
     checkpoint.export_variables(directory, variables, identity, config.teacher.num_train_steps)
     return variables
 
 
-def distill_student(config, workdir, dataset, teacher_variables):
+def distill_student(config, workdir, dataset, teacher_variables, mesh):
     """Phase 2: MoKD distillation of the student; returns (student variables, diagnostics)."""
     num_classes = dataset.num_classes
-    student = models.get(config.student.model, num_classes=num_classes)
-    teacher = models.get(config.teacher.model, num_classes=num_classes)
-    image_shape = dataset.train_images.shape[1:]
+    student = build_model(config, "student", dataset)
+    teacher = build_model(config, "teacher", dataset)
     teacher_width = teacher.feature_width
     projector = SubspaceProjector(
         width=config.projector.width_multiplier * teacher_width,
@@ -528,7 +785,7 @@ def distill_student(config, workdir, dataset, teacher_variables):
     )
     tx = student_optimizer(config)
     create = functools.partial(
-        create_student_state, student, projector, image_shape, teacher_width, tx
+        create_student_state, student, projector, dataset.image_shape, teacher_width, tx
     )
     fingerprint = {
         **data_fingerprint(config, dataset),
@@ -542,33 +799,27 @@ def distill_student(config, workdir, dataset, teacher_variables):
         config.checkpoint_every_steps,
         config.max_checkpoints_to_keep,
     )
-    state = checkpoint.restore_latest(
-        manager, jax.eval_shape(create, jax.random.key(0)), fingerprint
+    state, shardings = initial_state(
+        create, config.seed + 1, manager, fingerprint, mesh, config, "student"
     )
-    if state is None:
-        state = jax.jit(create)(jax.random.key(config.seed + 1))
-    else:
-        logging.info("student: resuming from step %d", int(state.step))
-    step_fn = jax.jit(
-        functools.partial(
-            distill_step,
+    step_fn = compiled_step(
+        bound_distill_step(
+            config,
             student=student,
             teacher=teacher,
             projector=projector,
             tx=tx,
-            distill=config.distill,
-            names=objective_names(config),
+            mix=batch_mixer(config, num_classes, config.seed + 1),
         ),
-        donate_argnums=0,
-    )
-    batches = data.batching.train_batches(
-        dataset.train_images, dataset.train_labels, config.batch_size, config.seed, int(state.step)
+        shardings,
+        mesh,
+        extra_shardings=(variables_sharding(teacher_variables),),
     )
     state, means = run_phase(
         "student",
         state,
         lambda s, x, y: step_fn(s, teacher_variables, x, y),
-        batches,
+        device_batches(dataset, config.batch_size, config.seed, int(state.step), mesh),
         config.student.num_train_steps,
         manager,
         fingerprint,
@@ -583,14 +834,30 @@ def parameter_count(variables: Mapping[str, Any]) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
 
 
+def load_dataset(config: ml_collections.ConfigDict):
+    """The config's dataset (`mokd_jax.data.load` with its data fields)."""
+    return data.load(
+        config.dataset,
+        config.data_dir,
+        config.num_classes,
+        image_size=config.image_size,
+        recipe=config.recipe,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the three phases and writes WORKDIR/summary.json; returns the summary."""
     start = time.time()
     check_config(config)
-    dataset = data.load(config.dataset, config.data_dir, config.num_classes)
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    parallel.check_batch_size("batch_size", config.batch_size, mesh)
+    parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
+    dataset = load_dataset(config)
     os.makedirs(workdir, exist_ok=True)
-    teacher_variables = obtain_teacher(config, workdir, dataset)
-    student_variables, diagnostics = distill_student(config, workdir, dataset, teacher_variables)
+    teacher_variables = obtain_teacher(config, workdir, dataset, mesh)
+    student_variables, diagnostics = distill_student(
+        config, workdir, dataset, teacher_variables, mesh
+    )
     checkpoint.export_variables(
         os.path.join(workdir, "student"),
         student_variables,
@@ -600,22 +867,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     accuracies = {}
     for role, variables in (("teacher", teacher_variables), ("student", student_variables)):
-        model = models.get(config[role].model, num_classes=dataset.num_classes)
-        accuracies[role] = evaluate(
-            model, variables, dataset.test_images, dataset.test_labels, config.eval_batch_size
-        )
+        model = build_model(config, role, dataset)
+        accuracies[role] = evaluate(model, variables, dataset, config.eval_batch_size, mesh)
         writer = phase_writer(workdir, role)
         writer.write_scalars(config[role].num_train_steps, accuracies[role])
         writer.close()
-    if jax.process_index() == 0:
-        plots.plot_diagnostics(
-            os.path.join(workdir, "tensorboard", "student"),
-            os.path.join(workdir, "diagnostics.png"),
-            title=f"{config.aggregator} on {dataset.name}: student {config.student.model}",
-        )
     summary = {
         "method": config.aggregator,
         "dataset": dataset.name,
+        "devices": mesh.size,
         "teacher": {
             "model": config.teacher.model,
             "parameters": parameter_count(teacher_variables),
@@ -629,6 +889,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "training_diagnostics": diagnostics,
         "wall_time_s": time.time() - start,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if jax.process_index() == 0:
+        plots.plot_diagnostics(
+            os.path.join(workdir, "tensorboard", "student"),
+            os.path.join(workdir, "diagnostics.png"),
+            title=f"{config.aggregator} on {dataset.name}: student {config.student.model}",
+        )
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary

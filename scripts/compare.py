@@ -38,7 +38,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mokd_jax import aggregation, data, train  # noqa: E402
+from mokd_jax import aggregation, parallel, train  # noqa: E402
 from mokd_jax.errors import InputError, invalid  # noqa: E402
 from mokd_jax.plots import read_scalars  # noqa: E402
 
@@ -155,8 +155,8 @@ def shared_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.teacher.checkpoint_dir:
         return config.teacher.checkpoint_dir
     teacher_workdir = os.path.join(workdir, "teacher")
-    dataset = data.load(config.dataset, config.data_dir, config.num_classes)
-    train.obtain_teacher(config, teacher_workdir, dataset)
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    train.obtain_teacher(config, teacher_workdir, train.load_dataset(config), mesh)
     return os.path.join(teacher_workdir, "teacher")
 
 

@@ -59,6 +59,7 @@ def test_aggregation_shares_are_fractions(results):
     for k in ("K2", "K3"):
         assert results["aggregation"][k]["time_s"] > 0
         assert 0 < results["aggregation"][k]["share"] < 1
+        assert results["aggregation"][k]["in_step_share"] is None  # kd modes were not run
 
 
 def test_flop_floor_ratio_formula():

@@ -16,7 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from mokd_jax.data import tfds_pipeline
+from mokd_jax.data import mixing, tfds_pipeline
 from mokd_jax.errors import InputError
 
 # 10 examples, batches of 4: two steps per epoch, and a last eval batch with 2 of 4 real.
@@ -216,7 +216,7 @@ def _batch(size=8, num_classes=5):
 
 def test_mixup_cutmix_shapes_and_soft_labels_under_jit():
     images, labels = _batch()
-    mix = jax.jit(functools.partial(tfds_pipeline.mixup_cutmix, num_classes=5))
+    mix = jax.jit(functools.partial(mixing.mixup_cutmix, num_classes=5))
     for seed in range(6):
         mixed, targets = mix(images, labels, jax.random.key(seed))
         assert mixed.shape == images.shape and mixed.dtype == jnp.float32
@@ -227,7 +227,7 @@ def test_mixup_cutmix_shapes_and_soft_labels_under_jit():
 
 def test_mixup_cutmix_with_alphas_zero_is_smoothed_one_hot():
     images, labels = _batch()
-    mixed, targets = tfds_pipeline.mixup_cutmix(
+    mixed, targets = mixing.mixup_cutmix(
         images, labels, jax.random.key(0), 5, mixup_alpha=0.0, cutmix_alpha=0.0
     )
     np.testing.assert_array_equal(mixed, images.astype(np.float32))
@@ -238,7 +238,7 @@ def test_mixup_cutmix_with_alphas_zero_is_smoothed_one_hot():
 
 def test_mixup_only_blends_with_the_mirrored_example():
     images, labels = _batch()
-    mixed, targets = tfds_pipeline.mixup_cutmix(
+    mixed, targets = mixing.mixup_cutmix(
         images, labels, jax.random.key(1), 5, cutmix_alpha=0.0, smoothing=0.0
     )
     lam = float(targets[0, labels[0]])  # example 0 and its partner 7 have different labels
@@ -249,7 +249,7 @@ def test_mixup_only_blends_with_the_mirrored_example():
 def test_cutmix_only_pastes_a_box_and_weights_labels_by_area():
     images, labels = _batch()
     for seed in range(5):
-        mixed, targets = tfds_pipeline.mixup_cutmix(
+        mixed, targets = mixing.mixup_cutmix(
             images, labels, jax.random.key(seed), 5, mixup_alpha=0.0, smoothing=0.0
         )
         mixed = np.asarray(mixed)

@@ -1,5 +1,6 @@
 """The trainer end to end on the real digits: one step, the CLI, resume, bad input."""
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -15,7 +16,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from mokd_jax import aggregation, checkpoint, data, models, train
+from mokd_jax import aggregation, checkpoint, data, models, parallel, train
 from mokd_jax.errors import InputError
 from mokd_jax.subspace import SubspaceProjector
 
@@ -75,14 +76,8 @@ def test_distill_step_updates_student_and_projector_only():
     teacher_variables = train.init_model(teacher, images.shape[1:], jax.random.key(1))
     state = create_state(jax.random.key(2))
     step = jax.jit(
-        functools.partial(
-            train.distill_step,
-            student=student,
-            teacher=teacher,
-            projector=projector,
-            tx=tx,
-            distill=config.distill,
-            names=train.objective_names(config),
+        train.bound_distill_step(
+            config, student=student, teacher=teacher, projector=projector, tx=tx
         )
     )
     teacher_before = jax.tree.map(np.array, teacher_variables)
@@ -112,11 +107,10 @@ def test_teacher_is_an_argument_of_the_step_not_a_constant():
     images, labels, teacher, student, projector, tx, create = step_parts(config)
     image_shape = images.shape[1:]
     step = jax.jit(
-        functools.partial(
-            train.distill_step, student=student, teacher=teacher, projector=projector, tx=tx,
-            distill=config.distill, names=train.objective_names(config),
+        train.bound_distill_step(
+            config, student=student, teacher=teacher, projector=projector, tx=tx
         )
-    )  # fmt: skip
+    )
     losses = [
         float(step(create(jax.random.key(0)), train.init_model(teacher, image_shape, key),
                    images, labels)[1]["loss_distill"])
@@ -163,22 +157,35 @@ def test_rerunning_a_finished_workdir_restores_instead_of_training(finished_run)
     assert tree_digest(workdir + "/checkpoints") == before
 
 
-def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(finished_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["crash", "preemption"])
+def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
+    finished_run, tmp_path, monkeypatch, stop
+):
+    """A crash resumes from the newest checkpoint it left; a preemption notice saves the
+    step it stops at (14) before raising."""
     reference_dir, _ = finished_run
     config = default.get_config("smoke")
     config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
-    real_batches = data.batching.train_batches
+    real_batches = data.Dataset.train_batches
 
-    def preempted_batches(*args, **kwargs):
+    def interrupted_batches(*args, **kwargs):
         batches = real_batches(*args, **kwargs)
         for _ in range(13):  # past the step-10 checkpoint, short of the end (20)
             yield next(batches)
-        raise KeyboardInterrupt("simulated preemption")
+        if stop == "crash":
+            raise KeyboardInterrupt("simulated crash")
+        train.PREEMPTION.set()  # what main's SIGTERM handler does
+        yield next(batches)
 
-    monkeypatch.setattr(data.batching, "train_batches", preempted_batches)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(data.Dataset, "train_batches", interrupted_batches)
+    expected = KeyboardInterrupt if stop == "crash" else train.Preempted
+    with pytest.raises(expected):
         train.train_and_evaluate(config, str(tmp_path))
-    monkeypatch.setattr(data.batching, "train_batches", real_batches)
+    train.PREEMPTION.clear()
+    if stop == "preemption":
+        student_checkpoints = os.listdir(tmp_path / "checkpoints" / "student")
+        assert max(int(name) for name in student_checkpoints if name.isdigit()) == 14
+    monkeypatch.setattr(data.Dataset, "train_batches", real_batches)
     train.train_and_evaluate(config, str(tmp_path))
 
     resumed = checkpoint.load_variables(str(tmp_path / "student"))
@@ -235,6 +242,17 @@ def test_teacher_with_other_class_count_is_refused(finished_run, tmp_path):
     config.dataset, config.data_dir = "npz", str(tmp_path)
     config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
     with pytest.raises(InputError, match="teacher.num_classes=10.*class count 12"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_teacher_for_other_image_channels_is_refused(finished_run, tmp_path):
+    """The digits teacher (1 channel) on RGB images: a clear error, not a Flax shape error."""
+    reference_dir, _ = finished_run
+    write_npz(tmp_path, lambda n: np.arange(n) % 10, shape=(8, 8, 3))
+    config = default.get_config("smoke")
+    config.dataset, config.data_dir = "npz", str(tmp_path)
+    config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
+    with pytest.raises(InputError, match=r"teacher.checkpoint_dir=.*images of shape \(8, 8, 3\)"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -352,6 +370,8 @@ def test_evaluate_counts_top1_and_top5_over_every_example_once():
     variables = train.init_model(model, images.shape[1:], jax.random.key(3))
     logits = np.asarray(model.apply(variables, data.normalize(images)))
     ranks = (logits > logits[np.arange(37), labels][:, None]).sum(-1)
-    result = train.evaluate(model, variables, images, labels, batch_size=16)
+    subset = dataclasses.replace(dataset, test_images=images, test_labels=labels)
+    mesh = parallel.make_mesh(fsdp=1)
+    result = train.evaluate(model, variables, subset, batch_size=16, mesh=mesh)
     assert result["test_accuracy"] == pytest.approx(np.mean(ranks == 0))
     assert result["test_top5_accuracy"] == pytest.approx(np.mean(ranks < 5))

@@ -1,22 +1,36 @@
-"""Datasets as uint8 numpy arrays, batch iterators, and the one input normalisation.
+"""Datasets, batch iterators, and the one input normalisation.
 
-`load(name, ...)` returns a `Dataset`; the trainer batches it with `train_batches` /
-`eval_batches` and maps pixels to model inputs with `normalize` inside its jitted step
-(uint8 batches are 4x smaller to move to the device than float32 ones).
+`load(name, ...)` returns a `Dataset` (the digits or npz files, held in host memory) or a
+`tfds_pipeline.TFDSDataset` (imagenet2012, cifar100, cifar10, streamed from TFDS files).
+Both offer what the trainer uses: `name`, `num_classes`, `image_shape`, `train_batches(
+batch_size, seed, start_step, process_index=, process_count=)` (endless, resumable, this
+process's part of each global batch) and `eval_batches(batch_size)` (every example once,
+padded, with a mask). Batches are uint8 images and int32 labels; the trainer maps pixels to
+model inputs with `normalize` inside its jitted step (uint8 batches are 4x smaller to move
+to the device than float32 ones).
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mokd_jax.data import embedded, npz
-from mokd_jax.data.batching import eval_batches, train_batches
+from mokd_jax.data.batching import eval_batches, process_slice, train_batches
 from mokd_jax.errors import invalid
 
-__all__ = ["NAMES", "Dataset", "eval_batches", "load", "normalize", "train_batches"]
+__all__ = [
+    "NAMES",
+    "TFDS_NAMES",
+    "Dataset",
+    "eval_batches",
+    "load",
+    "normalize",
+    "process_slice",
+    "train_batches",
+]
 
 # Each loader takes data_dir and returns (train_images, train_labels, test_images,
 # test_labels); the bundled digits need no directory and ignore it.
@@ -24,7 +38,10 @@ _LOADERS: dict[str, Callable[[str], tuple[np.ndarray, ...]]] = {
     "digits": lambda _data_dir: embedded.digits(),
     "npz": npz.load,
 }
-NAMES = tuple(_LOADERS)
+# Streamed by mokd_jax.data.tfds_pipeline (imported only when asked for: TensorFlow takes
+# seconds to import, which the digits runs need not pay).
+TFDS_NAMES = ("imagenet2012", "cifar100", "cifar10")
+NAMES = (*_LOADERS, *TFDS_NAMES)
 
 # Fixed constants rather than per-dataset statistics: teacher and student, and any
 # checkpoint, then agree on the input scale whatever data they are run on.
@@ -46,16 +63,57 @@ class Dataset:
     num_classes: int
     name: str
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_images.shape[1:])
 
-def load(dataset: str, data_dir: str = "", num_classes: int = 0) -> Dataset:
-    """Loads `dataset` (one of NAMES).
+    def train_batches(
+        self,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This process's rows of each global batch of `batch_size` (see `train_batches`).
+
+        Every process draws the same global batches and keeps its own contiguous slice, so
+        the global batch at a step is the same for any number of processes.
+        """
+        rows = process_slice(batch_size, process_index, process_count)
+        batches = train_batches(self.train_images, self.train_labels, batch_size, seed, start_step)
+        return ((images[rows], labels[rows]) for images, labels in batches)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+        return eval_batches(self.test_images, self.test_labels, batch_size)
+
+
+def load(
+    dataset: str,
+    data_dir: str = "",
+    num_classes: int = 0,
+    *,
+    image_size: int = 0,
+    recipe: str = "standard",
+):
+    """Loads `dataset` (one of NAMES): a `Dataset`, or a `TFDSDataset` for TFDS_NAMES.
 
     Args:
       dataset: registry name.
-      data_dir: directory of the files, for datasets that read any ('npz').
+      data_dir: directory of the files, for datasets that read any ('npz', the TFDS ones;
+        '' means TFDS's default folder).
       num_classes: 0 infers max label + 1 over both splits (a class absent from the data
-        is then invisible); a positive value is checked against the labels.
+        is then invisible); a positive value is checked against the labels (for TFDS,
+        against the dataset's class count).
+      image_size: TFDS datasets only: the side of the square crops (0: the dataset's
+        standard, 224 for ImageNet and 32 for CIFAR).
+      recipe: TFDS datasets only: 'standard' or 'deit' training augmentation.
     """
+    if dataset in TFDS_NAMES:
+        from mokd_jax.data import tfds_pipeline
+
+        return tfds_pipeline.TFDSDataset.open(dataset, data_dir, num_classes, image_size, recipe)
     if dataset not in _LOADERS:
         raise invalid("dataset", dataset, f"one of {', '.join(NAMES)}")
     train_images, train_labels, test_images, test_labels = _LOADERS[dataset](data_dir)

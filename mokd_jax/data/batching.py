@@ -72,3 +72,11 @@ def _eval_batches(
 
 def _pad(array: np.ndarray, padding: int) -> np.ndarray:
     return np.pad(array, [(0, padding)] + [(0, 0)] * (array.ndim - 1))
+
+
+def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of a global batch that process `process_index` of `process_count` feeds."""
+    if batch_size % process_count:
+        raise invalid("batch_size", batch_size, f"a multiple of the process count {process_count}")
+    per_process = batch_size // process_count
+    return slice(process_index * per_process, (process_index + 1) * per_process)

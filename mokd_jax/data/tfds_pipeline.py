@@ -36,15 +36,21 @@ import math
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mokd_jax.data.batching import process_slice
 from mokd_jax.errors import invalid
 
-__all__ = ["NAMES", "RECIPES", "dataset_info", "eval_batches", "mixup_cutmix", "train_batches"]
+__all__ = [
+    "NAMES",
+    "RECIPES",
+    "TFDSDataset",
+    "dataset_info",
+    "eval_batches",
+    "train_batches",
+]
 
 # A crop/resize turns (encoded image, stateless seed [2], image_size) into uint8 [S,S,3].
 _TrainCrop = Callable[[tf.Tensor, tf.Tensor, int], tf.Tensor]
@@ -64,6 +70,7 @@ class _Spec:
     train_crop: _TrainCrop
     eval_crop: _EvalCrop
     prepare: str
+    image_size: int  # the standard crop side, used when a config leaves image_size at 0
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -144,6 +151,7 @@ def _cifar(name: str) -> _Spec:
             f"run `tfds build {name} --data_dir={{data_dir}}` on a machine that reaches the "
             f"internet (then copy {{data_dir}}/{name} here if that is another one)"
         ),
+        image_size=32,
     )
 
 
@@ -158,6 +166,7 @@ _DATASETS: dict[str, _Spec] = {
             "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org) in "
             "{data_dir}/downloads/manual/ and run `tfds build imagenet2012 --data_dir={data_dir}`"
         ),
+        image_size=224,
     ),
     "cifar100": _cifar("cifar100"),
     "cifar10": _cifar("cifar10"),
@@ -336,7 +345,7 @@ def _rand_augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 # Train-time pixel augmentation after the crop, on uint8 [S,S,3] with a stateless seed.
 # Mixup/CutMix and label smoothing, the rest of DeiT's recipe, run on the device: see
-# `mixup_cutmix`. DeiT's random erasing is not implemented.
+# `mokd_jax.data.mixing.mixup_cutmix`. DeiT's random erasing is not implemented.
 _RECIPES: dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]] = {
     "standard": lambda image, seed: image,
     "deit": _rand_augment,
@@ -481,8 +490,8 @@ def train_batches(
     Shuffled per epoch, remainder dropped; the batch at any step is a pure function of
     (seed, process_index, step), so `start_step=s` resumes exactly (module docstring).
     `batch_size` is per host. `recipe`: 'standard' (crop + flip) or 'deit' (then RandAugment
-    n=2, m=9; apply `mixup_cutmix` in the step). Arguments, and that the data is prepared,
-    are checked here, not on the first `next()`.
+    n=2, m=9; the trainer applies `mokd_jax.data.mixing.mixup_cutmix` in its step).
+    Arguments, and that the data is prepared, are checked here, not on the first `next()`.
     """
     spec = _spec(name)
     if recipe not in _RECIPES:
@@ -554,62 +563,59 @@ def eval_batches(
     return _deterministic(batches).as_numpy_iterator()
 
 
-# --- Mixup / CutMix (device side) ------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TFDSDataset:
+    """A TFDS dataset behind the trainer's dataset interface (`mokd_jax.data`).
 
-_CUTMIX_PROB = 0.5  # timm's switch_prob: CutMix or Mixup per batch when both are enabled
-
-
-def mixup_cutmix(
-    images: jax.Array | np.ndarray,
-    labels: jax.Array | np.ndarray,
-    key: jax.Array,
-    num_classes: int,
-    mixup_alpha: float = 0.8,
-    cutmix_alpha: float = 1.0,
-    smoothing: float = 0.1,
-) -> tuple[jax.Array, jax.Array]:
-    """timm's batch-mode Mixup/CutMix with label smoothing: (float32 images, soft labels [B, C]).
-
-    Each example is mixed with the one mirrored in the batch (index B-1-i), with one
-    lambda per batch drawn from Beta(alpha, alpha); CutMix pastes the partner's box and sets
-    lambda to the area actually kept. Images stay in pixel units [0, 255]: `normalize` is
-    affine with weights summing to 1, so it may run before or after. Pure jnp and jit-safe;
-    `num_classes` and the alphas are Python numbers (static): an alpha of 0 switches that
-    mix off, and both 0 give the images unchanged with smoothed one-hot labels.
+    `batch_size` is global there: each of `process_count` processes streams its own shard
+    of the split (`train_batches` above) in batches of batch_size / process_count.
     """
-    images = jnp.asarray(images, jnp.float32)
-    targets = jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        return images, targets
-    mixup_key, cutmix_key, switch_key, box_key = jax.random.split(key, 4)
-    mixup_lam = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
-    partners = images[::-1]
-    mixed = mixup_lam * images + (1.0 - mixup_lam) * partners
-    if cutmix_alpha > 0:
-        cutmix_lam = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha)
-        inside = _cutmix_box(box_key, images.shape[1], images.shape[2], cutmix_lam)
-        pasted = jnp.where(inside[None, :, :, None], partners, images)
-        use_cutmix = jax.random.bernoulli(switch_key, _CUTMIX_PROB) if mixup_alpha > 0 else True
-        mixed = jnp.where(use_cutmix, pasted, mixed)
-        lam = jnp.where(use_cutmix, 1.0 - jnp.mean(inside), mixup_lam)
-    else:
-        lam = mixup_lam
-    return mixed, lam * targets + (1.0 - lam) * targets[::-1]
 
+    name: str
+    data_dir: str
+    num_classes: int
+    image_size: int
+    recipe: str
 
-def _cutmix_box(key: jax.Array, height: int, width: int, lam: jax.Array) -> jax.Array:
-    """timm's rand_bbox: a box of sides sqrt(1 - lam) * (H, W) centred uniformly, clipped.
+    @classmethod
+    def open(
+        cls, name: str, data_dir: str, num_classes: int, image_size: int, recipe: str
+    ) -> "TFDSDataset":
+        """Checks the arguments against the dataset (class count, size, recipe)."""
+        classes, _ = dataset_info(name, data_dir)
+        if num_classes not in (0, classes):
+            raise invalid("num_classes", num_classes, f"0 or {classes}, the classes of {name}")
+        if recipe not in _RECIPES:
+            raise invalid("recipe", recipe, f"one of {', '.join(RECIPES)}")
+        image_size = image_size or _spec(name).image_size
+        _check_image_size(image_size)
+        return cls(name, data_dir, classes, image_size, recipe)
 
-    Returns the bool [H, W] mask of the box; clipping makes its area at most 1 - lam.
-    """
-    y_key, x_key = jax.random.split(key)
-    cut = jnp.sqrt(1.0 - lam)
-    centre_y = jax.random.randint(y_key, (), 0, height)
-    centre_x = jax.random.randint(x_key, (), 0, width)
-    half_h = (height * cut).astype(jnp.int32) // 2
-    half_w = (width * cut).astype(jnp.int32) // 2
-    rows = jnp.arange(height)[:, None]
-    cols = jnp.arange(width)[None, :]
-    inside_y = (rows >= centre_y - half_h) & (rows < centre_y + half_h)
-    inside_x = (cols >= centre_x - half_w) & (cols < centre_x + half_w)
-    return inside_y & inside_x
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, 3)
+
+    def train_batches(
+        self,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rows = process_slice(batch_size, process_index, process_count)
+        return train_batches(
+            self.name,
+            self.data_dir,
+            rows.stop - rows.start,
+            seed,
+            start_step,
+            image_size=self.image_size,
+            recipe=self.recipe,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+        return eval_batches(self.name, self.data_dir, batch_size, image_size=self.image_size)

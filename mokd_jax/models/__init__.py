@@ -1,15 +1,27 @@
-"""Model registry: `get(name, num_classes)` returns an unbound Flax Linen module."""
+"""Model registry: `get(name, num_classes, dtype)` returns an unbound Flax Linen module."""
 
 import functools
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
+from flax.typing import Dtype
 
 from mokd_jax.errors import invalid
 from mokd_jax.models.cnn import ConvNet
+from mokd_jax.models.layers import computation_dtype
+from mokd_jax.models.mobilenet import MobileNetV1, MobileNetV2
+from mokd_jax.models.regnet import RegNet
 from mokd_jax.models.resnet import BASIC, BOTTLENECK, ResNet, cifar_resnet, wide_resnet
+from mokd_jax.models.vgg import CFG_B, CFG_S, VGG
+from mokd_jax.models.vit import VisionTransformer
 
 __all__ = ["NAMES", "ConvNet", "get"]
+
+# DeiT's ViTs are timm's ViTs (DeiT changed the training, not the architecture), so each
+# DeiT name is an alias of the ViT of the same size.
+_VIT_TINY = functools.partial(VisionTransformer, embed_dim=192, num_heads=3)
+_VIT_SMALL = functools.partial(VisionTransformer, embed_dim=384, num_heads=6)
 
 # cnn_large (~205k params) teaches cnn_small (~19k, about 10x fewer): fewer channels
 # and one block per stage instead of two.
@@ -21,6 +33,10 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BASIC),
     "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BOTTLENECK),
     "resnet101": functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=BOTTLENECK),
+    # ImageNet students: mdistiller's MobileNetV1 (its ResNet-50 -> MobileNetV1 pair) and
+    # torchvision's MobileNetV2.
+    "mobilenet_v1": MobileNetV1,
+    "mobilenet_v2": MobileNetV2,
     # The CIFAR teachers and students of the CRD/DKD model zoo (RepDistiller).
     "resnet20": functools.partial(cifar_resnet, 20, (16, 16, 32, 64)),
     "resnet56": functools.partial(cifar_resnet, 56, (16, 16, 32, 64)),
@@ -28,14 +44,31 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet32x4": functools.partial(cifar_resnet, 32, (32, 64, 128, 256)),
     "wrn_16_2": functools.partial(wide_resnet, 16, 2),
     "wrn_40_2": functools.partial(wide_resnet, 40, 2),
+    "vgg8": functools.partial(VGG, cfg=CFG_S),
+    "vgg13": functools.partial(VGG, cfg=CFG_B),
+    # DeiT's students (224 px unless `image_size` is overridden) and its RegNetY teacher.
+    "vit_tiny": _VIT_TINY,
+    "deit_tiny": _VIT_TINY,
+    "vit_small": _VIT_SMALL,
+    "deit_small": _VIT_SMALL,
+    "regnety_160": RegNet,
 }
 NAMES = tuple(_MODELS)
 
 
-def get(name: str, num_classes: int) -> nn.Module:
-    """The model `name` (one of NAMES) with a `num_classes`-way head."""
+def get(
+    name: str, num_classes: int, dtype: Dtype = jnp.float32, image_size: int | None = None
+) -> nn.Module:
+    """The model `name` (one of NAMES) with a `num_classes`-way head, computing in `dtype`
+    (a jnp dtype or 'float32' / 'bfloat16'; parameters stay float32 either way).
+    `image_size` sets the input side of the models built for one (the ViTs: 224 by
+    default); the others take any size and ignore it."""
     if name not in _MODELS:
         raise invalid("model", name, f"one of {', '.join(NAMES)}")
     if num_classes < 2:
         raise invalid("num_classes", num_classes, "an integer >= 2")
-    return _MODELS[name](num_classes=num_classes)
+    model = _MODELS[name](num_classes=num_classes, dtype=computation_dtype(dtype))
+    if image_size is not None and hasattr(model, "image_size"):
+        # Models whose parameters depend on the input size (a ViT's position embedding).
+        model = model.clone(image_size=image_size)
+    return model

@@ -5,12 +5,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from mokd_jax.models.base import StagedClassifier
-
-# He initialisation (fan-out), as in ResNets: keeps activations at unit scale through
-# relu blocks, so the teacher and the student start equally well conditioned.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from mokd_jax.models.layers import conv_init
 
 
 class ConvBlock(nn.Module):
@@ -18,12 +16,21 @@ class ConvBlock(nn.Module):
 
     width: int
     stride: int = 1
+    dtype: Dtype = jnp.float32
 
     def setup(self):
+        # He initialisation (fan-out), as in ResNets: keeps activations at unit scale
+        # through relu blocks, so the teacher and the student start equally well
+        # conditioned.
         self.conv = nn.Conv(
-            self.width, (3, 3), strides=self.stride, use_bias=False, kernel_init=_conv_init
+            self.width,
+            (3, 3),
+            strides=self.stride,
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
         )
-        self.bn = nn.BatchNorm(momentum=0.9)
+        self.bn = nn.BatchNorm(momentum=0.9, dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         return nn.relu(self.bn(self.conv(x), use_running_average=not train))
@@ -41,25 +48,35 @@ class ConvNet(StagedClassifier):
       `encode(images, train)` -> named feature taps: `stage{i}` (each stage's output) and
         `pooled` (the globally pooled penultimate features [B, feature_width], what the
         classifier and the feature-distillation projector consume);
-      `classify(pooled)` -> logits;
+      `classify(pooled)` -> float32 logits;
       `__call__(images, train=False, return_features=False)` -> logits, or
         `(logits, features)`. `train=True` normalises with batch statistics and needs
-        `mutable=['batch_stats']`.
+        `mutable=['batch_stats']`;
+      `feature_width` (an int, no shape pass), and `dtype`, the computation dtype
+        (`layers.computation_dtype`): activations and matmuls/convs in it, parameters and
+        BatchNorm statistics float32; the taps are in `dtype`.
     """
 
     num_classes: int
     widths: Sequence[int]
     blocks: Sequence[int]
     strides: Sequence[int] = (1, 2, 1)
+    dtype: Dtype = jnp.float32
+    # `head`, not the base class's `fc`: Flax seeds each module by its name, so a rename
+    # would change the initial weights and with them the digits results in the README.
+    head_name = "head"
 
     def setup(self):
         self.stages = [
-            [ConvBlock(width, stride if block == 0 else 1) for block in range(num_blocks)]
+            [
+                ConvBlock(width, stride if block == 0 else 1, dtype=self.dtype)
+                for block in range(num_blocks)
+            ]
             for width, num_blocks, stride in zip(
                 self.widths, self.blocks, self.strides, strict=True
             )
         ]
-        self.head = nn.Dense(self.num_classes)
+        self.head = nn.Dense(self.num_classes, dtype=self.dtype)
 
     @property
     def feature_width(self) -> int:
@@ -70,8 +87,3 @@ class ConvNet(StagedClassifier):
         x, features = self._run_stages(images, train)
         features["pooled"] = jnp.mean(x, axis=(1, 2))
         return features
-
-    def classify(self, pooled: jax.Array) -> jax.Array:
-        # `head`, not the base class's `fc`: Flax seeds each module by its name, so a rename
-        # would change the initial weights and with them the digits results in the README.
-        return self.head(pooled)

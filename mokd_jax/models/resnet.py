@@ -13,7 +13,8 @@ Every convolution pads exactly as the torch model does (k//2 on each side, never
 which pads stride-2 convolutions asymmetrically) and the stem max-pool pads with -inf, so
 converted torch weights give the torch logits. Initialisation is torch's: kaiming-normal
 (fan_out) convs, BN scale 1 / bias 0, torch's default uniform(+-1/sqrt(fan_in)) Dense kernel
-and bias (the WRN zeroes its fc bias, as RepDistiller does).
+and bias (the WRN zeroes its fc bias, as RepDistiller does). `dtype` is the computation
+dtype (see `layers`).
 
 Parameter names map one to one onto torch state-dict keys (`flax path <- torch key`; conv
 kernels are HWIO for torch's OIHW, Dense kernels the transpose of torch's weight; BN `scale`,
@@ -32,51 +33,17 @@ running_var; torch's num_batches_tracked has no counterpart):
     bn1, fc                          <- bn1, fc
 """
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from mokd_jax.errors import invalid
 from mokd_jax.models.base import StagedClassifier
-
-# torch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal of
-# variance 2 / (k * k * out_channels), which RepDistiller's WRN init also draws.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# torch's nn.Linear default, kaiming_uniform_(a=sqrt(5)), is uniform(+-1/sqrt(fan_in)).
-_linear_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def _uniform(bound: float) -> nn.initializers.Initializer:
-    """uniform(-bound, bound): torch's default Linear bias, whose bound needs the fan-in
-    that a bias initialiser is never shown."""
-
-    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-    """Bias-free conv with torch's symmetric padding k//2 (what every conv here uses)."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        kernel_init=_conv_init,
-        name=name,
-    )
-
-
-def _batch_norm(name: str | None = None) -> nn.BatchNorm:
-    """torch's BatchNorm2d defaults (torch momentum 0.1 is flax momentum 0.9)."""
-    return nn.BatchNorm(momentum=0.9, epsilon=1e-5, name=name)
+from mokd_jax.models.layers import batch_norm, conv, torch_default_init, torch_linear
 
 
 def stem_max_pool(x: jax.Array) -> jax.Array:
@@ -119,29 +86,31 @@ class ResidualBlock(nn.Module):
     stride: int
     project: bool
     block: BlockSpec
+    dtype: Dtype = jnp.float32
 
     def setup(self):
         kernels = self.block.kernel_sizes
         strided = kernels.index(3)
         out_width = self.width * self.block.expansion
         self.convs = [
-            _conv(
+            conv(
                 out_width if i == len(kernels) - 1 else self.width,
                 kernel,
                 self.stride if i == strided else 1,
+                dtype=self.dtype,
                 name=f"conv{i + 1}",
             )
             for i, kernel in enumerate(kernels)
         ]
-        self.bns = [_batch_norm(name=f"bn{i + 1}") for i in range(len(kernels))]
+        self.bns = [batch_norm(self.dtype, name=f"bn{i + 1}") for i in range(len(kernels))]
         if self.project:
-            self.downsample_conv = _conv(out_width, 1, self.stride)
-            self.downsample_bn = _batch_norm()
+            self.downsample_conv = conv(out_width, 1, self.stride, dtype=self.dtype)
+            self.downsample_bn = batch_norm(self.dtype)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = x
-        for conv, bn in zip(self.convs[:-1], self.bns[:-1], strict=True):
-            y = nn.relu(bn(conv(y), use_running_average=not train))
+        for conv_layer, bn in zip(self.convs[:-1], self.bns[:-1], strict=True):
+            y = nn.relu(bn(conv_layer(y), use_running_average=not train))
         y = self.bns[-1](self.convs[-1](y), use_running_average=not train)
         if self.project:
             x = self.downsample_bn(self.downsample_conv(x), use_running_average=not train)
@@ -160,11 +129,12 @@ class ResNet(StagedClassifier):
     widths: Sequence[int] = (64, 128, 256, 512)
     stem_width: int = 64
     imagenet_stem: bool = True
+    dtype: Dtype = jnp.float32
 
     def setup(self):
         kernel, stride = (7, 2) if self.imagenet_stem else (3, 1)
-        self.conv1 = _conv(self.stem_width, kernel, stride)
-        self.bn1 = _batch_norm()
+        self.conv1 = conv(self.stem_width, kernel, stride, dtype=self.dtype)
+        self.bn1 = batch_norm(self.dtype)
         out_widths = [width * self.block.expansion for width in self.widths]
         plan = _block_plan(self.stage_sizes, self.stem_width, out_widths)
         self.stages = [
@@ -174,6 +144,7 @@ class ResNet(StagedClassifier):
                     stride,
                     project=stride != 1 or in_width != out_width,
                     block=self.block,
+                    dtype=self.dtype,
                     name=f"layer{stage}_{index}",
                 )
                 for index, (stride, in_width) in enumerate(blocks)
@@ -182,11 +153,7 @@ class ResNet(StagedClassifier):
                 zip(plan, self.widths, out_widths, strict=True), start=1
             )
         ]
-        self.fc = nn.Dense(
-            self.num_classes,
-            kernel_init=_linear_kernel_init,
-            bias_init=_uniform(1 / math.sqrt(self.feature_width)),
-        )
+        self.fc = torch_linear(self.num_classes, self.feature_width, self.dtype)
 
     @property
     def feature_width(self) -> int:
@@ -202,7 +169,9 @@ class ResNet(StagedClassifier):
         return features
 
 
-def cifar_resnet(depth: int, num_filters: Sequence[int], num_classes: int) -> ResNet:
+def cifar_resnet(
+    depth: int, num_filters: Sequence[int], num_classes: int, dtype: Dtype = jnp.float32
+) -> ResNet:
     """RepDistiller's `ResNet(depth, num_filters, 'basicblock')`: a conv3x3 stem of
     num_filters[0] channels, then three stages of (depth - 2) / 6 basic blocks of
     num_filters[1:] channels (e.g. resnet20: depth 20, [16, 16, 32, 64])."""
@@ -216,6 +185,7 @@ def cifar_resnet(depth: int, num_filters: Sequence[int], num_classes: int) -> Re
         widths=tuple(num_filters[1:]),
         stem_width=num_filters[0],
         imagenet_stem=False,
+        dtype=dtype,
     )
 
 
@@ -226,14 +196,15 @@ class PreActBlock(nn.Module):
     width: int
     stride: int
     project: bool
+    dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.bn1 = _batch_norm()
-        self.conv1 = _conv(self.width, 3, self.stride)
-        self.bn2 = _batch_norm()
-        self.conv2 = _conv(self.width, 3)
+        self.bn1 = batch_norm(self.dtype)
+        self.conv1 = conv(self.width, 3, self.stride, dtype=self.dtype)
+        self.bn2 = batch_norm(self.dtype)
+        self.conv2 = conv(self.width, 3, dtype=self.dtype)
         if self.project:
-            self.conv_shortcut = _conv(self.width, 1, self.stride)
+            self.conv_shortcut = conv(self.width, 1, self.stride, dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         activated = nn.relu(self.bn1(x, use_running_average=not train))
@@ -251,9 +222,10 @@ class WideResNet(StagedClassifier):
     stage_sizes: Sequence[int]
     widths: Sequence[int]
     stem_width: int = 16
+    dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.conv1 = _conv(self.stem_width, 3)
+        self.conv1 = conv(self.stem_width, 3, dtype=self.dtype)
         plan = _block_plan(self.stage_sizes, self.stem_width, self.widths)
         self.stages = [
             [
@@ -261,14 +233,15 @@ class WideResNet(StagedClassifier):
                     width,
                     stride,
                     project=in_width != width,  # RepDistiller's `not equalInOut`
+                    dtype=self.dtype,
                     name=f"block{stage}_{index}",
                 )
                 for index, (stride, in_width) in enumerate(blocks)
             ]
             for stage, (blocks, width) in enumerate(zip(plan, self.widths, strict=True), start=1)
         ]
-        self.bn1 = _batch_norm()
-        self.fc = nn.Dense(self.num_classes, kernel_init=_linear_kernel_init)
+        self.bn1 = batch_norm(self.dtype)
+        self.fc = nn.Dense(self.num_classes, kernel_init=torch_default_init, dtype=self.dtype)
 
     @property
     def feature_width(self) -> int:
@@ -282,7 +255,9 @@ class WideResNet(StagedClassifier):
         return features
 
 
-def wide_resnet(depth: int, widen_factor: int, num_classes: int) -> WideResNet:
+def wide_resnet(
+    depth: int, widen_factor: int, num_classes: int, dtype: Dtype = jnp.float32
+) -> WideResNet:
     """RepDistiller's `WideResNet(depth, num_classes, widen_factor)` with dropout 0: three
     stages of (depth - 4) / 6 blocks of 16k, 32k, 64k channels (k = widen_factor)."""
     if depth < 10 or (depth - 4) % 6:
@@ -293,4 +268,5 @@ def wide_resnet(depth: int, widen_factor: int, num_classes: int) -> WideResNet:
         num_classes,
         stage_sizes=((depth - 4) // 6,) * 3,
         widths=tuple(width * widen_factor for width in (16, 32, 64)),
+        dtype=dtype,
     )

@@ -1,0 +1,117 @@
+"""Devices: the mesh, the shardings of state and batches, and multi-host start-up.
+
+The mesh has two axes: `data` (data parallel) and `fsdp` (parameter sharding for large
+models, size `config.mesh.fsdp`, 1 by default). A global batch is split over every device
+(both axes); each parameter, optimizer-state and BatchNorm leaf of at least
+`config.mesh.fsdp_min_size` elements is split along one of its dimensions over `fsdp` and
+replicated over `data`; smaller leaves are replicated. The jitted steps see global arrays,
+so XLA inserts the collectives: every loss is a mean over the global batch, hence the
+per-objective gradients the aggregation combines are exactly the global-batch gradients,
+and BatchNorm's batch statistics cover the global batch too.
+
+Axis types are `Auto` (sharding propagated by the compiler from the inputs' and outputs'
+shardings) rather than JAX's newer default `Explicit`, which would make every intermediate
+sharding part of the program's types: the models and aggregators are written for any mesh
+and need not know it.
+"""
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mokd_jax.errors import invalid
+
+AXES = ("data", "fsdp")
+
+
+def make_mesh(fsdp: int, devices: list | None = None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all of them, every process's)."""
+    devices = jax.devices() if devices is None else devices
+    if fsdp < 1 or len(devices) % fsdp:
+        raise invalid("mesh.fsdp", fsdp, f"a divisor of the device count {len(devices)}")
+    return jax.make_mesh(
+        (len(devices) // fsdp, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis split over every device of the mesh."""
+    return NamedSharding(mesh, PartitionSpec(AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> PartitionSpec:
+    """FSDP for one leaf: its largest dimension divisible by `fsdp` is split over the
+    `fsdp` axis when the leaf has at least `min_size` elements; otherwise replicated.
+
+    The largest dimension keeps the shards few and large (a conv kernel HWIO is split over
+    its output channels, a Dense kernel over its wider side).
+    """
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    candidates = [axis for axis, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda a: shape[a])
+    return PartitionSpec(*([None] * axis), "fsdp")
+
+
+def tree_shardings(mesh: Mesh, abstract_tree: Any, min_size: int) -> Any:
+    """The NamedSharding of every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, leaf_spec(tuple(leaf.shape), fsdp, min_size)),
+        abstract_tree,
+    )
+
+
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings: what Orbax restores each leaf onto."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_tree,
+        shardings,
+    )
+
+
+def global_batch(local_arrays: tuple[np.ndarray, ...], sharding: NamedSharding) -> tuple:
+    """This process's rows of a batch -> global arrays sharded over the mesh (an explicit
+    host-to-device transfer, allowed under `jax.transfer_guard('disallow')`)."""
+    return tuple(jax.make_array_from_process_local_data(sharding, array) for array in local_arrays)
+
+
+def check_batch_size(field: str, batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise invalid(field, batch_size, f"a multiple of the device count {mesh.size}")
+
+
+# Environment variables that say this process is one of several: set by the Cloud TPU
+# runtime on a pod slice (the worker list), by SLURM, or by hand (the coordinator address
+# that `jax.distributed.initialize` reads).
+_TPU_WORKERS = "TPU_WORKER_HOSTNAMES"
+_SLURM_TASKS = "SLURM_NTASKS"
+_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+
+
+def is_multi_process_launch(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process was launched as one of several hosts of one job."""
+    if environ.get(_COORDINATOR):
+        return True
+    if len([h for h in environ.get(_TPU_WORKERS, "").split(",") if h]) > 1:
+        return True
+    return int(environ.get(_SLURM_TASKS, "1") or 1) > 1
+
+
+def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
+    """`jax.distributed.initialize()` on a multi-host launch, before any device is used;
+    it finds the coordinator, process count and index from the TPU, SLURM or JAX_*
+    environment. A single-host launch skips it."""
+    if is_multi_process_launch(environ):
+        jax.distributed.initialize()

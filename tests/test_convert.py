@@ -1,0 +1,605 @@
+"""Tests for mokd_jax.convert and scripts/convert_teacher.py: PyTorch teachers in Flax.
+
+The torch reference models are written here with torch.nn (torchvision and timm cannot be
+installed beside the pinned CPU torch), using the real libraries' module names so that their
+state-dict keys are the real ones. Parity runs small but structurally faithful models at
+32x32 (resnet18 and mobilenet_v2 themselves; a shrunk bottleneck ResNet, a 2-block DeiT
+and a shrunk RegNetY, each with every kind of block); the full-size key layouts of every
+convertible arch are checked shape for shape on torch's meta device, which allocates nothing.
+
+Parity tolerance, rtol = atol / max|logits| = 1e-4: both sides compute in float32 with
+different summation orders (oneDNN vs XLA); the differences measured here stay under 1e-6
+of the logit scale, so 1e-4 leaves two orders of magnitude for deeper models and other
+CPUs, while any mapping error (an untransposed kernel, swapped mean and var, a wrong
+padding, q/k/v in the wrong order) moves the logits by O(1) relative.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import numpy as safetensors_numpy
+
+from mokd_jax import checkpoint, convert, models
+from mokd_jax.errors import InputError
+from mokd_jax.models.regnet import RegNet
+from mokd_jax.models.resnet import BOTTLENECK, ResNet
+from mokd_jax.models.vit import VisionTransformer
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = 1e-4
+
+
+# --- torch reference models (torchvision's and timm's module names) ----------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (v1.5: the stride on the 3x3 conv)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class TorchResNet(nn.Module):
+    """torchvision.models.resnet.ResNet, with the stem and stage widths as arguments
+    (torchvision's are 64 and (64, 128, 256, 512)) so that tests can shrink it."""
+
+    def __init__(self, block, layers, num_classes, widths=(64, 128, 256, 512), stem=64):
+        super().__init__()
+        self.inplanes = stem
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        for stage, (blocks, width) in enumerate(zip(layers, widths, strict=True), start=1):
+            stride = 1 if stage == 1 else 2
+            setattr(self, f"layer{stage}", self._make_layer(block, width, blocks, stride))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+TORCH_RESNETS = {  # torchvision's builders
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def torch_resnet(arch, num_classes=10, **kwargs):
+    block, layers = TORCH_RESNETS[arch]
+    return TorchResNet(block, layers, num_classes, **kwargs)
+
+
+def conv_norm_act(inp, oup, kernel, stride=1, groups=1, act=nn.ReLU6):
+    """torchvision's Conv2dNormActivation: a Sequential conv (.0), BN (.1), activation."""
+    conv = nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(oup), act(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """torchvision.models.mobilenetv2.InvertedResidual."""
+
+    def __init__(self, inp, oup, stride, expand_ratio):
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = [conv_norm_act(inp, hidden, 1)] if expand_ratio != 1 else []
+        layers += [
+            conv_norm_act(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, oup, 1, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class TorchMobileNetV2(nn.Module):
+    """torchvision.models.mobilenetv2.MobileNetV2 at width 1.0."""
+
+    SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2))
+    SETTING += ((6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))  # t, c, n, s
+
+    def __init__(self, num_classes):
+        super().__init__()
+        features, width = [conv_norm_act(3, 32, 3, 2)], 32
+        for t, c, n, s in self.SETTING:
+            for i in range(n):
+                features.append(InvertedResidual(width, c, s if i == 0 else 1, t))
+                width = c
+        features.append(conv_norm_act(width, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class Attention(nn.Module):
+    """timm.models.vision_transformer.Attention (fused qkv)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, head_dim] each
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """timm.layers.Mlp: fc1, exact GELU, fc2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """timm.models.vision_transformer.Block (no layer scale, no drop-path)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """timm.layers.PatchEmbed: a conv with kernel and stride `patch`, flattened."""
+
+    def __init__(self, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TorchViT(nn.Module):
+    """timm.models.vision_transformer.VisionTransformer with a class token, as DeiT's
+    (deit_tiny_patch16_224: dim 192, 3 heads, depth 12; deit_small: dim 384, 6 heads)."""
+
+    def __init__(self, num_classes, dim, num_heads, depth=12, image_size=224, patch=16):
+        super().__init__()
+        self.patch_embed = PatchEmbed(dim, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (image_size // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class ConvNormAct(nn.Module):
+    """timm.layers.ConvNormAct: `conv` (bias-free), `bn`, then relu unless not `act`."""
+
+    def __init__(self, inp, oup, kernel, stride=1, groups=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(inp, oup, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(oup)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class SEModule(nn.Module):
+    """timm.layers.SEModule: x * sigmoid(fc2(relu(fc1(mean(x))))), 1x1 convs with bias."""
+
+    def __init__(self, channels, reduced):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class RegNetBottleneck(nn.Module):
+    """timm.models.regnet.Bottleneck at bottle_ratio 1 with SE, as in RegNetY."""
+
+    def __init__(self, inp, oup, stride, group_size, se_ratio=0.25):
+        super().__init__()
+        self.conv1 = ConvNormAct(inp, oup, 1)
+        self.conv2 = ConvNormAct(oup, oup, 3, stride, groups=oup // group_size)
+        self.se = SEModule(oup, int(round(inp * se_ratio)))
+        self.conv3 = ConvNormAct(oup, oup, 1, act=False)
+        project = stride != 1 or inp != oup
+        self.downsample = ConvNormAct(inp, oup, 1, stride, act=False) if project else None
+        self.act3 = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv3(self.se(self.conv2(self.conv1(x))))
+        return self.act3(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ClassifierHead(nn.Module):
+    """timm.layers.ClassifierHead: average pool, `fc`."""
+
+    def __init__(self, inp, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(inp, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class TorchRegNet(nn.Module):
+    """timm.models.regnet.RegNet for RegNetY: `stem`, stages `s1`.. of blocks `b1`..,
+    `head`; every stage's first block has stride 2."""
+
+    def __init__(self, num_classes, widths, depths, group_size, stem=32):
+        super().__init__()
+        self.stem = ConvNormAct(3, stem, 3, 2)
+        inp = stem
+        for stage, (width, depth) in enumerate(zip(widths, depths, strict=True), start=1):
+            blocks = nn.Sequential()
+            for block in range(1, depth + 1):
+                stride = 2 if block == 1 else 1
+                blocks.add_module(f"b{block}", RegNetBottleneck(inp, width, stride, group_size))
+                inp = width
+            setattr(self, f"s{stage}", blocks)
+        self.head = ClassifierHead(inp, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in range(1, 5):
+            x = getattr(self, f"s{stage}")(x)
+        return self.head(x)
+
+
+def timm_regnet_stages(w0, wa, wm, depth, group_size, q=8):
+    """(stage widths, stage depths, group size) from RegNet's design-space parameters, as
+    timm's generate_regnet + adjust_widths_groups_comp derive them (bottle ratio 1)."""
+    block_widths = np.arange(depth) * wa + w0
+    exponents = np.round(np.log(block_widths / w0) / np.log(wm))
+    block_widths = (np.round(w0 * wm**exponents / q) * q).astype(int)
+    widths, depths = np.unique(block_widths, return_counts=True)
+    groups = [min(group_size, int(w)) for w in widths]
+    widths = [int(round(w / g) * g) for w, g in zip(widths, groups, strict=True)]
+    assert len(set(groups)) == 1
+    return tuple(widths), tuple(int(d) for d in depths), groups[0]
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def randomized(model, seed=0):
+    """`model` in eval mode with random weights AND random BatchNorm statistics (fresh
+    ones, mean 0 and var 1, would hide a swapped mean/var or a misplaced epsilon)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif name.endswith(("running_mean", "bias")):
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+            elif tensor.ndim == 1:  # norm scales
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            else:  # fan-in scaled, so activations neither vanish nor explode with depth
+                fan_in = tensor[0].numel()
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in**0.5)
+    return model.eval()
+
+
+def numpy_state_dict(model):
+    return {key: value.numpy() for key, value in model.state_dict().items()}
+
+
+def abstract_variables(module, size):
+    init = jax.jit(lambda images: module.init(jax.random.key(0), images, train=False))
+    return jax.eval_shape(init, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+
+
+def max_relative_error(arch, torch_model, flax_module, size, batch=4):
+    """Converts `torch_model` to `flax_module` and returns max |flax - torch| / max |torch|
+    of their logits on random images, after asserting the parity tolerance."""
+    variables = convert.to_flax(
+        arch, numpy_state_dict(torch_model), abstract_variables(flax_module, size)
+    )
+    images = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(images)).numpy()
+    apply = jax.jit(lambda v, x: flax_module.apply(v, x, train=False))
+    logits = np.asarray(apply(variables, images.transpose(0, 2, 3, 1)))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(logits, expected, rtol=RTOL, atol=RTOL * scale)
+    return float(np.abs(logits - expected).max() / scale)
+
+
+# --- parity -------------------------------------------------------------------------------
+
+# Full-size torch models of every convertible arch (vit_* are timm's ViTs, as deit_*).
+REGNETY_160 = timm_regnet_stages(w0=200, wa=106.23, wm=2.48, depth=18, group_size=112)
+FULL_SIZE = {
+    **{arch: functools.partial(torch_resnet, arch) for arch in TORCH_RESNETS},
+    "mobilenet_v2": TorchMobileNetV2,
+    **dict.fromkeys(("deit_tiny", "vit_tiny"), functools.partial(TorchViT, dim=192, num_heads=3)),
+    **dict.fromkeys(("deit_small", "vit_small"), functools.partial(TorchViT, dim=384, num_heads=6)),
+    "regnety_160": lambda num_classes: TorchRegNet(num_classes, *REGNETY_160),
+}
+
+# Parity models: (arch whose layout converts them, torch model, Flax module, image size).
+# Full size where a 32x32 forward is cheap; otherwise shrunk in width and depth, keeping
+# every kind of block (projecting and identity shortcuts, several blocks in a stage).
+SMALL_RESNET = {"widths": (8, 16, 24, 32), "stem": 16}
+SMALL_VIT = {"depth": 2, "image_size": 32}
+SMALL_REGNET = {"widths": (16, 32, 48, 64), "depths": (1, 2, 1, 1)}
+PARITY = {
+    "resnet18": lambda: ("resnet18", torch_resnet("resnet18"), models.get("resnet18", 10), 32),
+    "bottleneck resnet": lambda: (
+        "resnet50",
+        TorchResNet(Bottleneck, (1, 2, 1, 1), 10, **SMALL_RESNET),
+        ResNet(
+            10,
+            stage_sizes=(1, 2, 1, 1),
+            block=BOTTLENECK,
+            widths=SMALL_RESNET["widths"],
+            stem_width=SMALL_RESNET["stem"],
+        ),
+        32,
+    ),
+    "mobilenet_v2": lambda: (
+        "mobilenet_v2",
+        TorchMobileNetV2(10),
+        models.get("mobilenet_v2", 10),
+        32,
+    ),
+    "deit, 2 blocks, 32 px": lambda: (
+        "deit_tiny",
+        TorchViT(10, dim=48, num_heads=3, patch=8, **SMALL_VIT),
+        VisionTransformer(10, embed_dim=48, num_heads=3, patch_size=8, **SMALL_VIT),
+        32,
+    ),
+    "regnety, shrunk": lambda: (
+        "regnety_160",
+        TorchRegNet(10, **SMALL_REGNET, group_size=8, stem=16),
+        RegNet(10, **SMALL_REGNET, group_width=8, stem_width=16),
+        32,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_logits_match_torch(name):
+    arch, torch_model, flax_module, size = PARITY[name]()
+    error = max_relative_error(arch, randomized(torch_model), flax_module, size)
+    print(f"{name}: max relative error {error:.1e}")
+
+
+def test_every_convertible_arch_has_a_reference():
+    assert sorted(FULL_SIZE) == sorted(convert.NAMES)
+
+
+def test_regnety_160_widths_are_timms():
+    """The widths written out in mokd_jax's RegNet are the ones timm derives."""
+    widths, depths, group_size = REGNETY_160
+    module = models.get("regnety_160", 10)
+    assert (module.widths, module.depths, module.group_width) == (widths, depths, group_size)
+
+
+@pytest.mark.parametrize("arch", sorted(FULL_SIZE))
+def test_full_size_layout_matches_torch(arch):
+    """Every key of the full-size torch model, with its shape, and no other: the layout
+    that `to_flax` demands (meta tensors: no memory, no compute)."""
+    with torch.device("meta"):
+        state_dict = FULL_SIZE[arch](1000).state_dict()
+    expected = {
+        key: tuple(value.shape)
+        for key, value in state_dict.items()
+        if not key.endswith("num_batches_tracked")
+    }
+    module = models.get(arch, 1000)
+    shapes = convert.torch_shapes(arch, abstract_variables(module, 224))
+    assert {key: shape for key, (_, shape) in shapes.items()} == expected
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "deit_tiny"])
+def test_convert_takes_the_class_count_from_the_head(arch):
+    """torchvision's `classifier.1` and timm's `head`; a ViT's variables at its image size."""
+    variables, identity = convert.convert(arch, numpy_state_dict(FULL_SIZE[arch](7)))
+    assert identity == {"model": arch, "num_classes": 7}
+    assert variables["params"][models.get(arch, 7).head_name]["kernel"].shape == (
+        models.get(arch, 7).feature_width,
+        7,
+    )
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    """A random torchvision resnet18 with 10 classes (shared: building it takes a second)."""
+    return randomized(torch_resnet("resnet18"))
+
+
+# --- strictness ---------------------------------------------------------------------------
+
+
+def _without(key):
+    return lambda state_dict: state_dict.pop(key)
+
+
+def _with(key, shape):
+    return lambda state_dict: state_dict.update({key: np.zeros(shape, np.float32)})
+
+
+@pytest.mark.parametrize(
+    "arch, edit, message",
+    [
+        # a resnet18 read as a resnet50: the first bottleneck conv is 1x1, not 3x3
+        ("resnet50", None, r"'layer1\.0\.conv1\.weight'=\(64, 64, 3, 3\).*\(64, 64, 1, 1\)"),
+        ("resnet18", _without("layer4.1.bn2.running_var"), r"no 'layer4\.1\.bn2\.running_var'"),
+        # a resnet34's third block in stage 1: resnet18 has two
+        ("resnet18", _with("layer1.2.conv1.weight", (64, 64, 3, 3)), r"'layer1\.2\.conv1\.weight'"),
+        ("resnet18", _without("fc.weight"), r"no classifier weight 'fc\.weight'"),
+    ],
+)
+def test_a_state_dict_of_another_model_is_refused(resnet18, arch, edit, message):
+    state_dict = numpy_state_dict(resnet18)
+    if edit is not None:
+        edit(state_dict)
+    with pytest.raises(InputError, match=message) as error:
+        convert.convert(arch, state_dict)
+    assert arch in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_arch_lists_the_convertible_ones():
+    with pytest.raises(InputError, match="cnn_large.*resnet18, resnet34, resnet50, resnet101"):
+        convert.layout("cnn_large")
+
+
+def test_a_torch_file_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
+    path = tmp_path / "teacher.pth"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(InputError, match="pip install torch"):
+        convert.read_state_dict(str(path))
+
+
+# --- the command line and the checkpoint it writes -----------------------------------------
+
+
+def run_cli(*args):
+    script = os.path.join(ROOT, "scripts", "convert_teacher.py")
+    return subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_cli_writes_a_teacher_checkpoint(resnet18, tmp_path, suffix):
+    state_dict = numpy_state_dict(resnet18)
+    source = str(tmp_path / f"teacher{suffix}")
+    if suffix == ".pth":  # a training script's checkpoint of a DataParallel model
+        wrapped = {f"module.{key}": value for key, value in resnet18.state_dict().items()}
+        torch.save({"epoch": 90, "state_dict": wrapped}, source)
+    else:
+        safetensors_numpy.save_file(state_dict, source)
+    output = str(tmp_path / "teacher")
+    result = run_cli("--arch=resnet18", f"--input={source}", f"--output={output}")
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.read_identity(output) == {"model": "resnet18", "num_classes": 10}
+    expected, _ = convert.convert("resnet18", state_dict)
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_variables(output), expected)
+    assert sorted(os.listdir(tmp_path)) == sorted([f"teacher{suffix}", "teacher"])
+
+
+def test_cli_refuses_an_occupied_output(tmp_path):
+    output = tmp_path / "teacher"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep")
+    result = run_cli("--arch=resnet18", "--input=unread.pth", f"--output={output}")
+    assert result.returncode == 2
+    assert "--overwrite" in result.stderr and result.stderr.count("\n") == 1
+    assert os.listdir(output) == ["notes.txt"] and (output / "notes.txt").read_text() == "keep"
+
+
+def test_overwrite_replaces_the_output_whole(tmp_path):
+    output = tmp_path / "teacher"
+    output.mkdir()
+    (output / "notes.txt").write_text("old")
+    variables = {"params": {"w": np.arange(3.0)}}
+    convert.write(str(output), variables, {"model": "m", "num_classes": 2}, overwrite=True)
+    assert "notes.txt" not in os.listdir(output)
+    np.testing.assert_array_equal(checkpoint.load_variables(str(output))["params"]["w"], [0, 1, 2])
+    assert os.listdir(tmp_path) == ["teacher"]
+
+
+def test_a_failed_overwrite_keeps_the_old_output(tmp_path, monkeypatch):
+    output = tmp_path / "teacher"
+    output.mkdir()
+    (output / "notes.txt").write_text("old")
+
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(checkpoint, "export_variables", full_disk)
+    with pytest.raises(OSError):
+        convert.write(str(output), {"params": {}}, {"model": "m", "num_classes": 2}, True)
+    assert os.listdir(tmp_path) == ["teacher"] and (output / "notes.txt").read_text() == "old"

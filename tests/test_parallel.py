@@ -1,0 +1,107 @@
+"""Sharding on a device mesh (8 simulated CPU devices, in a subprocess), multi-host start-up
+detection, and preemption of a real training process by SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec
+
+from mokd_jax import parallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_checks_on_eight_simulated_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         os.path.join(REPO, "tests", "multidevice_checks.py")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "shape, fsdp, min_size, expected",
+    [
+        ((3, 3, 64, 128), 2, 0, PartitionSpec(None, None, None, "fsdp")),
+        ((512, 10), 2, 0, PartitionSpec("fsdp")),
+        ((10,), 2, 0, PartitionSpec("fsdp")),
+        ((7, 9), 2, 0, PartitionSpec()),  # nothing divisible by 2
+        ((3, 3, 64, 128), 2, 10**6, PartitionSpec()),  # below the size threshold
+        ((3, 3, 64, 128), 1, 0, PartitionSpec()),  # no fsdp axis
+    ],
+)
+def test_leaf_spec_splits_the_largest_divisible_dimension(shape, fsdp, min_size, expected):
+    assert parallel.leaf_spec(shape, fsdp, min_size) == expected
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, False),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # a single-host TPU VM
+        ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),  # a pod slice
+        ({"SLURM_NTASKS": "1"}, False),
+        ({"SLURM_NTASKS": "4"}, True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, True),
+    ],
+)
+def test_multi_process_launch_is_detected_from_the_environment(environ, expected):
+    assert parallel.is_multi_process_launch(environ) is expected
+
+
+def test_single_process_mesh_covers_the_local_devices():
+    mesh = parallel.make_mesh(1)
+    assert mesh.size == jax.device_count()
+    assert mesh.axis_names == parallel.AXES
+
+
+def wait_for_student_phase(workdir: str, process, timeout_s: float = 300) -> None:
+    """Polls until the student phase has opened its checkpoint directory."""
+    directory = os.path.join(workdir, "checkpoints", "student")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if os.path.isdir(directory):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before the student phase: {process.stderr.read()}")
+        time.sleep(0.2)
+    pytest.fail("the student phase did not start")
+
+
+def test_sigterm_saves_exits_143_and_the_next_launch_resumes(tmp_path):
+    """A real `python -m mokd_jax.main` process gets SIGTERM during distillation: it saves
+    the step it is at and exits with 143; the same command then resumes and finishes."""
+    workdir = str(tmp_path / "run")
+    command = [
+        sys.executable, "-m", "mokd_jax.main", "--config=configs/default.py:smoke",
+        f"--workdir={workdir}", "--config.student.num_train_steps=400",
+        "--config.checkpoint_every_steps=1000",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_student_phase(workdir, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "student preempted at step" in stderr
+    stopped_at = int(stderr.split("student preempted at step ")[1].split(";")[0])
+    assert 0 < stopped_at < 400
+    saved = os.listdir(os.path.join(workdir, "checkpoints", "student"))
+    assert str(stopped_at) in saved
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"student: resuming from step {stopped_at}" in resumed.stderr
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["student"]["test_accuracy"] > 0
