@@ -62,12 +62,12 @@ def request_stop(signum, frame) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    parallel.initialize_distributed()
     signal.signal(signal.SIGTERM, request_stop)
     logging.get_absl_logger().addFilter(is_not_orbax_chatter)
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
     try:
+        parallel.initialize_distributed()
         summary = train.train_and_evaluate(FLAGS.config, workdir)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

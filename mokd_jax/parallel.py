@@ -94,10 +94,12 @@ def check_batch_size(field: str, batch_size: int, mesh: Mesh) -> None:
 
 # Environment variables that say this process is one of several: set by the Cloud TPU
 # runtime on a pod slice (the worker list), by SLURM, or by hand (the coordinator address
-# that `jax.distributed.initialize` reads).
+# that `jax.distributed.initialize` reads, with the process count and this process's index).
 _TPU_WORKERS = "TPU_WORKER_HOSTNAMES"
 _SLURM_TASKS = "SLURM_NTASKS"
 _COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+_PROCESS_ID = "JAX_PROCESS_ID"
 
 
 def is_multi_process_launch(environ: Mapping[str, str] = os.environ) -> bool:
@@ -109,9 +111,29 @@ def is_multi_process_launch(environ: Mapping[str, str] = os.environ) -> bool:
     return int(environ.get(_SLURM_TASKS, "1") or 1) > 1
 
 
+def distributed_arguments(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    """The process count and index of a launch by hand (JAX_COORDINATOR_ADDRESS with
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID), which JAX cannot detect; {} otherwise, where
+    `jax.distributed.initialize` finds them itself (TPU pod slices, SLURM)."""
+    if not environ.get(_COORDINATOR):
+        return {}
+    arguments = {}
+    for name, argument in ((_NUM_PROCESSES, "num_processes"), (_PROCESS_ID, "process_id")):
+        value = environ.get(name, "")
+        if not value.isdigit():
+            raise invalid(name, value, f"a non-negative integer when {_COORDINATOR} is set")
+        arguments[argument] = int(value)
+    if arguments["process_id"] >= arguments["num_processes"]:
+        raise invalid(
+            _PROCESS_ID,
+            arguments["process_id"],
+            f"below {_NUM_PROCESSES}={arguments['num_processes']}",
+        )
+    return arguments
+
+
 def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
-    """`jax.distributed.initialize()` on a multi-host launch, before any device is used;
-    it finds the coordinator, process count and index from the TPU, SLURM or JAX_*
-    environment. A single-host launch skips it."""
+    """`jax.distributed.initialize()` on a multi-host launch, before any device is used; a
+    single-host launch skips it."""
     if is_multi_process_launch(environ):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**distributed_arguments(environ))

@@ -4,6 +4,7 @@ detection, and preemption of a real training process by SIGTERM."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from mokd_jax import parallel
+from mokd_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,3 +107,93 @@ def test_sigterm_saves_exits_143_and_the_next_launch_resumes(tmp_path):
     assert f"student: resuming from step {stopped_at}" in resumed.stderr
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["student"]["test_accuracy"] > 0
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, {}),
+        ({"TPU_WORKER_HOSTNAMES": "a,b"}, {}),  # JAX detects a pod slice itself
+        (
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+            {"num_processes": 2, "process_id": 1},
+        ),
+    ],
+)
+def test_distributed_arguments_of_a_launch_by_hand(environ, expected):
+    assert parallel.distributed_arguments(environ) == expected
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES=''"),
+        (
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+            "JAX_PROCESS_ID=2.*below JAX_NUM_PROCESSES=2",
+        ),
+    ],
+)
+def test_incomplete_launch_by_hand_names_the_variable(environ, message):
+    with pytest.raises(InputError, match=message):
+        parallel.distributed_arguments(environ)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_processes(workdir: str, port: int) -> list[str]:
+    """Runs the smoke config as one job of two processes with 2 CPU devices each
+    (jax.distributed over localhost); returns their stderr after both exit with 0."""
+    processes = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(index),
+        }
+        command = [
+            sys.executable, "-m", "mokd_jax.main", "--config=configs/default.py:smoke",
+            f"--workdir={workdir}", "--config.teacher.num_train_steps=6",
+            "--config.student.num_train_steps=6", "--config.checkpoint_every_steps=3",
+        ]  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    stderrs = [process.communicate(timeout=600)[1] for process in processes]
+    for process, stderr in zip(processes, stderrs, strict=True):
+        assert process.returncode == 0, stderr[-4000:]
+    return stderrs
+
+
+def test_two_processes_train_one_job_together_and_restore_it(tmp_path):
+    """Two processes form one 4-device job: each feeds its half of every batch, the Orbax
+    saves are collective, and only process 0 writes the summary. A second launch restores
+    the exported teacher and the finished student state on both processes."""
+    workdir = str(tmp_path / "run")
+    launch_two_processes(workdir, free_port())
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["devices"] == 4
+    assert 0 < summary["student"]["test_accuracy"] <= 1
+    saved = os.listdir(os.path.join(workdir, "checkpoints", "student"))
+    assert {"3", "6"} <= set(saved)
+
+    stderrs = launch_two_processes(workdir, free_port())
+    for stderr in stderrs:
+        assert "teacher: restored from" in stderr and "student: resuming from step 6" in stderr
+    with open(os.path.join(workdir, "summary.json")) as f:
+        again = json.load(f)
+    assert again["student"]["test_accuracy"] == summary["student"]["test_accuracy"]
