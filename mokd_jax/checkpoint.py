@@ -19,12 +19,18 @@ from mokd_jax.errors import InputError, invalid
 ITEMS = ("state", "fingerprint")
 
 
+def resolve(directory: str) -> str:
+    """A local directory made absolute (Orbax needs that); a URL such as gs://bucket/dir
+    (a TPU pod's shared workdir, which Orbax and TensorFlow's file system read) unchanged."""
+    return directory if "://" in directory else os.path.abspath(directory)
+
+
 def open_manager(directory: str, save_every_steps: int, max_to_keep: int) -> ocp.CheckpointManager:
     """A manager that saves every `save_every_steps` steps and keeps the newest few."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every_steps, max_to_keep=max_to_keep, create=True
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(resolve(directory), options=options, item_names=ITEMS)
 
 
 def save(
@@ -108,7 +114,7 @@ def export_variables(
 
 def read_identity(directory: str) -> dict | None:
     """The identity dict saved with exported variables, or None when there is no checkpoint."""
-    with ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS) as manager:
+    with ocp.CheckpointManager(resolve(directory), item_names=ITEMS) as manager:
         step = manager.latest_step()
         if step is None:
             return None
@@ -119,7 +125,7 @@ def read_identity(directory: str) -> dict | None:
 
 def load_variables(directory: str) -> dict:
     """The exported variables in `directory`: a dict with `params` (and `batch_stats`)."""
-    with ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS) as manager:
+    with ocp.CheckpointManager(resolve(directory), item_names=ITEMS) as manager:
         step = manager.latest_step()
         if step is None:
             raise invalid("checkpoint_dir", directory, "a directory holding an exported checkpoint")

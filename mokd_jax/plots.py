@@ -8,7 +8,10 @@ the aggregator responds (weights). Tags are matched by prefix, so the panels fol
 many objectives the run had (K = 2: task, distill; K = 3: task, logit, feature).
 """
 
+import io
+
 import numpy as np
+from etils import epath
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -109,5 +112,7 @@ def plot_diagnostics(
     weights.set_title("aggregation weights")
 
     figure.suptitle(title)
-    canvas.print_png(png_path)
+    png = io.BytesIO()
+    canvas.print_png(png)
+    epath.Path(png_path).write_bytes(png.getvalue())  # local or a URL such as gs://
     return png_path

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import struct
 
 from mokd_jax import aggregation, checkpoint, data, models, parallel, plots
@@ -756,7 +757,7 @@ def obtain_teacher(config, workdir, dataset, mesh) -> dict:
     WORKDIR/teacher."""
     identity = teacher_identity(config, dataset.num_classes)
     directory = config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
-    saved_identity = checkpoint.read_identity(directory) if os.path.isdir(directory) else None
+    saved_identity = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
     if saved_identity is not None:
         check_teacher_identity(saved_identity, identity, directory)
         logging.info("teacher: restored from %s", directory)
@@ -853,7 +854,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.check_batch_size("batch_size", config.batch_size, mesh)
     parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
     dataset = load_dataset(config)
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     teacher_variables = obtain_teacher(config, workdir, dataset, mesh)
     student_variables, diagnostics = distill_student(
         config, workdir, dataset, teacher_variables, mesh
@@ -895,6 +896,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             os.path.join(workdir, "diagnostics.png"),
             title=f"{config.aggregator} on {dataset.name}: student {config.student.model}",
         )
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        epath.Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -375,3 +375,8 @@ def test_evaluate_counts_top1_and_top5_over_every_example_once():
     result = train.evaluate(model, variables, subset, batch_size=16, mesh=mesh)
     assert result["test_accuracy"] == pytest.approx(np.mean(ranks == 0))
     assert result["test_top5_accuracy"] == pytest.approx(np.mean(ranks < 5))
+
+
+def test_checkpoint_paths_keep_urls_and_absolutize_local_dirs():
+    assert checkpoint.resolve("gs://bucket/runs/r18") == "gs://bucket/runs/r18"
+    assert checkpoint.resolve("runs/x") == os.path.abspath("runs/x")
