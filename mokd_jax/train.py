@@ -51,7 +51,7 @@ PREEMPTION = threading.Event()
 """Set by the SIGTERM handler of `mokd_jax.main`: the loop then saves and stops."""
 
 
-class Preempted(Exception):  # noqa: N818 (an event, not an error)
+class Preempted(Exception):
     """Training stopped early on a preemption notice, after saving a checkpoint."""
 
     def __init__(self, phase: str, step: int):
