@@ -45,7 +45,6 @@ from mokd_jax.subspace import SubspaceProjector
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
-DTYPES = ("float32", "bfloat16")
 
 PREEMPTION = threading.Event()
 """Set by the SIGTERM handler of `mokd_jax.main`: the loop then saves and stops."""
@@ -92,8 +91,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise invalid(f"augment.{field}", config.augment[field], "a number >= 0 (0: off)")
     if not 0 <= config.augment.label_smoothing < 1:
         raise invalid("augment.label_smoothing", config.augment.label_smoothing, "0 <= value < 1")
-    if config.dtype not in DTYPES:
-        raise invalid("dtype", config.dtype, f"one of {DTYPES}")
+    if config.dtype not in models.DTYPES:
+        raise invalid("dtype", config.dtype, f"one of {models.DTYPES}")
     if config.mesh.fsdp_min_size < 0:
         raise invalid("mesh.fsdp_min_size", config.mesh.fsdp_min_size, "a count >= 0")
     if config.distill.objectives not in OBJECTIVES:
@@ -354,6 +353,18 @@ def student_functions(
     return encode, head_objectives
 
 
+def joined_objectives(encode: Callable, head_objectives: Callable) -> Callable:
+    """`student_functions`' two halves as one function of all the parameters, the one a
+    single `jax.vjp` differentiates: params -> (losses, (loss parts, logits, batch_stats))."""
+
+    def objectives(params):
+        pooled, batch_stats = encode(params["student"])
+        losses, (parts, logits) = head_objectives(params, pooled)
+        return losses, (parts, logits, batch_stats)
+
+    return objectives
+
+
 def representation_gradients(encode, head_objectives, params, combine):
     """Gradients for a representation method (GradDrop), as one row [1, ...].
 
@@ -415,11 +426,7 @@ def distill_step(
         distill=distill,
     )
 
-    def objectives(params):
-        pooled, batch_stats = encode(params["student"])
-        losses, (parts, logits) = head_objectives(params, pooled)
-        return losses, (parts, logits, batch_stats)
-
+    objectives = joined_objectives(encode, head_objectives)
     aggregator_state = state.opt_state[0]
     combine = getattr(aggregator_state, "combine_representation", None)
     if combine is not None:

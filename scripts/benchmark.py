@@ -108,7 +108,7 @@ flags.DEFINE_integer("batch_size", 16, "Images per step.")
 flags.DEFINE_integer("steps", 5, "Timed steps per mode (after 2 warm-up steps).")
 flags.DEFINE_integer("num_classes", 1000, "Classes of the synthetic labels and model heads.")
 flags.DEFINE_list("modes", list(MODES), f"Modes to time, from {list(MODES)}.")
-flags.DEFINE_enum("dtype", "float32", train.DTYPES, "Compute dtype of the models.")
+flags.DEFINE_enum("dtype", "float32", models.DTYPES, "Compute dtype of the models.")
 flags.DEFINE_string("json", None, "Where to write the results as JSON.")
 
 
@@ -165,12 +165,8 @@ def summed_distill_step(
         distill=distill,
     )
 
-    def objectives(params):
-        pooled, batch_stats = encode(params["student"])
-        losses, _ = head_objectives(params, pooled)
-        return losses, batch_stats
-
-    losses, pullback, batch_stats = jax.vjp(objectives, state.params, has_aux=True)
+    objectives = train.joined_objectives(encode, head_objectives)
+    losses, pullback, (_, _, batch_stats) = jax.vjp(objectives, state.params, has_aux=True)
     (gradient,) = pullback(jnp.ones_like(losses))
     updates, opt_state = tx.update(gradient, state.opt_state, state.params)
     new_state = state.replace(

@@ -9,14 +9,14 @@ from flax.typing import Dtype
 
 from mokd_jax.errors import invalid
 from mokd_jax.models.cnn import ConvNet
-from mokd_jax.models.layers import computation_dtype
+from mokd_jax.models.layers import DTYPES, computation_dtype
 from mokd_jax.models.mobilenet import MobileNetV1, MobileNetV2
 from mokd_jax.models.regnet import RegNet
 from mokd_jax.models.resnet import BASIC, BOTTLENECK, ResNet, cifar_resnet, wide_resnet
 from mokd_jax.models.vgg import CFG_B, CFG_S, VGG
 from mokd_jax.models.vit import VisionTransformer
 
-__all__ = ["NAMES", "ConvNet", "get"]
+__all__ = ["DTYPES", "NAMES", "ConvNet", "get"]
 
 # DeiT's ViTs are timm's ViTs (DeiT changed the training, not the architecture), so each
 # DeiT name is an alias of the ViT of the same size.

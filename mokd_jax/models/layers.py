@@ -25,6 +25,7 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = tuple(_DTYPES)  # the compute dtypes a model accepts, by name
 
 
 def computation_dtype(value: object) -> Dtype:
@@ -34,7 +35,7 @@ def computation_dtype(value: object) -> Dtype:
     except (TypeError, ValueError):
         name = None
     if name not in _DTYPES:
-        raise invalid("dtype", value, "one of 'float32', 'bfloat16'")
+        raise invalid("dtype", value, "one of " + ", ".join(map(repr, DTYPES)))
     return _DTYPES[name]
 
 
