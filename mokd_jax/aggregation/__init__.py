@@ -30,7 +30,8 @@ from mokd_jax.aggregation import (
 )
 from mokd_jax.aggregation.amortized import backward_rows
 from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix, min_norm_weights
-from mokd_jax.aggregation.transform import Method, Shared, aggregate, check_int
+from mokd_jax.aggregation.transform import Method, Shared, aggregate
+from mokd_jax.checks import check_int
 from mokd_jax.errors import invalid
 
 _REGISTRY: dict[str, Callable[..., Method]] = {

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from mokd_jax.aggregation.gram import EPS, expand_mask, gram_matrix
-from mokd_jax.aggregation.transform import check_positive, zero_weights
+from mokd_jax.aggregation.transform import zero_weights
+from mokd_jax.checks import check_positive
 from mokd_jax.errors import invalid
 
 

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from mokd_jax.aggregation.gram import dot, safe_divide
-from mokd_jax.aggregation.transform import Weighting, check_choice, stateless
+from mokd_jax.aggregation.transform import Weighting, stateless
+from mokd_jax.checks import check_choice
 
 _RANK_TOLERANCE = 1e-6
 """Eigenvalues below this fraction of the largest count as zero. The float32 Gram matrix of

@@ -21,13 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mokd_jax.aggregation.gram import EPS, clip_weights, combination_norm, dot, safe_divide
-from mokd_jax.aggregation.transform import (
-    Weighting,
-    check_int,
-    check_positive,
-    check_range,
-    stateless,
-)
+from mokd_jax.aggregation.transform import Weighting, stateless
+from mokd_jax.checks import check_int, check_positive, check_range
 from mokd_jax.errors import invalid
 
 # ---------------------------------------------------------------- cagrad

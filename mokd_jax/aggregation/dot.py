@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from mokd_jax.aggregation.gram import expand_mask
-from mokd_jax.aggregation.transform import check_positive
+from mokd_jax.checks import check_positive
 from mokd_jax.errors import invalid
 
 

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from mokd_jax.aggregation.gram import gram_matrix, inverse_losses, safe_divide
-from mokd_jax.aggregation.transform import Buffered, check_range, weighted_sum, zero_weights
+from mokd_jax.aggregation.transform import Buffered, weighted_sum, zero_weights
+from mokd_jax.checks import check_range
 
 
 class DBMTLState(NamedTuple):

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from mokd_jax.aggregation.gram import EPS
-from mokd_jax.aggregation.transform import check_int, check_range, zero_weights
+from mokd_jax.aggregation.transform import zero_weights
+from mokd_jax.checks import check_int, check_range
 
 
 class GradDropState(NamedTuple):

@@ -22,13 +22,8 @@ from mokd_jax.aggregation.gram import (
     nonzero,
     safe_divide,
 )
-from mokd_jax.aggregation.transform import (
-    Weighting,
-    check_choice,
-    check_int,
-    check_positive,
-    stateless,
-)
+from mokd_jax.aggregation.transform import Weighting, stateless
+from mokd_jax.checks import check_choice, check_int, check_positive
 
 _VANISHING = 1e-5
 """A combination sum_k c_k g_k shorter than this, relative to its longest term, counts as

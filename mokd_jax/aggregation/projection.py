@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from mokd_jax.aggregation.gram import combination_norm, dot, safe_divide
-from mokd_jax.aggregation.transform import Weighting, check_int, check_range, zero_weights
+from mokd_jax.aggregation.transform import Weighting, zero_weights
+from mokd_jax.checks import check_int, check_range
 
 
 class PCGradState(NamedTuple):

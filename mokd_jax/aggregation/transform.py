@@ -8,8 +8,6 @@ problems (`granularity`), hands each problem its Gram matrix or its leaves, and 
 non-shared leaves, so that every method chains with any Optax optimizer the same way.
 """
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from mokd_jax.aggregation.gram import Mask, expand_mask, gram_matrix
+from mokd_jax.checks import check_choice
 from mokd_jax.errors import invalid
 
 Shared = Mask | Callable[[optax.Params], Mask] | None
@@ -265,33 +264,3 @@ def aggregate(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
-    """Raises InputError unless `value` is one of `choices`."""
-    if value not in choices:
-        raise invalid(field, value, f"one of {', '.join(choices)}")
-
-
-def check_int(field: str, value: Any, minimum: int) -> None:
-    """Raises InputError unless `value` is an integer (not a bool) >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise invalid(field, value, f"an integer >= {minimum}")
-
-
-def check_positive(field: str, value: Any) -> None:
-    """Raises InputError unless `value` is a finite real number > 0."""
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (real and math.isfinite(value) and value > 0):
-        raise invalid(field, value, "a finite number > 0")
-
-
-def check_range(
-    field: str, value: Any, low: float, high: float, *, open_high: bool = False
-) -> None:
-    """Raises InputError unless `value` is a real number in [low, high] ([low, high) when
-    `open_high`)."""
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    inside = real and low <= value and (value < high if open_high else value <= high)
-    if not inside:
-        raise invalid(field, value, f"a number in [{low:g}, {high:g}{')' if open_high else ']'}")
