@@ -26,11 +26,11 @@ from mokd_jax import aggregation
 
 def aggregation_defaults() -> ml_collections.ConfigDict:
     """Hyperparameters per aggregator, with the defaults of `mokd_jax.aggregation`; only the
-    section of the chosen aggregator is used. `dot` takes its weight decay from
-    `student.weight_decay`, so its section has none."""
-    sections = {name: aggregation.default_hyperparameters(name) for name in aggregation.NAMES}
-    del sections["dot"]["weight_decay"]
-    return ml_collections.ConfigDict(sections)
+    section of the chosen aggregator is used (those a method takes from the optimizer, such
+    as dot's weight decay, are not listed)."""
+    return ml_collections.ConfigDict(
+        {name: aggregation.default_hyperparameters(name) for name in aggregation.NAMES}
+    )
 
 
 def split_arg(arg: str | None, pairs: tuple[str, ...]) -> tuple[str, bool]:

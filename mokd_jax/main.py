@@ -20,7 +20,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mokd_jax import parallel, train
+from mokd_jax import loop, parallel, train
 from mokd_jax.errors import InputError
 
 PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
@@ -56,7 +56,7 @@ def is_not_orbax_chatter(record) -> bool:
 
 def request_stop(signum, frame) -> None:
     """SIGTERM handler: the training loop saves and stops at the end of its current step."""
-    train.PREEMPTION.set()
+    loop.PREEMPTION.set()
 
 
 def main(argv: list[str]) -> None:
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except train.Preempted as stopped:
+    except loop.Preempted as stopped:
         print(f"{stopped}; run the same command to resume from it", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_STATUS)
     print(format_summary(summary))

@@ -20,6 +20,11 @@ own (K = 3), so that the aggregator also balances them against each other."""
 LOGIT_LOSSES = ("kd", "dkd")
 
 
+def objective_names(distill: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The names of the K objectives that `distill.objectives` selects, in loss-vector order."""
+    return OBJECTIVES[distill.objectives]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy against integer labels [B] or soft targets [B, C]
     (label smoothing, Mixup/CutMix)."""

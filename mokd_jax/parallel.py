@@ -16,7 +16,7 @@ and need not know it.
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -90,6 +90,43 @@ def global_batch(local_arrays: tuple[np.ndarray, ...], sharding: NamedSharding) 
 def check_batch_size(field: str, batch_size: int, mesh: Mesh) -> None:
     if batch_size % mesh.size:
         raise invalid(field, batch_size, f"a multiple of the device count {mesh.size}")
+
+
+def variables_sharding(variables: Any) -> Any:
+    """The shardings that placed `variables` (global jax arrays)."""
+    return jax.tree.map(lambda leaf: leaf.sharding, variables)
+
+
+def place_variables(variables: Mapping[str, Any], mesh: Mesh, min_size: int) -> dict:
+    """Model variables onto the mesh, FSDP-sharded like the train state."""
+    return jax.device_put(dict(variables), tree_shardings(mesh, variables, min_size))
+
+
+def compiled_step(step_fn: Callable, state_shardings: Any, mesh: Mesh, extra_shardings=()):
+    """`step_fn(state, *extra, images, labels)` jitted over the mesh, state donated."""
+    batch = batch_sharding(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, *extra_shardings, batch, batch),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def device_batches(
+    dataset, batch_size: int, seed: int, start_step: int, mesh: Mesh
+) -> Iterator[tuple[jax.Array, ...]]:
+    """Global training batches sharded over the mesh; each process reads and places only
+    its part of each."""
+    sharding = batch_sharding(mesh)
+    local = dataset.train_batches(
+        batch_size,
+        seed,
+        start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return (global_batch(batch, sharding) for batch in local)
 
 
 # Environment variables that say this process is one of several: set by the Cloud TPU

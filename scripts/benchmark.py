@@ -8,8 +8,8 @@
 
 Modes (each a config from configs/default.py with the teacher, student and batch size set):
   ce              the student alone, cross-entropy, one forward + one backward, no teacher
-                  (`train.teacher_step` run on the student: it is exactly that step);
-  kd              aggregator `sum` in `train.distill_step`: summed KD as the trainer runs it,
+                  (`steps.teacher_step` run on the student: it is exactly that step);
+  kd              aggregator `sum` in `steps.distill_step`: summed KD as the trainer runs it,
                   which still pulls back the K unit rows (K backward passes, batched);
   kd_1bwd         the same summed loss with ONE backward (pullback of a ones row), then the
                   plain optimizer: the fair baseline for the cost goals;
@@ -22,7 +22,7 @@ forward; only the backward and the aggregation differ.
 
 Each step is jitted with the state donated, compiled outside the timing, run twice to warm
 up and then `--steps` times; the median wall time (after `block_until_ready`) is reported.
-Weights are random (`train.init_model`): step cost does not depend on them. `--dtype`
+Weights are random (`state_lib.init_model`): step cost does not depend on them. `--dtype`
 sets the models' compute dtype (`config.dtype`; parameters, optimizer state and the
 aggregation stay float32).
 
@@ -68,15 +68,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
-from mokd_jax import aggregation, models, train  # noqa: E402
+from mokd_jax import aggregation, models, networks, optimizers, steps  # noqa: E402
+from mokd_jax import state as state_lib  # noqa: E402
+from mokd_jax.config_checks import check_config  # noqa: E402
 from mokd_jax.errors import invalid  # noqa: E402
-from mokd_jax.subspace import SubspaceProjector  # noqa: E402
+from mokd_jax.state import TrainState  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
     "ce": {},
@@ -125,7 +126,7 @@ def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.Co
     for key, value in MODES[mode].items():
         section, _, field = key.rpartition(".")
         (config[section] if section else config)[field] = value
-    train.check_config(config)
+    check_config(config)
     return config
 
 
@@ -139,82 +140,38 @@ def synthetic_batch(
     return images, labels
 
 
-def summed_distill_step(
-    state: train.TrainState,
-    teacher_variables: Mapping[str, Any],
-    images: jax.Array,
-    labels: jax.Array,
-    *,
-    student,
-    teacher,
-    projector,
-    tx: optax.GradientTransformation,
-    distill: ml_collections.ConfigDict,
-) -> tuple[train.TrainState, dict]:
-    """Summed KD with one backward: the loss vector pulled back with a ones row gives the
-    gradient of the sum directly, which `distill_step` with `sum` does not (it pulls back
-    the K unit rows and sums them in the aggregator). `tx` is the plain optimizer."""
-    encode, head_objectives = train.student_functions(
-        state,
-        teacher_variables,
-        images,
-        labels,
-        student=student,
-        teacher=teacher,
-        projector=projector,
-        distill=distill,
-    )
-
-    objectives = train.joined_objectives(encode, head_objectives)
-    losses, pullback, (_, _, batch_stats) = jax.vjp(objectives, state.params, has_aux=True)
-    (gradient,) = pullback(jnp.ones_like(losses))
-    updates, opt_state = tx.update(gradient, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
-    return new_state, {"loss": losses.sum()}
-
-
 def build_mode(
     mode: str,
     config: ml_collections.ConfigDict,
     image_shape: tuple[int, ...],
     teacher_variables: Mapping[str, Any],
-) -> tuple[Callable, train.TrainState, tuple]:
+) -> tuple[Callable, TrainState, tuple]:
     """(step function, initial state, the step's arguments after the state and batch)."""
-    num_classes = config.num_classes
-    student = models.get(
-        config.student.model, num_classes, dtype=config.dtype, image_size=image_shape[0]
-    )
+    nets = networks.build_networks(config, config.num_classes, image_shape[0])
     key = jax.random.key(config.seed + 1)
     if mode == "ce":
-        tx = train.make_optimizer(config.student)
-        state = jax.jit(functools.partial(train.create_teacher_state, student, image_shape, tx))(
-            key
+        tx = optimizers.make_optimizer(config.student)
+        create = functools.partial(state_lib.create_teacher_state, nets.student, image_shape, tx)
+        return (
+            functools.partial(steps.teacher_step, model=nets.student, tx=tx),
+            jax.jit(create)(key),
+            (),
         )
-        return functools.partial(train.teacher_step, model=student, tx=tx), state, ()
-
-    teacher = models.get(
-        config.teacher.model, num_classes, dtype=config.dtype, image_size=image_shape[0]
-    )
-    teacher_width = teacher.feature_width
-    projector = SubspaceProjector(
-        width=config.projector.width_multiplier * teacher_width,
-        orthogonal_init=config.projector.orthogonal_init,
-        seed=config.seed,
-    )
-    common = {"student": student, "teacher": teacher, "projector": projector}
     if mode == "kd_1bwd":
-        tx = train.make_optimizer(config.student)
-        step = functools.partial(summed_distill_step, tx=tx, distill=config.distill, **common)
+        tx = optimizers.make_optimizer(config.student)
+        step = functools.partial(
+            steps.summed_distill_step, networks=nets, tx=tx, distill=config.distill
+        )
     else:
-        tx = train.student_optimizer(config)
-        step = train.bound_distill_step(config, tx=tx, **common)
+        tx = optimizers.student_optimizer(config)
+        step = steps.make_distill_step(config, nets, tx)
     create = functools.partial(
-        train.create_student_state, student, projector, image_shape, teacher_width, tx
+        state_lib.create_student_state,
+        nets.student,
+        nets.projector,
+        image_shape,
+        nets.teacher.feature_width,
+        tx,
     )
     return step, jax.jit(create)(key), (teacher_variables,)
 
@@ -227,7 +184,7 @@ def block(tree: Any) -> None:
 
 
 def time_step(
-    step: Callable, state: train.TrainState, args: tuple, batch: tuple, steps: int
+    step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
 ) -> tuple[float, int | None]:
     """(Median seconds per step, compiled temporary bytes or None). The state is donated
     (as in training), so each call consumes the previous call's state; compilation and
@@ -273,7 +230,7 @@ def forward_flops(model, image_shape: tuple[int, ...], batch_size: int) -> float
     """XLA's FLOP count of one eval-mode forward pass, from shapes only (nothing runs)."""
     images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
     variables = jax.eval_shape(
-        functools.partial(train.init_model, model, image_shape), jax.random.key(0)
+        functools.partial(state_lib.init_model, model, image_shape), jax.random.key(0)
     )
     forward = functools.partial(model.apply, train=False)
     return cost_flops(jax.jit(forward).lower(variables, images).compile().cost_analysis())
@@ -288,7 +245,9 @@ def flop_floor_ratio(teacher_flops: float, student_flops: float) -> float:
 def aggregation_time(params: Any, num_objectives: int, hparams: Mapping[str, Any]) -> float:
     """Median seconds of the jitted `mokd` update alone on random K-stacked gradients shaped
     like `params` (the aggregation's own cost, without the backward passes)."""
-    tx = aggregation.get("mokd", num_objectives=num_objectives, shared=train.shared_mask, **hparams)
+    tx = aggregation.get(
+        "mokd", num_objectives=num_objectives, shared=state_lib.shared_mask, **hparams
+    )
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     rows = jax.tree.unflatten(
@@ -364,11 +323,8 @@ def run(
             raise invalid("modes", mode, f"one of {list(MODES)}")
     image_shape = (image_size, image_size, 3)
     load_before = os.getloadavg()
-    teacher, student = (
-        models.get(name, base.num_classes, dtype=base.dtype, image_size=image_size)
-        for name in (base.teacher.model, base.student.model)
-    )
-    teacher_variables = jax.jit(functools.partial(train.init_model, teacher, image_shape))(
+    teacher, student, _ = networks.build_networks(base, base.num_classes, image_size)
+    teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
         jax.random.key(base.seed)
     )
     batch = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)

@@ -39,6 +39,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mokd_jax import aggregation, parallel, train  # noqa: E402
+from mokd_jax.config_checks import check_config  # noqa: E402
 from mokd_jax.errors import InputError, invalid  # noqa: E402
 from mokd_jax.plots import read_scalars  # noqa: E402
 
@@ -140,7 +141,7 @@ def method_config(
         section[field] = value
     config.seed = seed
     try:
-        train.check_config(config)
+        check_config(config)
     except InputError as error:
         raise invalid("methods", method, f"its preset gives {error}") from error
     return config
@@ -312,7 +313,7 @@ def compare(
     for field, values in (("methods", methods), ("seeds", seeds)):
         if not values:
             raise invalid(field, "", "at least one")
-    train.check_config(base)
+    check_config(base)
     configs = {(m, s): method_config(base, m, s) for m in methods for s in seeds}
     teacher_dir = shared_teacher(base, workdir)
     results = []

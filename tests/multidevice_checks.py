@@ -12,10 +12,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import default
-from mokd_jax import data, models, parallel, train
+from mokd_jax import data, networks, optimizers, parallel, steps, train
+from mokd_jax import state as state_lib
 from mokd_jax.aggregation.gram import gram_matrix
 from mokd_jax.errors import InputError
-from mokd_jax.subspace import SubspaceProjector
 
 STEPS = 3
 # Float32 sums over the batch and over devices are added in another order on 8 devices
@@ -35,29 +35,27 @@ def run_distillation(mesh, aggregator="mokd", fsdp_min_size=2**18, guard=False):
     config.aggregator = aggregator
     config.mesh.fsdp_min_size = fsdp_min_size
     dataset = data.load("digits")
-    teacher = models.get(config.teacher.model, num_classes=10)
-    student = models.get(config.student.model, num_classes=10)
-    projector = SubspaceProjector(width=2 * teacher.feature_width)
-    tx = train.student_optimizer(config)
-    teacher_variables = train.place_variables(
-        train.init_model(teacher, dataset.image_shape, jax.random.key(0)), mesh, config
+    nets = networks.build_networks(config, dataset.num_classes, dataset.image_shape[0])
+    tx = optimizers.student_optimizer(config)
+    teacher_variables = parallel.place_variables(
+        state_lib.init_model(nets.teacher, dataset.image_shape, jax.random.key(0)),
+        mesh,
+        fsdp_min_size,
     )
     create = functools.partial(
-        train.create_student_state,
-        student, projector, dataset.image_shape, teacher.feature_width, tx,
+        state_lib.create_student_state,
+        nets.student, nets.projector, dataset.image_shape, nets.teacher.feature_width, tx,
     )  # fmt: skip
     abstract = jax.eval_shape(create, jax.random.key(0))
     shardings = parallel.tree_shardings(mesh, abstract, fsdp_min_size)
     state = jax.jit(create, out_shardings=shardings)(jax.random.key(1))
-    step = train.compiled_step(
-        train.bound_distill_step(
-            config, student=student, teacher=teacher, projector=projector, tx=tx
-        ),
+    step = parallel.compiled_step(
+        steps.make_distill_step(config, nets, tx),
         shardings,
         mesh,
-        extra_shardings=(train.variables_sharding(teacher_variables),),
+        extra_shardings=(parallel.variables_sharding(teacher_variables),),
     )
-    batches = train.device_batches(dataset, 64, 0, 0, mesh)
+    batches = parallel.device_batches(dataset, 64, 0, 0, mesh)
     placed = [next(batches) for _ in range(STEPS)]
     with jax.transfer_guard("disallow" if guard else "allow"):
         for images, labels in placed:

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mokd_jax import aggregation
-from mokd_jax.aggregation import projection
+from mokd_jax.aggregation import linear, projection
 from mokd_jax.errors import InputError
 
 SIZE = 17
@@ -46,11 +46,15 @@ def to_rows(tree: dict[str, jax.Array]) -> np.ndarray:
     return np.concatenate([a.reshape(a.shape[: a.ndim - 2] + (12,)), b], axis=-1)
 
 
-def method_input(state, tree: dict[str, jax.Array], losses: jax.Array) -> dict[str, jax.Array]:
+def method_input(
+    name: str, state, tree: dict[str, jax.Array], losses: jax.Array
+) -> dict[str, jax.Array]:
     """What the trainer hands the method for per-objective gradients `tree`: the loss
     vector's pullback of `backward_rows`, i.e. J itself (identity rows) for most methods and
     one weighted row for the one-backward methods."""
-    rows = aggregation.backward_rows(state, jnp.asarray(losses, jnp.float32))
+    rows = aggregation.backward_rows(
+        aggregation.spec(name), state, jnp.asarray(losses, jnp.float32)
+    )
     return jax.tree.map(lambda g: jnp.tensordot(rows, g, axes=1), tree)
 
 
@@ -68,7 +72,9 @@ def jitted_update(name: str, num_objectives: int, hparams: tuple = ()):
     def run(tree, losses):
         params = params_like(tree)
         state = tx.init(params)
-        out, state = tx.update(method_input(state, tree, losses), state, params, losses=losses)
+        out, state = tx.update(
+            method_input(name, state, tree, losses), state, params, losses=losses
+        )
         return out, state.weights
 
     return run
@@ -177,7 +183,34 @@ def test_names_cover_this_round():
     gram_space |= {"aligned_mtl", "imtl_g", "upgrad", "gradvac"}
     whole = {"dot", "famo", "mokd_amortized", "graddrop"}
     assert set(aggregation.NAMES) == gram_space | {"db_mtl"} | whole
-    assert set(aggregation.WHOLE_TRANSFORMS) == whole
+    assert {n for n in aggregation.NAMES if aggregation.spec(n).whole_transform} == whole
+
+
+def test_every_method_declares_how_it_is_driven():
+    drives = {name: aggregation.spec(name).drive for name in aggregation.NAMES}
+    assert {n for n, d in drives.items() if d == aggregation.WEIGHTED_ROW} == {
+        "famo",
+        "mokd_amortized",
+    }
+    assert {n for n, d in drives.items() if d == aggregation.REPRESENTATION} == {"graddrop"}
+    assert [n for n in aggregation.NAMES if aggregation.spec(n).owns_momentum] == ["dot"]
+    assert "weight_decay" not in aggregation.default_hyperparameters("dot")
+    with pytest.raises(ValueError, match="backward_weights"):
+        aggregation.AggregatorSpec(linear.weighted, drive=aggregation.WEIGHTED_ROW)
+
+
+def test_weights_are_found_wherever_the_aggregator_sits_in_a_chain():
+    params = {"a": jnp.zeros(3)}
+    for tx in (
+        optax.chain(aggregation.get("mokd"), optax.adam(1e-3)),
+        optax.chain(optax.identity(), aggregation.get("upgrad")),
+        optax.chain(aggregation.get("famo"), optax.sgd(0.1)),
+        aggregation.get("mean", granularity="per_layer"),
+    ):
+        state = tx.init(params)
+        np.testing.assert_array_equal(np.asarray(aggregation.weights(state)), np.zeros(2))
+    with pytest.raises(ValueError, match="no aggregator state"):
+        aggregation.weights(optax.adam(1e-3).init(params))
 
 
 def test_unknown_name_raises_input_error_naming_it():
@@ -414,7 +447,9 @@ def test_mask_of_the_wrong_structure_is_an_input_error():
         tx.update(to_tree(np.ones((2, SIZE))), tx.init(None), losses=jnp.ones(2))
 
 
-PARAMETER_METHODS = [n for n in aggregation.NAMES if n not in aggregation.REPRESENTATION]
+PARAMETER_METHODS = [
+    n for n in aggregation.NAMES if aggregation.spec(n).drive != aggregation.REPRESENTATION
+]
 """The methods that take parameter gradients (GradDrop takes representation gradients and
 has tests of its own in test_aggregation_step_changing.py)."""
 
@@ -428,7 +463,7 @@ def test_weights_reproduce_the_shared_update(name, num_objectives):
     params = params_like(to_tree(rows))
     state = tx.init(params)
     assert state.weights.shape == (num_objectives,) and state.weights.dtype == jnp.float32
-    grads = method_input(state, to_tree(rows), losses)
+    grads = method_input(name, state, to_tree(rows), losses)
     out, state = jax.jit(tx.update)(grads, state, params, losses=jnp.asarray(losses))
     assert state.weights.shape == (num_objectives,)
     d = to_rows(out)
@@ -436,7 +471,8 @@ def test_weights_reproduce_the_shared_update(name, num_objectives):
 
 
 @pytest.mark.parametrize(
-    "name", [name for name in PARAMETER_METHODS if name not in aggregation.ONE_BACKWARD]
+    "name",
+    [n for n in PARAMETER_METHODS if aggregation.spec(n).drive == aggregation.PER_OBJECTIVE],
 )
 def test_non_shared_leaves_get_their_rows_summed(name):
     rows, losses = random_rows(2, 2 if name == "dot" else 3)
@@ -465,7 +501,7 @@ def test_deterministic_for_a_fixed_seed(name):
         state, outs = tx.init(params), []
         update = jax.jit(tx.update)
         for _ in range(3):
-            grads = method_input(state, to_tree(rows), losses)
+            grads = method_input(name, state, to_tree(rows), losses)
             out, state = update(grads, state, params, losses=jnp.asarray(losses))
             outs.append(to_rows(out))
         return np.stack(outs)
@@ -494,8 +530,8 @@ def test_chains_with_sgd_under_jit(name):
         updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
         return optax.apply_updates(params, updates), opt_state
 
-    grads = method_input(aggregator.init(params), to_tree(rows), losses)
+    grads = method_input(name, aggregator.init(params), to_tree(rows), losses)
     new_params, opt_state = step(params, tx.init(params), grads, jnp.asarray(losses))
     combined, _ = aggregator.update(grads, aggregator.init(params), params, losses=losses)
     np.testing.assert_allclose(to_rows(new_params), -0.1 * to_rows(combined), rtol=1e-5)
-    assert opt_state[0].weights.shape == (2,)
+    assert aggregation.weights(opt_state).shape == (2,)

@@ -23,7 +23,7 @@ from mokd_jax.errors import InputError
 FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 SEEDS = st.integers(0, 2**32 - 1)
 STEPS = 4
-WHOLE_TRANSFORMS = aggregation.WHOLE_TRANSFORMS
+WHOLE_TRANSFORMS = tuple(n for n in aggregation.NAMES if aggregation.spec(n).whole_transform)
 """Names that are whole transforms, with no per-objective problem to split per layer."""
 GRAM_METHODS = tuple(name for name in aggregation.NAMES if name not in WHOLE_TRANSFORMS)
 

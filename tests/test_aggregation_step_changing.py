@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from mokd_jax import aggregation
+from mokd_jax.aggregation import graddrop
 from mokd_jax.errors import InputError
 
 EPS = 1e-8
@@ -64,7 +65,11 @@ def test_one_backward_methods_match_reference_over_steps(name, num_objectives):
     update = jax.jit(tx.update)
     for _ in range(6):
         losses = rng.uniform(0.05, 3.0, num_objectives)
-        rows = np.asarray(aggregation.backward_rows(state, jnp.asarray(losses, jnp.float32)))
+        rows = np.asarray(
+            aggregation.backward_rows(
+                aggregation.spec(name), state, jnp.asarray(losses, jnp.float32)
+            )
+        )
         np.testing.assert_allclose(rows[0], reference.weights(losses), rtol=1e-5)
         gradient = rng.normal(size=(1, 7)).astype(np.float32)
         out, state = update(
@@ -97,7 +102,9 @@ def test_mokd_amortized_clips_the_shared_gradient_only():
 
 def test_backward_rows_are_the_identity_for_jacobian_methods():
     tx = aggregation.get("mokd", num_objectives=3)
-    rows = aggregation.backward_rows(tx.init(None), jnp.array([1.0, 2.0, 3.0]))
+    rows = aggregation.backward_rows(
+        aggregation.spec("mokd"), tx.init(None), jnp.array([1.0, 2.0, 3.0])
+    )
     np.testing.assert_array_equal(np.asarray(rows), np.eye(3))
 
 
@@ -107,7 +114,9 @@ def test_one_backward_methods_stay_finite(name, losses):
     tx = aggregation.get(name)
     state = tx.init(None)
     for _ in range(3):
-        rows = aggregation.backward_rows(state, jnp.array(losses, jnp.float32))
+        rows = aggregation.backward_rows(
+            aggregation.spec(name), state, jnp.array(losses, jnp.float32)
+        )
         out, state = tx.update({"w": jnp.ones((1, 3))}, state, losses=jnp.array(losses))
         assert np.all(np.isfinite(np.asarray(rows)))
         assert np.all(np.isfinite(np.asarray(out["w"])))
@@ -191,7 +200,7 @@ def test_graddrop_matches_reference(num_objectives, leak):
     rng = np.random.default_rng(num_objectives)
     gradients = rng.normal(size=(num_objectives, 4, 6)).astype(np.float32)
     state = aggregation.get("graddrop", num_objectives=num_objectives, leak=leak).init(None)
-    combined, kept = jax.jit(type(state).combine_representation)(state, jnp.asarray(gradients))
+    combined, kept = jax.jit(graddrop.combine_representation)(state, jnp.asarray(gradients))
     expected = numpy_graddrop(gradients.astype(np.float64), graddrop_uniform(state, (6,)), leak)
     np.testing.assert_allclose(np.asarray(combined), expected, rtol=1e-5, atol=1e-6)
     assert kept.shape == (num_objectives,)
@@ -201,7 +210,7 @@ def test_graddrop_keeps_one_sign_per_feature_and_agreeing_gradients_whole():
     rng = np.random.default_rng(5)
     gradients = jnp.asarray(rng.normal(size=(3, 8, 16)), jnp.float32)
     state = aggregation.get("graddrop", num_objectives=3).init(None)
-    combined, _ = state.combine_representation(gradients)
+    combined, _ = graddrop.combine_representation(state, gradients)
     uniform = graddrop_uniform(state, (16,))
     summed = np.asarray(gradients, np.float64).sum(1)
     purity = 0.5 * (1 + summed.sum(0) / np.abs(summed).sum(0))
@@ -212,7 +221,7 @@ def test_graddrop_keeps_one_sign_per_feature_and_agreeing_gradients_whole():
             np.asarray(combined, np.float64).sum(0)[feature], np.sum(kept), rtol=1e-4, atol=1e-5
         )
     agreeing = jnp.abs(gradients)  # all positive: purity 1, nothing is dropped
-    combined, kept = state.combine_representation(agreeing)
+    combined, kept = graddrop.combine_representation(state, agreeing)
     np.testing.assert_allclose(np.asarray(combined), np.asarray(agreeing.sum(0)), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(kept), np.ones(3))
 

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar100, default, imagenet
-from mokd_jax import checkpoint, models, train
+from mokd_jax import checkpoint, config_checks, models, optimizers, train
 from mokd_jax.errors import InputError
 
 
@@ -22,7 +22,7 @@ from mokd_jax.errors import InputError
 )
 def test_every_pair_is_a_valid_config_of_registered_models(module, pair):
     config = module.get_config(pair)
-    train.check_config(config)
+    config_checks.check_config(config)
     assert (config.teacher.model, config.student.model) == module.PAIRS[pair]
     assert {config.teacher.model, config.student.model} <= set(models.NAMES)
 
@@ -65,7 +65,7 @@ def test_step_schedule_decays_at_its_boundaries_after_warmup():
     section = default.get_config().student
     section.learning_rate, section.num_train_steps, section.warmup_steps = 0.4, 100, 10
     section.schedule, section.decay_boundaries = "step", (50, 80)
-    schedule = train.learning_rate_schedule(section)
+    schedule = optimizers.learning_rate_schedule(section)
     rates = [float(schedule(step)) for step in (0, 5, 10, 49, 50, 79, 80, 99)]
     np.testing.assert_allclose(rates, [0, 0.2, 0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
 
@@ -74,7 +74,7 @@ def test_step_schedule_with_boundaries_outside_the_run_is_refused():
     config = default.get_config("smoke")
     config.student.schedule, config.student.decay_boundaries = "step", (10, 30)
     with pytest.raises(InputError, match=r"student.decay_boundaries=\(10, 30\)"):
-        train.check_config(config)
+        config_checks.check_config(config)
 
 
 @pytest.mark.parametrize(

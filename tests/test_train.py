@@ -1,24 +1,19 @@
-"""The trainer end to end on the real digits: one step, the CLI, resume, bad input."""
+"""The phases end to end on the real digits: summary, events, resume, the CLI, bad input."""
 
-import dataclasses
-import functools
 import hashlib
 import json
 import os
 import subprocess
 import sys
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from mokd_jax import aggregation, checkpoint, data, models, parallel, train
+from mokd_jax import checkpoint, data, loop, train
 from mokd_jax.errors import InputError
-from mokd_jax.subspace import SubspaceProjector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,83 +36,6 @@ def tree_digest(directory: str) -> str:
             with open(path, "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()
-
-
-class StepParts(NamedTuple):
-    """A tiny batch and everything a distillation step needs, from the smoke config."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    teacher: object
-    student: object
-    projector: SubspaceProjector
-    tx: object
-    create_state: functools.partial  # key -> a fresh student TrainState
-
-
-def step_parts(config) -> StepParts:
-    dataset = data.load("digits")
-    images, labels = dataset.train_images[:16], dataset.train_labels[:16]
-    teacher = models.get(config.teacher.model, num_classes=10)
-    student = models.get(config.student.model, num_classes=10)
-    projector = SubspaceProjector(width=2 * teacher.feature_width)
-    tx = train.student_optimizer(config)
-    create_state = functools.partial(
-        train.create_student_state,
-        student, projector, images.shape[1:], teacher.feature_width, tx,
-    )  # fmt: skip
-    return StepParts(images, labels, teacher, student, projector, tx, create_state)
-
-
-def test_distill_step_updates_student_and_projector_only():
-    config = default.get_config("smoke")
-    config.student.warmup_steps = 0  # a non-zero learning rate on the first step
-    images, labels, teacher, student, projector, tx, create_state = step_parts(config)
-    teacher_variables = train.init_model(teacher, images.shape[1:], jax.random.key(1))
-    state = create_state(jax.random.key(2))
-    step = jax.jit(
-        train.bound_distill_step(
-            config, student=student, teacher=teacher, projector=projector, tx=tx
-        )
-    )
-    teacher_before = jax.tree.map(np.array, teacher_variables)
-    new_state, metrics = step(state, teacher_variables, images, labels)
-
-    assert int(new_state.step) == 1
-    for part in ("student", "projector"):
-        before, after = jax.tree.leaves(state.params[part]), jax.tree.leaves(new_state.params[part])
-        assert any(not np.array_equal(b, a) for b, a in zip(before, after, strict=True)), part
-    jax.tree.map(np.testing.assert_array_equal, teacher_before, jax.device_get(teacher_variables))
-    np.testing.assert_array_equal(
-        new_state.constants["teacher_lift"], state.constants["teacher_lift"]
-    )
-    expected = {
-        "loss_task", "loss_distill", "loss_kd_logit", "loss_kd_feature", "weight_task",
-        "weight_distill", "cos_task_distill", "norm_ratio_distill", "accuracy", "conflict",
-    }  # fmt: skip
-    assert expected <= set(metrics)
-    assert all(np.isfinite(float(v)) for v in metrics.values())
-    assert -1.0 <= float(metrics["cos_task_distill"]) <= 1.0
-    assert float(metrics["norm_ratio_distill"]) > 0
-
-
-def test_teacher_is_an_argument_of_the_step_not_a_constant():
-    """Different teacher variables through the same compiled step give different updates."""
-    config = default.get_config("smoke")
-    images, labels, teacher, student, projector, tx, create = step_parts(config)
-    image_shape = images.shape[1:]
-    step = jax.jit(
-        train.bound_distill_step(
-            config, student=student, teacher=teacher, projector=projector, tx=tx
-        )
-    )
-    losses = [
-        float(step(create(jax.random.key(0)), train.init_model(teacher, image_shape, key),
-                   images, labels)[1]["loss_distill"])
-        for key in (jax.random.key(1), jax.random.key(2))
-    ]  # fmt: skip
-    assert step._cache_size() == 1
-    assert losses[0] != losses[1]
 
 
 def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
@@ -174,14 +92,14 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
             yield next(batches)
         if stop == "crash":
             raise KeyboardInterrupt("simulated crash")
-        train.PREEMPTION.set()  # what main's SIGTERM handler does
+        loop.PREEMPTION.set()  # what main's SIGTERM handler does
         yield next(batches)
 
     monkeypatch.setattr(data.Dataset, "train_batches", interrupted_batches)
-    expected = KeyboardInterrupt if stop == "crash" else train.Preempted
+    expected = KeyboardInterrupt if stop == "crash" else loop.Preempted
     with pytest.raises(expected):
         train.train_and_evaluate(config, str(tmp_path))
-    train.PREEMPTION.clear()
+    loop.PREEMPTION.clear()
     if stop == "preemption":
         student_checkpoints = os.listdir(tmp_path / "checkpoints" / "student")
         assert max(int(name) for name in student_checkpoints if name.isdigit()) == 14
@@ -297,86 +215,8 @@ def test_cli_runs_and_reports_bad_input_in_one_line(tmp_path):
     assert len(error_lines) == 1 and "aggregator='nope'" in error_lines[0]
 
 
-def short_student_run(reference_dir, workdir, **overrides):
-    """Three distillation steps with the reference run's teacher; returns the summary."""
-    config = default.get_config("smoke")
-    config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
-    config.student.num_train_steps = 3
-    config.update_from_flattened_dict(overrides)
-    return train.train_and_evaluate(config, workdir)
-
-
-@pytest.mark.parametrize("name", aggregation.NAMES)
-def test_every_aggregator_trains_end_to_end(finished_run, tmp_path, name):
-    overrides = {"aggregator": name}
-    if name == "dot":
-        overrides["student.optimizer"] = "sgd"
-    summary = short_student_run(finished_run[0], str(tmp_path), **overrides)
-    assert summary["method"] == name
-    assert all(np.isfinite(value) for value in summary["training_diagnostics"].values())
-
-
-def test_three_objectives_with_dkd_train_end_to_end(finished_run, tmp_path):
-    summary = short_student_run(
-        finished_run[0],
-        str(tmp_path),
-        **{"distill.objectives": "separate", "distill.logit_loss": "dkd"},
-    )
-    diagnostics = summary["training_diagnostics"]
-    assert {"weight_logit", "weight_feature", "cos_task_logit", "cos_task_feature"} <= set(
-        diagnostics
-    )
-
-
 def test_dot_refuses_adamw(tmp_path):
     config = default.get_config("smoke")
     config.aggregator = "dot"
     with pytest.raises(InputError, match="student.optimizer='adamw'.*sgd"):
         train.train_and_evaluate(config, str(tmp_path))
-
-
-def test_representation_path_with_everything_kept_equals_the_plain_sum():
-    """GradDrop's two pullbacks (head, then encoder with the combined representation
-    gradient) reproduce the one-pullback gradient of the summed losses when nothing is
-    dropped: the plumbing of `representation_gradients` is exact."""
-    config = default.get_config("smoke")
-    images, labels, teacher, student, projector, tx, create_state = step_parts(config)
-    teacher_variables = train.init_model(teacher, images.shape[1:], jax.random.key(1))
-    state = create_state(jax.random.key(2))
-
-    encode, head_objectives = train.student_functions(
-        state, teacher_variables, images, labels,
-        student=student, teacher=teacher, projector=projector, distill=config.distill,
-    )  # fmt: skip
-
-    def summed(params):
-        pooled, _ = encode(params["student"])
-        return head_objectives(params, pooled)[0].sum()
-
-    rows, _, _, _ = train.representation_gradients(
-        encode, head_objectives, state.params, lambda g: (g.sum(0), jnp.ones(2))
-    )
-    expected = jax.grad(summed)(state.params)
-    jax.tree.map(
-        lambda row, want: np.testing.assert_allclose(row[0], want, rtol=2e-4, atol=1e-6),
-        rows, expected,
-    )  # fmt: skip
-
-
-def test_evaluate_counts_top1_and_top5_over_every_example_once():
-    dataset = data.load("digits")
-    images, labels = dataset.test_images[:37], dataset.test_labels[:37]  # padded last batch
-    model = models.get("cnn_small", num_classes=10)
-    variables = train.init_model(model, images.shape[1:], jax.random.key(3))
-    logits = np.asarray(model.apply(variables, data.normalize(images)))
-    ranks = (logits > logits[np.arange(37), labels][:, None]).sum(-1)
-    subset = dataclasses.replace(dataset, test_images=images, test_labels=labels)
-    mesh = parallel.make_mesh(fsdp=1)
-    result = train.evaluate(model, variables, subset, batch_size=16, mesh=mesh)
-    assert result["test_accuracy"] == pytest.approx(np.mean(ranks == 0))
-    assert result["test_top5_accuracy"] == pytest.approx(np.mean(ranks < 5))
-
-
-def test_checkpoint_paths_keep_urls_and_absolutize_local_dirs():
-    assert checkpoint.resolve("gs://bucket/runs/r18") == "gs://bucket/runs/r18"
-    assert checkpoint.resolve("runs/x") == os.path.abspath("runs/x")

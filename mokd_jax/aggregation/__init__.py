@@ -6,13 +6,14 @@ Usage, with J the per-objective gradients (leaves [K, *param.shape]) and losses 
     updates, opt_state = tx.update(J, opt_state, params, losses=losses)
 
 Most methods are Gram-space weightings (see `gram`); a few keep per-parameter buffers
-(`transform.Buffered`). The formulas are in shared/AGGREGATORS.md. A new method is one
-factory `(num_objectives, **hparams) -> Weighting | Buffered` plus one entry in `_REGISTRY`;
-`granularity` ('global' or 'per_layer') then works for it with no further code.
+(`transform.Buffered`); a few change the step itself and are whole transforms. The
+formulas are in docs/aggregators.md. A new method is one factory
+`(num_objectives, **hparams) -> Weighting | Buffered` plus one `AggregatorSpec` line in
+`_REGISTRY`, which also says how the trainer drives it (`contract`); `granularity`
+('global' or 'per_layer') then works for it with no further code.
 """
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import optax
@@ -28,64 +29,87 @@ from mokd_jax.aggregation import (
     min_norm,
     projection,
 )
-from mokd_jax.aggregation.amortized import backward_rows
+from mokd_jax.aggregation.contract import (
+    DRIVES,
+    PER_OBJECTIVE,
+    REPRESENTATION,
+    WEIGHTED_ROW,
+    AggregatorSpec,
+    backward_rows,
+    find_state,
+    weights,
+)
 from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix, min_norm_weights
-from mokd_jax.aggregation.transform import Method, Shared, aggregate
+from mokd_jax.aggregation.transform import Shared, aggregate
 from mokd_jax.checks import check_int
 from mokd_jax.errors import invalid
 
-_REGISTRY: dict[str, Callable[..., Method]] = {
-    "sum": linear.weighted,
-    "weighted": linear.weighted,
-    "mean": linear.mean,
-    "mgda": min_norm.mgda,
-    "pcgrad": projection.pcgrad,
-    "gradvac": projection.gradvac,
-    "db_mtl": dual_balancing.db_mtl,
-    "cagrad": constrained.cagrad,
-    "nash_mtl": constrained.nash_mtl,
-    "upgrad": constrained.upgrad,
-    "imtl_g": balanced.imtl_g,
-    "aligned_mtl": balanced.aligned_mtl,
-    "mokd": min_norm.mokd,
+_REGISTRY: dict[str, AggregatorSpec] = {
+    "sum": AggregatorSpec(linear.weighted),
+    "weighted": AggregatorSpec(linear.weighted),
+    "mean": AggregatorSpec(linear.mean),
+    "mgda": AggregatorSpec(min_norm.mgda),
+    "pcgrad": AggregatorSpec(projection.pcgrad),
+    "gradvac": AggregatorSpec(projection.gradvac),
+    "db_mtl": AggregatorSpec(dual_balancing.db_mtl),
+    "cagrad": AggregatorSpec(constrained.cagrad),
+    "nash_mtl": AggregatorSpec(constrained.nash_mtl),
+    "upgrad": AggregatorSpec(constrained.upgrad),
+    "imtl_g": AggregatorSpec(balanced.imtl_g),
+    "aligned_mtl": AggregatorSpec(balanced.aligned_mtl),
+    "mokd": AggregatorSpec(min_norm.mokd),
+    "dot": AggregatorSpec(
+        dot.dot, whole_transform=True, owns_momentum=True, from_optimizer=("weight_decay",)
+    ),
+    "famo": AggregatorSpec(
+        amortized.famo,
+        drive=WEIGHTED_ROW,
+        whole_transform=True,
+        backward_weights=amortized.famo_weights,
+    ),
+    "mokd_amortized": AggregatorSpec(
+        amortized.mokd_amortized,
+        drive=WEIGHTED_ROW,
+        whole_transform=True,
+        backward_weights=amortized.mokd_amortized_weights,
+    ),
+    "graddrop": AggregatorSpec(
+        graddrop.graddrop,
+        drive=REPRESENTATION,
+        whole_transform=True,
+        combine_representation=graddrop.combine_representation,
+    ),
 }
+"""Every method: its factory and how the trainer drives it (`contract.AggregatorSpec`)."""
 
-_TRANSFORMS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
-    "dot": dot.dot,
-    "famo": amortized.famo,
-    "graddrop": graddrop.graddrop,
-    "mokd_amortized": amortized.mokd_amortized,
-}
-"""Methods that change the step itself (their own momenta, one backward), so they are whole
-transforms, `(num_objectives, shared, **hparams) -> transform`, not Gram weightings."""
-
-NAMES: tuple[str, ...] = (*_REGISTRY, *_TRANSFORMS)
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Every accepted aggregator name (aliases included)."""
 
-WHOLE_TRANSFORMS: tuple[str, ...] = tuple(_TRANSFORMS)
-"""The methods that are whole transforms rather than Gram weightings (global only)."""
 
-ONE_BACKWARD: tuple[str, ...] = ("famo", "mokd_amortized")
-"""Methods that take ONE gradient, of the loss vector pulled back with the row
-`backward_rows(state, losses)`, instead of the K per-objective gradients; parameters outside
-the shared mask then get their objective's gradient times its weight."""
+def spec(name: str) -> AggregatorSpec:
+    """The registry entry of method `name`; InputError for an unknown name."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise invalid("aggregator", name, f"one of {', '.join(NAMES)}")
+    return entry
 
-REPRESENTATION: tuple[str, ...] = ("graddrop",)
-"""Methods that combine the objectives' gradients at the student's representation (its
-pooled features) with `state.combine_representation`, before the encoder's backward pass;
-the parameters after the representation get the plain sum of the objectives' gradients."""
+
+def _accepted_hyperparameters(name: str) -> dict[str, Any]:
+    return {
+        key: parameter.default
+        for key, parameter in inspect.signature(spec(name).factory).parameters.items()
+        if key not in ("num_objectives", "shared")
+    }
 
 
 def default_hyperparameters(name: str) -> dict[str, Any]:
-    """The hyperparameters of method `name` and their defaults, read off its factory, so
-    that configs list exactly what `get` accepts without repeating the defaults."""
-    factory = _REGISTRY.get(name) or _TRANSFORMS.get(name)
-    if factory is None:
-        raise invalid("aggregator", name, f"one of {', '.join(NAMES)}")
+    """The hyperparameters of method `name` that a config sets, with their defaults, read
+    off its factory, so that configs list exactly what `get` accepts without repeating the
+    defaults. Those the trainer takes from the optimizer (`from_optimizer`) are left out."""
     return {
-        key: parameter.default
-        for key, parameter in inspect.signature(factory).parameters.items()
-        if key not in ("num_objectives", "shared")
+        key: value
+        for key, value in _accepted_hyperparameters(name).items()
+        if key not in spec(name).from_optimizer
     }
 
 
@@ -107,8 +131,9 @@ def get(
         get the plain sum of their K rows, i.e. their own objective's gradient.
       granularity: 'global' (the shared leaves form one vector: one Gram matrix, one weight
         vector) or 'per_layer' (every shared leaf is its own problem, with its own weights
-        and state; `init` then needs params). The whole transforms (_TRANSFORMS) have no
-        per-objective problem to split and accept 'global' only.
+        and state; `init` then needs params). Whole transforms
+        (`AggregatorSpec.whole_transform`) have no per-objective problem to split and
+        accept 'global' only.
       **hparams: the method's hyperparameters (see its factory's docstring).
 
     Returns:
@@ -120,31 +145,34 @@ def get(
     Raises:
       InputError: unknown name, unknown hyperparameter or invalid value.
     """
-    factory = _REGISTRY.get(name) or _TRANSFORMS.get(name)
-    if factory is None:
-        raise invalid("aggregator", name, f"one of {', '.join(NAMES)}")
+    entry = spec(name)
     check_int("aggregator.num_objectives", num_objectives, 2)
-    accepted = list(default_hyperparameters(name))
+    accepted = list(_accepted_hyperparameters(name))
     for key, value in hparams.items():
         if key not in accepted:
             allowed = ", ".join(accepted) or "none"
             raise invalid(f"aggregator.{key}", value, f"a hyperparameter of {name}: {allowed}")
-    if name in _TRANSFORMS:
+    if entry.whole_transform:
         if granularity != "global":
             raise invalid("aggregator.granularity", granularity, f"'global' for {name}")
-        return factory(num_objectives, shared, **hparams)
-    return aggregate(factory(num_objectives, **hparams), num_objectives, shared, granularity)
+        return entry.factory(num_objectives, shared, **hparams)
+    return aggregate(entry.factory(num_objectives, **hparams), num_objectives, shared, granularity)
 
 
 __all__ = [
+    "DRIVES",
     "NAMES",
-    "ONE_BACKWARD",
+    "PER_OBJECTIVE",
     "REPRESENTATION",
-    "WHOLE_TRANSFORMS",
+    "WEIGHTED_ROW",
+    "AggregatorSpec",
     "backward_rows",
     "conflict_diagnostics",
     "default_hyperparameters",
+    "find_state",
     "get",
     "gram_matrix",
     "min_norm_weights",
+    "spec",
+    "weights",
 ]

@@ -1,7 +1,8 @@
 """One-backward methods: `famo` and `mokd_amortized`.
 
 These never form the K per-objective gradients. Each step, the trainer asks the state for
-the weights of the loss vector (`state.backward_weights(losses)`), pulls that one row back
+the weights of the loss vector (`famo_weights` / `mokd_amortized_weights` of the state and the
+losses: the registry's `backward_weights`), pulls that one row back
 through the network (one backward pass) and hands the resulting gradient (leading axis 1)
 to `update`, which then learns the weights from how the log-losses moved (FAMO's rule, Liu
 et al. 2023):
@@ -21,6 +22,7 @@ scalar, i.e. their objective's gradient times its weight, as in FAMO itself: wit
 backward passes there is no unweighted per-objective gradient to give them.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +39,7 @@ def _log_losses(losses: jax.Array) -> jax.Array:
     return jnp.log(jnp.maximum(losses, 0.0) + EPS)
 
 
-class FamoState(NamedTuple):
+class AmortizedState(NamedTuple):
     """weights: raw coefficients of the last update; logits: xi; logits_optimizer: Adam's
     state for xi; previous_log_losses / has_previous: the last step's log-losses."""
 
@@ -47,25 +49,29 @@ class FamoState(NamedTuple):
     previous_log_losses: jax.Array
     has_previous: jax.Array
 
-    def backward_weights(self, losses: jax.Array) -> jax.Array:
-        """FAMO: the gradient of sum_k z_k log L_k / c, c = sum_k z_k / L_k (detached)."""
-        z = jax.nn.softmax(self.logits)
-        inverse = 1.0 / (jnp.maximum(losses, 0.0) + EPS)
-        return z * inverse / jnp.sum(z * inverse)
+
+BackwardWeights = Callable[[AmortizedState, jax.Array], jax.Array]
+"""(state, losses [K]) -> the weights [K] of the one row pulled back this step."""
 
 
-class MokdAmortizedState(FamoState):
-    def backward_weights(self, losses: jax.Array) -> jax.Array:
-        """MoKD's step 4 on FAMO's weights: the log-loss gradient sum_k z_k grad log L_k,
-        rescaled by sum_k z_k L_k (`mokd`'s 'loss' rescale: 'mean_norm' would need the K
-        gradients that this method never forms)."""
-        z = jax.nn.softmax(self.logits)
-        clamped = jnp.maximum(losses, 0.0)
-        return z / (clamped + EPS) * jnp.sum(z * clamped)
+def famo_weights(state: AmortizedState, losses: jax.Array) -> jax.Array:
+    """FAMO: the gradient of sum_k z_k log L_k / c, c = sum_k z_k / L_k (detached)."""
+    z = jax.nn.softmax(state.logits)
+    inverse = 1.0 / (jnp.maximum(losses, 0.0) + EPS)
+    return z * inverse / jnp.sum(z * inverse)
+
+
+def mokd_amortized_weights(state: AmortizedState, losses: jax.Array) -> jax.Array:
+    """MoKD's step 4 on FAMO's weights: the log-loss gradient sum_k z_k grad log L_k,
+    rescaled by sum_k z_k L_k (`mokd`'s 'loss' rescale: 'mean_norm' would need the K
+    gradients that this method never forms)."""
+    z = jax.nn.softmax(state.logits)
+    clamped = jnp.maximum(losses, 0.0)
+    return z / (clamped + EPS) * jnp.sum(z * clamped)
 
 
 def _amortized(
-    state_type: type[FamoState],
+    backward_weights: BackwardWeights,
     num_objectives: int,
     shared: Any,
     learning_rate: float,
@@ -84,7 +90,7 @@ def _amortized(
     def init_fn(params):
         del params
         logits = jnp.zeros((num_objectives,), jnp.float32)
-        return state_type(
+        return AmortizedState(
             weights=zero_weights(num_objectives),
             logits=logits,
             logits_optimizer=logits_optimizer.init(logits),
@@ -97,7 +103,7 @@ def _amortized(
         if losses is None:
             raise TypeError("aggregator update needs losses=<float [K] objective values>")
         losses = jnp.asarray(losses, jnp.float32)
-        weights = state.backward_weights(losses)
+        weights = backward_weights(state, losses)
         gradient = jax.tree.map(lambda leaf: leaf[0], updates)
         mask = expand_mask(shared(params) if callable(shared) else shared, updates)
         factor = 1.0
@@ -121,7 +127,7 @@ def _amortized(
             (state.logits + step, optimizer_state),
             (state.logits, state.logits_optimizer),
         )
-        new_state = state_type(
+        new_state = AmortizedState(
             weights=weights * factor,
             logits=learned[0],
             logits_optimizer=learned[1],
@@ -140,7 +146,7 @@ def famo(
     weight_decay: float = 1e-3,
 ) -> optax.GradientTransformationExtraArgs:
     """FAMO (AGGREGATORS.md): one backward per step, weights learned from the log-losses."""
-    return _amortized(FamoState, num_objectives, shared, learning_rate, weight_decay, None)
+    return _amortized(famo_weights, num_objectives, shared, learning_rate, weight_decay, None)
 
 
 def mokd_amortized(
@@ -153,14 +159,5 @@ def mokd_amortized(
     """MoKD at the cost of one backward (PAPER.md step 5): FAMO's weight learning on
     log-losses, rescaled by the weighted loss and clipped at `max_norm` like `mokd`."""
     return _amortized(
-        MokdAmortizedState, num_objectives, shared, learning_rate, weight_decay, max_norm
+        mokd_amortized_weights, num_objectives, shared, learning_rate, weight_decay, max_norm
     )
-
-
-def backward_rows(state: Any, losses: jax.Array) -> jax.Array:
-    """The cotangents to pull the loss vector back with, [R, K]: one weighted row for the
-    one-backward methods (their state knows the weights), else the identity, which gives
-    the K per-objective gradients (R = K)."""
-    if isinstance(state, FamoState):
-        return state.backward_weights(losses)[None, :]
-    return jnp.eye(losses.shape[0], dtype=losses.dtype)

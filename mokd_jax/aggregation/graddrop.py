@@ -36,18 +36,21 @@ class GradDropState(NamedTuple):
     key: jax.Array
     leak: jax.Array
 
-    def combine_representation(self, gradients: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The GradDrop combination of representation gradients [K, B, ...] -> ([B, ...],
-        the kept fraction per objective [K])."""
-        key = jax.random.fold_in(jax.random.wrap_key_data(self.key), 0)
-        summed = gradients.sum(axis=1)  # over the batch
-        purity = 0.5 * (1.0 + summed.sum(0) / (jnp.abs(summed).sum(0) + EPS))
-        uniform = jax.random.uniform(key, purity.shape)
-        positive = (purity > uniform) & (summed > 0)
-        negative = (purity < uniform) & (summed < 0)
-        keep = self.leak + (1.0 - self.leak) * (positive | negative).astype(gradients.dtype)
-        combined = jnp.sum(keep[:, None] * gradients, axis=0)
-        return combined, keep.reshape(keep.shape[0], -1).mean(-1)
+
+def combine_representation(
+    state: GradDropState, gradients: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The GradDrop combination of representation gradients [K, B, ...] -> ([B, ...], the
+    kept fraction per objective [K]), with the U drawn from `state`'s key."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+    summed = gradients.sum(axis=1)  # over the batch
+    purity = 0.5 * (1.0 + summed.sum(0) / (jnp.abs(summed).sum(0) + EPS))
+    uniform = jax.random.uniform(key, purity.shape)
+    positive = (purity > uniform) & (summed > 0)
+    negative = (purity < uniform) & (summed < 0)
+    keep = state.leak + (1.0 - state.leak) * (positive | negative).astype(gradients.dtype)
+    combined = jnp.sum(keep[:, None] * gradients, axis=0)
+    return combined, keep.reshape(keep.shape[0], -1).mean(-1)
 
 
 def graddrop(

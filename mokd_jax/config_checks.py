@@ -1,0 +1,62 @@
+"""Validation of a whole run configuration, before anything is built or written.
+
+Every check raises the one-line InputError of `mokd_jax.checks`: the field, its value and
+what is allowed. The aggregator's name and hyperparameters are checked by building it.
+"""
+
+import ml_collections
+
+from mokd_jax import aggregation, models
+from mokd_jax.checks import check_choice, check_int, check_nonnegative, check_positive, check_range
+from mokd_jax.errors import invalid
+from mokd_jax.objectives import LOGIT_LOSSES, OBJECTIVES
+from mokd_jax.optimizers import OPTIMIZERS, SCHEDULES, make_aggregator
+
+
+def check_schedule(name: str, section: ml_collections.ConfigDict) -> None:
+    """The section's schedule name, and step boundaries strictly inside the run."""
+    check_choice(f"{name}.schedule", section.schedule, SCHEDULES)
+    boundaries = list(section.decay_boundaries)
+    if section.schedule == "step" and (
+        boundaries != sorted(set(boundaries))
+        or not all(0 < b < section.num_train_steps for b in boundaries)
+    ):
+        raise invalid(
+            f"{name}.decay_boundaries",
+            tuple(boundaries),
+            f"increasing steps between 0 and {name}.num_train_steps={section.num_train_steps}",
+        )
+
+
+def check_phase(name: str, section: ml_collections.ConfigDict) -> None:
+    """A teacher or student section: model, length, rate, optimizer and schedule."""
+    check_choice(f"{name}.model", section.model, models.NAMES)
+    check_int(f"{name}.num_train_steps", section.num_train_steps, 1)
+    check_positive(f"{name}.learning_rate", section.learning_rate)
+    check_choice(f"{name}.optimizer", section.optimizer, OPTIMIZERS)
+    check_schedule(name, section)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises InputError for a numeric or named field outside what is allowed."""
+    for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
+        check_int(field, config[field], 1)
+    for section in ("teacher", "student"):
+        check_phase(section, config[section])
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        check_nonnegative(f"augment.{field}", config.augment[field])
+    check_range("augment.label_smoothing", config.augment.label_smoothing, 0, 1, open_high=True)
+    check_choice("dtype", config.dtype, models.DTYPES)
+    check_int("mesh.fsdp_min_size", config.mesh.fsdp_min_size, 0)
+    check_choice("distill.objectives", config.distill.objectives, tuple(OBJECTIVES))
+    check_choice("distill.logit_loss", config.distill.logit_loss, LOGIT_LOSSES)
+    check_positive("distill.temperature", config.distill.temperature)
+    check_int("projector.width_multiplier", config.projector.width_multiplier, 1)
+    spec = aggregation.spec(config.aggregator)
+    if spec.owns_momentum and config.student.optimizer != "sgd":
+        raise invalid(
+            "student.optimizer",
+            config.student.optimizer,
+            f"sgd with aggregator={config.aggregator} (it keeps its own momenta)",
+        )
+    make_aggregator(config)  # checks the aggregator's hyperparameters

@@ -1,0 +1,116 @@
+"""The training loop of one phase: steps, TensorBoard, progress, checkpoints, preemption.
+
+This is where the I/O lives (CLU's metric writers, which import TensorFlow, and Orbax's
+checkpoint manager); the steps it runs are the pure functions of `mokd_jax.steps`.
+"""
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from mokd_jax import checkpoint, parallel
+from mokd_jax.state import TrainState
+
+PREEMPTION = threading.Event()
+"""Set by the SIGTERM handler of `mokd_jax.main`: the loop then saves and stops."""
+
+
+class Preempted(Exception):
+    """Training stopped early on a preemption notice, after saving a checkpoint."""
+
+    def __init__(self, phase: str, step: int):
+        super().__init__(f"{phase} preempted at step {step}; its checkpoint is saved")
+        self.phase = phase
+        self.step = step
+
+
+def initial_state(
+    create: Callable, seed: int, manager, fingerprint, mesh, fsdp_min_size: int, phase: str
+) -> tuple[TrainState, Any]:
+    """The phase's state, sharded over the mesh: restored from its newest checkpoint, or
+    created directly in its shardings (`jit(create, out_shardings=...)`, so no device ever
+    holds a full unsharded copy). Returns (state, its shardings)."""
+    abstract = jax.eval_shape(create, jax.random.key(0))
+    shardings = parallel.tree_shardings(mesh, abstract, fsdp_min_size)
+    state = checkpoint.restore_latest(
+        manager, parallel.with_shardings(abstract, shardings), fingerprint
+    )
+    if state is None:
+        state = jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+    else:
+        logging.info("%s: resuming from step %d", phase, int(state.step))
+    return state, shardings
+
+
+def run_phase(
+    name: str,
+    state: TrainState,
+    step_fn: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]],
+    batches: Iterator[tuple[jax.Array, jax.Array]],
+    num_steps: int,
+    manager,
+    fingerprint: Mapping[str, Any],
+    writer,
+    log_every_steps: int,
+) -> tuple[TrainState, dict[str, float]]:
+    """Runs `step_fn` from `state.step` to `num_steps`, saving and logging on the way.
+
+    Every step's metrics go to `writer` with their own step number, but they are fetched
+    from the device once per `log_every_steps`, so the loop never waits on the device each
+    step; the log gets one line per `log_every_steps` and CLU's progress report (steps/s,
+    ETA). A preemption notice (SIGTERM in a single-process run, see `PREEMPTION`; on
+    several hosts Orbax's `reached_preemption`, which every host agrees on) saves the
+    state at the current step and raises `Preempted`. Returns the final state and the mean
+    of each metric over the steps run here.
+    """
+    first_step = int(state.step)
+    report = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_steps=log_every_steps, every_secs=30.0
+    )
+    pending: list[tuple[int, dict]] = []
+    sums: dict[str, float] = {}
+    for step in range(first_step + 1, num_steps + 1):
+        images, labels = next(batches)
+        state, metrics = step_fn(state, images, labels)
+        pending.append((step, metrics))
+        report(step)
+        if step % log_every_steps == 0 or step == num_steps:
+            for logged_step, logged in jax.device_get(pending):
+                writer.write_scalars(logged_step, logged)
+                for key, value in logged.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            logging.info("%s step %d/%d: %s", name, step, num_steps, format_metrics(logged))
+            pending = []
+        preempted = preemption_noticed(manager, step)
+        checkpoint.save(manager, step, state, fingerprint, force=step == num_steps or preempted)
+        if preempted:
+            manager.wait_until_finished()
+            writer.flush()
+            raise Preempted(name, step)
+    manager.wait_until_finished()
+    writer.flush()
+    steps_run = max(num_steps - first_step, 1)
+    return state, {key: total / steps_run for key, total in sums.items()}
+
+
+def preemption_noticed(manager, step: int) -> bool:
+    if jax.process_count() > 1:
+        return manager.reached_preemption(step)
+    return PREEMPTION.is_set()
+
+
+def phase_writer(workdir: str, phase: str) -> metric_writers.MetricWriter:
+    """TensorBoard events of one phase in WORKDIR/tensorboard/<phase> (process 0 only)."""
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    directory = os.path.join(workdir, "tensorboard", phase)
+    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(directory))
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={float(value):.4g}" for key, value in sorted(metrics.items()))

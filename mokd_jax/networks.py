@@ -1,0 +1,47 @@
+"""The networks of a run, built in one place for the trainer, the benchmark and the tests.
+
+`build_networks` turns a config (model names, compute dtype, projector section, seed) and
+the data's class count and image size into the teacher, the student and the student's
+`SubspaceProjector` onto a subspace of the teacher's feature width.
+"""
+
+from typing import NamedTuple
+
+import ml_collections
+from flax import linen as nn
+
+from mokd_jax import models
+from mokd_jax.subspace import SubspaceProjector
+
+
+class Networks(NamedTuple):
+    teacher: nn.Module
+    student: nn.Module
+    projector: SubspaceProjector
+
+
+def build_model(
+    config: ml_collections.ConfigDict, role: str, num_classes: int, image_size: int
+) -> nn.Module:
+    """The teacher's or student's module (`role`), computing in `config.dtype`."""
+    return models.get(
+        config[role].model, num_classes=num_classes, dtype=config.dtype, image_size=image_size
+    )
+
+
+def build_projector(config: ml_collections.ConfigDict, teacher_width: int) -> SubspaceProjector:
+    """The projector into a subspace `projector.width_multiplier` times the teacher's width."""
+    return SubspaceProjector(
+        width=config.projector.width_multiplier * teacher_width,
+        orthogonal_init=config.projector.orthogonal_init,
+        seed=config.seed,
+    )
+
+
+def build_networks(
+    config: ml_collections.ConfigDict, num_classes: int, image_size: int
+) -> Networks:
+    """Teacher, student and projector for images of side `image_size`."""
+    teacher = build_model(config, "teacher", num_classes, image_size)
+    student = build_model(config, "student", num_classes, image_size)
+    return Networks(teacher, student, build_projector(config, teacher.feature_width))

@@ -1,0 +1,83 @@
+"""Learning-rate schedules and optimizers, and the student's chain: aggregator, optimizer.
+
+The student's gradient transformation is `optax.chain(aggregator, optimizer)`: the
+aggregator turns the per-objective gradients into one update, which an ordinary Optax
+optimizer then applies. A method that keeps its own momenta and weight decay
+(`AggregatorSpec.owns_momentum`: dot) is followed by plain SGD on the schedule instead, and
+takes the hyperparameters it shares with the optimizer (`from_optimizer`) from the
+student's section.
+"""
+
+import ml_collections
+import optax
+
+from mokd_jax import aggregation
+from mokd_jax.objectives import objective_names
+from mokd_jax.state import shared_mask
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
+
+
+def learning_rate_schedule(section: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0, then `schedule`: 'cosine' decays to 0 at `num_train_steps`;
+    'step' multiplies the rate by `decay_factor` at each step of `decay_boundaries` (the
+    ImageNet and CIFAR recipes: x0.1 at epochs 30/60/90 and 150/180/210)."""
+    warmup_steps = min(section.warmup_steps, section.num_train_steps - 1)
+    if section.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=section.learning_rate,
+            warmup_steps=warmup_steps,
+            decay_steps=section.num_train_steps,
+        )
+    decay = optax.piecewise_constant_schedule(
+        section.learning_rate,
+        {boundary: section.decay_factor for boundary in section.decay_boundaries},
+    )
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, section.learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, lambda step: decay(step + warmup_steps)], [warmup_steps])
+
+
+def make_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD with momentum 0.9 and L2 weight decay, or AdamW, on the schedule above."""
+    schedule = learning_rate_schedule(section)
+    if section.optimizer == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(section.weight_decay), optax.sgd(schedule, momentum=0.9)
+        )
+    return optax.adamw(schedule, weight_decay=section.weight_decay)
+
+
+def aggregator_hparams(config: ml_collections.ConfigDict) -> dict:
+    """The chosen aggregator's section of `config.aggregation` ({} when it has none)."""
+    section = config.aggregation.get(config.aggregator)
+    return section.to_dict() if section is not None else {}
+
+
+def make_aggregator(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """The config's aggregator over the student's parameters (the projector's gradients
+    pass through it unaggregated), with its hyperparameters and those it takes from the
+    student's optimizer section."""
+    spec = aggregation.spec(config.aggregator)
+    hparams = aggregator_hparams(config)
+    hparams.update({key: config.student[key] for key in spec.from_optimizer})
+    return aggregation.get(
+        config.aggregator,
+        num_objectives=len(objective_names(config.distill)),
+        shared=shared_mask,
+        granularity=config.granularity,
+        **hparams,
+    )
+
+
+def student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """optax.chain(aggregator, optimizer): plain SGD on the schedule after a method that
+    owns its momenta and weight decay, else the student's configured optimizer."""
+    if aggregation.spec(config.aggregator).owns_momentum:
+        optimizer = optax.sgd(learning_rate_schedule(config.student))
+    else:
+        optimizer = make_optimizer(config.student)
+    return optax.chain(make_aggregator(config), optimizer)
