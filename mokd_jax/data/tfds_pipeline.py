@@ -1,6 +1,6 @@
 """Streaming tf.data input pipelines for the TFDS benchmarks (imagenet2012, cifar100, cifar10).
 
-ImageNet does not fit in host memory, so unlike `mokd_jax.data.Dataset` these
+ImageNet does not fit in host memory, so unlike `mokd_jax.data.InMemoryDataset` these
 pipelines read the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3]
 (the jitted step applies `mokd_jax.data.normalize`) and int32 labels [B]. RandAugment, the
 host side of the 'deit' recipe, is in `mokd_jax.data.randaugment`.
@@ -397,7 +397,7 @@ def eval_batches(
 
 @dataclasses.dataclass(frozen=True)
 class TFDSDataset:
-    """A TFDS dataset behind the trainer's dataset interface (`mokd_jax.data`).
+    """A TFDS dataset behind the trainer's dataset interface (`mokd_jax.data.Dataset`).
 
     `batch_size` is global there: each of `process_count` processes streams its own shard
     of the split (`train_batches` above) in batches of batch_size / process_count.
