@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mokd_jax.checks import check_choice
 from mokd_jax.data import embedded, npz
 from mokd_jax.data.batching import eval_batches, process_slice, train_batches
 from mokd_jax.data.protocol import Dataset
@@ -117,8 +118,7 @@ def load(
         from mokd_jax.data import tfds_pipeline
 
         return tfds_pipeline.TFDSDataset.open(dataset, data_dir, num_classes, image_size, recipe)
-    if dataset not in _LOADERS:
-        raise invalid("dataset", dataset, f"one of {', '.join(NAMES)}")
+    check_choice("dataset", dataset, NAMES)  # NAMES less TFDS_NAMES are those of _LOADERS
     train_images, train_labels, test_images, test_labels = _LOADERS[dataset](data_dir)
     return InMemoryDataset(
         train_images=train_images,

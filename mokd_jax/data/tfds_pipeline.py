@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mokd_jax.checks import check_choice, check_int
 from mokd_jax.data import randaugment
 from mokd_jax.data.batching import process_slice
 from mokd_jax.errors import invalid
@@ -189,8 +190,7 @@ RECIPES = tuple(_RECIPES)
 
 
 def _spec(name: str) -> _Spec:
-    if name not in _DATASETS:
-        raise invalid("dataset", name, f"one of {', '.join(NAMES)}")
+    check_choice("dataset", name, NAMES)
     return _DATASETS[name]
 
 
@@ -300,11 +300,6 @@ def _endless(
         epoch, first_step = epoch + 1, 0
 
 
-def _check_image_size(image_size: int) -> None:
-    if image_size <= 0:
-        raise invalid("image_size", image_size, "a positive integer")
-
-
 def train_batches(
     name: str,
     data_dir: str,
@@ -326,15 +321,11 @@ def train_batches(
     Arguments, and that the data is prepared, are checked here, not on the first `next()`.
     """
     spec = _spec(name)
-    if recipe not in _RECIPES:
-        raise invalid("recipe", recipe, f"one of {', '.join(RECIPES)}")
-    _check_image_size(image_size)
-    if seed < 0:
-        raise invalid("seed", seed, "a non-negative integer")
-    if start_step < 0:
-        raise invalid("start_step", start_step, "a non-negative integer")
-    if process_count <= 0:
-        raise invalid("process_count", process_count, "a positive integer")
+    check_choice("recipe", recipe, RECIPES)
+    check_int("image_size", image_size, 1)
+    check_int("seed", seed, 0)
+    check_int("start_step", start_step, 0)
+    check_int("process_count", process_count, 1)
     if not 0 <= process_index < process_count:
         raise invalid("process_index", process_index, f"0 to {process_count - 1}")
     split = tfds.split_for_jax_process(
@@ -378,9 +369,8 @@ def eval_batches(
     process reads the whole split.
     """
     spec = _spec(name)
-    if batch_size <= 0:
-        raise invalid("batch_size", batch_size, "a positive integer")
-    _check_image_size(image_size)
+    check_int("batch_size", batch_size, 1)
+    check_int("image_size", image_size, 1)
     examples = _read(_builder(name, data_dir), data_dir, split or spec.eval_split, None)
     padding = -int(examples.cardinality()) % batch_size
 
@@ -417,10 +407,9 @@ class TFDSDataset:
         classes, _ = dataset_info(name, data_dir)
         if num_classes not in (0, classes):
             raise invalid("num_classes", num_classes, f"0 or {classes}, the classes of {name}")
-        if recipe not in _RECIPES:
-            raise invalid("recipe", recipe, f"one of {', '.join(RECIPES)}")
+        check_choice("recipe", recipe, RECIPES)
         image_size = image_size or _spec(name).image_size
-        _check_image_size(image_size)
+        check_int("image_size", image_size, 1)
         return cls(name, data_dir, classes, image_size, recipe)
 
     @property
