@@ -1,5 +1,7 @@
-"""Tests for mokd_jax.data: loaders, input checks, batch iterators, normalisation."""
+"""Tests for mokd_jax.data: the Dataset protocol, loaders, input checks, batch iterators,
+normalisation."""
 
+import inspect
 import itertools
 import subprocess
 import sys
@@ -16,6 +18,51 @@ from mokd_jax.errors import InputError
 @pytest.fixture(scope="module")
 def digits():
     return data.load("digits")
+
+
+PROTOCOL_PROPERTIES = ("name", "num_classes", "image_shape")
+PROTOCOL_METHODS = ("train_batches", "eval_batches")
+
+
+def _tfds_dataset():
+    """A TFDSDataset as `data.load` opens it, on mock data (imports TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=4):
+        return data.load("cifar10")
+
+
+def test_the_protocol_lists_what_the_trainer_uses():
+    members = {name for name in vars(data.Dataset) if not name.startswith("_")}
+    assert members == {*PROTOCOL_PROPERTIES, *PROTOCOL_METHODS}
+
+
+@pytest.mark.parametrize("load", [lambda: data.load("digits"), _tfds_dataset])
+def test_both_datasets_satisfy_the_protocol(load):
+    dataset = load()
+    assert isinstance(dataset, data.Dataset)
+    assert isinstance(dataset.name, str) and isinstance(dataset.num_classes, int)
+    assert len(dataset.image_shape) == 3
+    assert all(isinstance(side, int) for side in dataset.image_shape)
+    # isinstance checks only that the members exist: the signatures must match too.
+    for method in PROTOCOL_METHODS:
+        expected = inspect.signature(getattr(data.Dataset, method))
+        assert inspect.signature(getattr(type(dataset), method)) == expected, method
+    for name in PROTOCOL_PROPERTIES:
+        assert not callable(getattr(dataset, name)), name
+
+
+def test_an_object_without_eval_batches_is_not_a_dataset(digits):
+    class TrainOnly:
+        name, num_classes, image_shape = digits.name, digits.num_classes, digits.image_shape
+        train_batches = digits.train_batches
+
+    assert not isinstance(TrainOnly(), data.Dataset)
+
+
+def test_load_is_annotated_with_the_protocol():
+    assert inspect.signature(data.load).return_annotation is data.Dataset
+    assert isinstance(data.load("digits"), data.InMemoryDataset)
 
 
 def test_digits_shapes_dtypes_and_counts(digits):

@@ -1,6 +1,7 @@
 """Datasets, batch iterators, and the one input normalisation.
 
-`load(name, ...)` returns a `Dataset` (the digits or npz files, held in host memory) or a
+`load(name, ...)` returns a `Dataset` (the protocol in `mokd_jax.data.protocol`): an
+`InMemoryDataset` (the digits or npz files, held in host memory) or a
 `tfds_pipeline.TFDSDataset` (imagenet2012, cifar100, cifar10, streamed from TFDS files).
 Both offer what the trainer uses: `name`, `num_classes`, `image_shape`, `train_batches(
 batch_size, seed, start_step, process_index=, process_count=)` (endless, resumable, this
@@ -17,14 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mokd_jax.checks import check_choice
 from mokd_jax.data import embedded, npz
 from mokd_jax.data.batching import eval_batches, process_slice, train_batches
+from mokd_jax.data.protocol import Dataset
 from mokd_jax.errors import invalid
 
 __all__ = [
     "NAMES",
     "TFDS_NAMES",
     "Dataset",
+    "InMemoryDataset",
     "eval_batches",
     "load",
     "normalize",
@@ -50,8 +54,8 @@ _STD = 0.25
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """A train/test split held in host memory.
+class InMemoryDataset:
+    """A train/test split held in host memory (a `Dataset`).
 
     Images are uint8 [N,H,W,C]; labels are int32 [N] in [0, num_classes).
     """
@@ -96,8 +100,8 @@ def load(
     *,
     image_size: int = 0,
     recipe: str = "standard",
-):
-    """Loads `dataset` (one of NAMES): a `Dataset`, or a `TFDSDataset` for TFDS_NAMES.
+) -> Dataset:
+    """Loads `dataset` (one of NAMES): an `InMemoryDataset`, or a `TFDSDataset` for TFDS_NAMES.
 
     Args:
       dataset: registry name.
@@ -114,10 +118,9 @@ def load(
         from mokd_jax.data import tfds_pipeline
 
         return tfds_pipeline.TFDSDataset.open(dataset, data_dir, num_classes, image_size, recipe)
-    if dataset not in _LOADERS:
-        raise invalid("dataset", dataset, f"one of {', '.join(NAMES)}")
+    check_choice("dataset", dataset, NAMES)  # NAMES less TFDS_NAMES are those of _LOADERS
     train_images, train_labels, test_images, test_labels = _LOADERS[dataset](data_dir)
-    return Dataset(
+    return InMemoryDataset(
         train_images=train_images,
         train_labels=train_labels,
         test_images=test_images,

@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mokd_jax.checks import check_int
 from mokd_jax.errors import invalid
 
 
@@ -26,10 +27,8 @@ def train_batches(
         raise invalid(
             "batch_size", batch_size, f"1 to {num_examples}, the number of training examples"
         )
-    if seed < 0:
-        raise invalid("seed", seed, "a non-negative integer")
-    if start_step < 0:
-        raise invalid("start_step", start_step, "a non-negative integer")
+    check_int("seed", seed, 0)
+    check_int("start_step", start_step, 0)
     return _train_batches(images, labels, batch_size, seed, start_step)
 
 
@@ -54,8 +53,7 @@ def eval_batches(
     The last batch is padded with zeros to `batch_size` so the jitted eval step keeps one
     shape; `mask` is False on the padding, which metrics must leave out.
     """
-    if batch_size <= 0:
-        raise invalid("batch_size", batch_size, "a positive integer")
+    check_int("batch_size", batch_size, 1)
     return _eval_batches(images, labels, batch_size)
 
 

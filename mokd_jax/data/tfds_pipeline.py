@@ -1,8 +1,9 @@
 """Streaming tf.data input pipelines for the TFDS benchmarks (imagenet2012, cifar100, cifar10).
 
-ImageNet does not fit in host memory, so unlike `mokd_jax.data.Dataset` these pipelines read
-the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3] (the jitted step
-applies `mokd_jax.data.normalize`) and int32 labels [B].
+ImageNet does not fit in host memory, so unlike `mokd_jax.data.InMemoryDataset` these
+pipelines read the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3]
+(the jitted step applies `mokd_jax.data.normalize`) and int32 labels [B]. RandAugment, the
+host side of the 'deit' recipe, is in `mokd_jax.data.randaugment`.
 
 Nothing here downloads. A dataset must already be prepared under `data_dir`:
   - cifar10 / cifar100: `tfds build cifar10 --data_dir=DIR` where the internet is reachable
@@ -32,7 +33,6 @@ host gets the same number of examples, hence the same number of steps per epoch.
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -40,6 +40,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mokd_jax.checks import check_choice, check_int
+from mokd_jax.data import randaugment
 from mokd_jax.data.batching import process_slice
 from mokd_jax.errors import invalid
 
@@ -173,182 +175,13 @@ _DATASETS: dict[str, _Spec] = {
 }
 NAMES = tuple(_DATASETS)
 
-# --- RandAugment (timm's rand-m9-inc1, DeiT's setting) ----------------------------------
-# All 15 ops of timm's "increasing" list, at magnitude m=9 on its 0..10 scale. Each of the
-# N=2 layers draws an op uniformly and applies it with probability 0.5, as timm does.
-# Left out: timm's magnitude noise (mstd0.5: m is fixed at 9 here), its random choice of
-# resampling filter (bilinear here), and its per-channel fill (one grey, 128).
-_LEVEL = 9 / 10
-_RAND_AUGMENT_LAYERS = 2
-_RAND_AUGMENT_PROB = 0.5
-_FILL = 128.0
-
-
-def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """PIL ImageEnhance: factor 0 gives `degenerate`, 1 the image, > 1 extrapolates."""
-    return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
-
-
-def _enhance_factor(sign: tf.Tensor) -> tf.Tensor:
-    return 1.0 + sign * _LEVEL * 0.9
-
-
-def _transform(image: tf.Tensor, transform: list[float | tf.Tensor]) -> tf.Tensor:
-    """Projective transform mapping output (x, y) to input coordinates, as PIL's AFFINE."""
-    transform = tf.stack([tf.cast(value, tf.float32) for value in transform + [0.0, 0.0]])
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None],
-        transforms=transform[None],
-        output_shape=tf.shape(image)[:2],
-        fill_value=_FILL,
-        interpolation="BILINEAR",
-        fill_mode="CONSTANT",
-    )[0]
-
-
-def _auto_contrast(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    low = tf.reduce_min(image, axis=[0, 1])
-    high = tf.reduce_max(image, axis=[0, 1])
-    stretch = high > low
-    scale = tf.where(stretch, 255.0 / tf.maximum(high - low, 1.0), 1.0)
-    return (image - tf.where(stretch, low, 0.0)) * scale
-
-
-def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
-    """PIL's ImageOps.equalize on one channel: map through the normalised cumulative histogram."""
-    pixels = tf.cast(channel, tf.int32)
-    histogram = tf.math.bincount(pixels, minlength=256, maxlength=256)
-    last = tf.boolean_mask(histogram, histogram > 0)[-1]
-    step = (tf.reduce_sum(histogram) - last) // 255
-    lookup = (tf.cumsum(histogram) + step // 2) // tf.maximum(step, 1)
-    lookup = tf.clip_by_value(tf.concat([[0], lookup[:-1]], 0), 0, 255)
-    return tf.where(step > 0, tf.cast(tf.gather(lookup, pixels), tf.float32), channel)
-
-
-def _equalize(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
-
-
-def _invert(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    return 255.0 - image
-
-
-def _rotate(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    """Rotation by +-27 degrees about the centre."""
-    angle = sign * _LEVEL * 30.0 * math.pi / 180.0
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32) - 1.0)
-    x_offset = (width - (cos * width - sin * height)) / 2.0
-    y_offset = (height - (sin * width + cos * height)) / 2.0
-    return _transform(image, [cos, -sin, x_offset, sin, cos, y_offset])
-
-
-def _posterize(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    """Keeps the top 4 - int(4 * level) = 1 bit of each channel."""
-    quantum = 2.0 ** (8 - (4 - int(_LEVEL * 4)))
-    return tf.floor(image / quantum) * quantum
-
-
-def _solarize(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    threshold = 256.0 - int(_LEVEL * 256)
-    return tf.where(image < threshold, image, 255.0 - image)
-
-
-def _solarize_add(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    return tf.where(image < 128.0, tf.minimum(image + int(_LEVEL * 110), 255.0), image)
-
-
-def _color(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
-    return _blend(gray, image, _enhance_factor(sign))
-
-
-def _contrast(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
-    return _blend(mean, image, _enhance_factor(sign))
-
-
-def _brightness(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    return _blend(tf.zeros_like(image), image, _enhance_factor(sign))
-
-
-def _sharpness(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    """Blend with PIL's SMOOTH filter of the image; border pixels stay unfiltered, as in PIL."""
-    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-    smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
-    border = [[1, 1], [1, 1], [0, 0]]
-    inside = tf.pad(tf.ones_like(smooth, tf.bool), border)
-    degenerate = tf.where(inside, tf.pad(smooth, border), image)
-    return _blend(degenerate, image, _enhance_factor(sign))
-
-
-def _shear_x(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    return _transform(image, [1.0, sign * _LEVEL * 0.3, 0.0, 0.0, 1.0, 0.0])
-
-
-def _shear_y(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    return _transform(image, [1.0, 0.0, 0.0, sign * _LEVEL * 0.3, 1.0, 0.0])
-
-
-def _translate_x(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    pixels = sign * _LEVEL * 0.45 * tf.cast(tf.shape(image)[1], tf.float32)
-    return _transform(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0])
-
-
-def _translate_y(image: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
-    pixels = sign * _LEVEL * 0.45 * tf.cast(tf.shape(image)[0], tf.float32)
-    return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels])
-
-
-# Each op maps float32 pixels [H,W,3] in [0, 255] and a random sign (+-1, used by the ops
-# whose direction timm negates at random) to pixels of the same shape.
-_RAND_AUGMENT_OPS: tuple[Callable[[tf.Tensor, tf.Tensor], tf.Tensor], ...] = (
-    _auto_contrast,
-    _equalize,
-    _invert,
-    _rotate,
-    _posterize,
-    _solarize,
-    _solarize_add,
-    _color,
-    _contrast,
-    _brightness,
-    _sharpness,
-    _shear_x,
-    _shear_y,
-    _translate_x,
-    _translate_y,
-)
-
-
-def _rand_augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """RandAugment n=2, m=9 on a uint8 image; pixels are rounded after each op, as in PIL."""
-    pixels = tf.cast(image, tf.float32)
-    for layer_seed in tf.unstack(
-        tf.random.experimental.stateless_split(seed, _RAND_AUGMENT_LAYERS)
-    ):
-        op_seed, sign_seed, apply_seed = tf.unstack(
-            tf.random.experimental.stateless_split(layer_seed, 3)
-        )
-        op = tf.random.stateless_uniform(
-            [], op_seed, minval=0, maxval=len(_RAND_AUGMENT_OPS), dtype=tf.int32
-        )
-        sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
-        augmented = tf.switch_case(
-            op, [functools.partial(function, pixels, sign) for function in _RAND_AUGMENT_OPS]
-        )
-        applied = tf.random.stateless_uniform([], apply_seed) < _RAND_AUGMENT_PROB
-        pixels = tf.where(applied, tf.round(tf.clip_by_value(augmented, 0.0, 255.0)), pixels)
-    return tf.cast(pixels, tf.uint8)
-
-
-# Train-time pixel augmentation after the crop, on uint8 [S,S,3] with a stateless seed.
-# Mixup/CutMix and label smoothing, the rest of DeiT's recipe, run on the device: see
+# Train-time pixel augmentation after the crop, on uint8 [S,S,3] with a stateless seed:
+# 'deit' adds RandAugment n=2, m=9 (`mokd_jax.data.randaugment`). Mixup/CutMix and label
+# smoothing, the rest of DeiT's recipe, run on the device: see
 # `mokd_jax.data.mixing.mixup_cutmix`. DeiT's random erasing is not implemented.
 _RECIPES: dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]] = {
     "standard": lambda image, seed: image,
-    "deit": _rand_augment,
+    "deit": randaugment.rand_augment,
 }
 RECIPES = tuple(_RECIPES)
 
@@ -357,8 +190,7 @@ RECIPES = tuple(_RECIPES)
 
 
 def _spec(name: str) -> _Spec:
-    if name not in _DATASETS:
-        raise invalid("dataset", name, f"one of {', '.join(NAMES)}")
+    check_choice("dataset", name, NAMES)
     return _DATASETS[name]
 
 
@@ -468,11 +300,6 @@ def _endless(
         epoch, first_step = epoch + 1, 0
 
 
-def _check_image_size(image_size: int) -> None:
-    if image_size <= 0:
-        raise invalid("image_size", image_size, "a positive integer")
-
-
 def train_batches(
     name: str,
     data_dir: str,
@@ -494,15 +321,11 @@ def train_batches(
     Arguments, and that the data is prepared, are checked here, not on the first `next()`.
     """
     spec = _spec(name)
-    if recipe not in _RECIPES:
-        raise invalid("recipe", recipe, f"one of {', '.join(RECIPES)}")
-    _check_image_size(image_size)
-    if seed < 0:
-        raise invalid("seed", seed, "a non-negative integer")
-    if start_step < 0:
-        raise invalid("start_step", start_step, "a non-negative integer")
-    if process_count <= 0:
-        raise invalid("process_count", process_count, "a positive integer")
+    check_choice("recipe", recipe, RECIPES)
+    check_int("image_size", image_size, 1)
+    check_int("seed", seed, 0)
+    check_int("start_step", start_step, 0)
+    check_int("process_count", process_count, 1)
     if not 0 <= process_index < process_count:
         raise invalid("process_index", process_index, f"0 to {process_count - 1}")
     split = tfds.split_for_jax_process(
@@ -546,9 +369,8 @@ def eval_batches(
     process reads the whole split.
     """
     spec = _spec(name)
-    if batch_size <= 0:
-        raise invalid("batch_size", batch_size, "a positive integer")
-    _check_image_size(image_size)
+    check_int("batch_size", batch_size, 1)
+    check_int("image_size", image_size, 1)
     examples = _read(_builder(name, data_dir), data_dir, split or spec.eval_split, None)
     padding = -int(examples.cardinality()) % batch_size
 
@@ -565,7 +387,7 @@ def eval_batches(
 
 @dataclasses.dataclass(frozen=True)
 class TFDSDataset:
-    """A TFDS dataset behind the trainer's dataset interface (`mokd_jax.data`).
+    """A TFDS dataset behind the trainer's dataset interface (`mokd_jax.data.Dataset`).
 
     `batch_size` is global there: each of `process_count` processes streams its own shard
     of the split (`train_batches` above) in batches of batch_size / process_count.
@@ -585,10 +407,9 @@ class TFDSDataset:
         classes, _ = dataset_info(name, data_dir)
         if num_classes not in (0, classes):
             raise invalid("num_classes", num_classes, f"0 or {classes}, the classes of {name}")
-        if recipe not in _RECIPES:
-            raise invalid("recipe", recipe, f"one of {', '.join(RECIPES)}")
+        check_choice("recipe", recipe, RECIPES)
         image_size = image_size or _spec(name).image_size
-        _check_image_size(image_size)
+        check_int("image_size", image_size, 1)
         return cls(name, data_dir, classes, image_size, recipe)
 
     @property

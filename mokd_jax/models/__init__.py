@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from mokd_jax.errors import invalid
+from mokd_jax.checks import check_choice, check_int
 from mokd_jax.models.cnn import ConvNet
 from mokd_jax.models.layers import DTYPES, computation_dtype
 from mokd_jax.models.mobilenet import MobileNetV1, MobileNetV2
@@ -63,10 +63,8 @@ def get(
     (a jnp dtype or 'float32' / 'bfloat16'; parameters stay float32 either way).
     `image_size` sets the input side of the models built for one (the ViTs: 224 by
     default); the others take any size and ignore it."""
-    if name not in _MODELS:
-        raise invalid("model", name, f"one of {', '.join(NAMES)}")
-    if num_classes < 2:
-        raise invalid("num_classes", num_classes, "an integer >= 2")
+    check_choice("model", name, NAMES)
+    check_int("num_classes", num_classes, 2)
     model = _MODELS[name](num_classes=num_classes, dtype=computation_dtype(dtype))
     if image_size is not None and hasattr(model, "image_size"):
         # Models whose parameters depend on the input size (a ViT's position embedding).

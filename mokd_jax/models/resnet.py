@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
+from mokd_jax.checks import check_int
 from mokd_jax.errors import invalid
 from mokd_jax.models.base import StagedClassifier
 from mokd_jax.models.layers import batch_norm, conv, torch_default_init, torch_linear
@@ -262,8 +263,7 @@ def wide_resnet(
     stages of (depth - 4) / 6 blocks of 16k, 32k, 64k channels (k = widen_factor)."""
     if depth < 10 or (depth - 4) % 6:
         raise invalid("depth", depth, "6n + 4 with n >= 1 (10, 16, 28, 40, ...)")
-    if widen_factor < 1:
-        raise invalid("widen_factor", widen_factor, "an integer >= 1")
+    check_int("widen_factor", widen_factor, 1)
     return WideResNet(
         num_classes,
         stage_sizes=((depth - 4) // 6,) * 3,

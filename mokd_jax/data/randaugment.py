@@ -1,0 +1,191 @@
+"""RandAugment on the host, in TensorFlow: timm's rand-m9-inc1, DeiT's setting.
+
+All 15 ops of timm's "increasing" list, at magnitude m=9 on its 0..10 scale. Each of the
+N=2 layers draws an op uniformly and applies it with probability 0.5, as timm does; the
+pixels are rounded to integers after each op, as PIL's are. Left out: timm's magnitude
+noise (mstd0.5: m is fixed at 9 here), its random choice of resampling filter (bilinear
+here), and its per-channel fill (one grey, 128).
+
+Every random draw is a stateless op seeded by the caller, so an image's augmentation is a
+pure function of (image, seed): `mokd_jax.data.tfds_pipeline` folds each example's seed
+from (seed, process, epoch, position), which keeps resumed runs bitwise equal.
+
+An op maps float32 pixels [H,W,3] in [0, 255], a random sign (+-1: the direction of the
+ops whose argument timm negates at random; the others ignore it) and the level
+(magnitude / 10, a Python float) to pixels of the same shape, not yet clipped or rounded.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from mokd_jax.checks import check_range
+
+__all__ = ["MAGNITUDE", "MAX_MAGNITUDE", "OPS", "rand_augment"]
+
+MAGNITUDE = 9  # timm's m, DeiT's setting
+MAX_MAGNITUDE = 10  # the top of timm's scale; the level of an op is magnitude / 10
+_LAYERS = 2
+_PROB = 0.5
+_FILL = 128.0
+
+Op = Callable[[tf.Tensor, tf.Tensor, float], tf.Tensor]
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL ImageEnhance: factor 0 gives `degenerate`, 1 the image, > 1 extrapolates."""
+    return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
+
+
+def _enhance_factor(sign: tf.Tensor, level: float) -> tf.Tensor:
+    return 1.0 + sign * level * 0.9
+
+
+def _transform(image: tf.Tensor, transform: list[float | tf.Tensor]) -> tf.Tensor:
+    """Projective transform mapping output (x, y) to input coordinates, as PIL's AFFINE."""
+    transform = tf.stack([tf.cast(value, tf.float32) for value in transform + [0.0, 0.0]])
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
+        fill_value=_FILL,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
+
+
+def _auto_contrast(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    low = tf.reduce_min(image, axis=[0, 1])
+    high = tf.reduce_max(image, axis=[0, 1])
+    stretch = high > low
+    scale = tf.where(stretch, 255.0 / tf.maximum(high - low, 1.0), 1.0)
+    return (image - tf.where(stretch, low, 0.0)) * scale
+
+
+def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageOps.equalize on one channel: map through the normalised cumulative histogram."""
+    pixels = tf.cast(channel, tf.int32)
+    histogram = tf.math.bincount(pixels, minlength=256, maxlength=256)
+    last = tf.boolean_mask(histogram, histogram > 0)[-1]
+    step = (tf.reduce_sum(histogram) - last) // 255
+    lookup = (tf.cumsum(histogram) + step // 2) // tf.maximum(step, 1)
+    lookup = tf.clip_by_value(tf.concat([[0], lookup[:-1]], 0), 0, 255)
+    return tf.where(step > 0, tf.cast(tf.gather(lookup, pixels), tf.float32), channel)
+
+
+def _equalize(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+
+
+def _invert(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    return 255.0 - image
+
+
+def _rotate(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    """Rotation by +-30 * level degrees (27 at m=9) about the centre."""
+    angle = sign * level * 30.0 * math.pi / 180.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32) - 1.0)
+    x_offset = (width - (cos * width - sin * height)) / 2.0
+    y_offset = (height - (sin * width + cos * height)) / 2.0
+    return _transform(image, [cos, -sin, x_offset, sin, cos, y_offset])
+
+
+def _posterize(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    """Keeps the top 4 - int(4 * level) bits of each channel (1 at m=9)."""
+    quantum = 2.0 ** (8 - (4 - int(level * 4)))
+    return tf.floor(image / quantum) * quantum
+
+
+def _solarize(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    threshold = 256.0 - int(level * 256)
+    return tf.where(image < threshold, image, 255.0 - image)
+
+
+def _solarize_add(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    return tf.where(image < 128.0, tf.minimum(image + int(level * 110), 255.0), image)
+
+
+def _color(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+    return _blend(gray, image, _enhance_factor(sign, level))
+
+
+def _contrast(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+    return _blend(mean, image, _enhance_factor(sign, level))
+
+
+def _brightness(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    return _blend(tf.zeros_like(image), image, _enhance_factor(sign, level))
+
+
+def _sharpness(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    """Blend with PIL's SMOOTH filter of the image; border pixels stay unfiltered, as in PIL."""
+    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
+    border = [[1, 1], [1, 1], [0, 0]]
+    inside = tf.pad(tf.ones_like(smooth, tf.bool), border)
+    degenerate = tf.where(inside, tf.pad(smooth, border), image)
+    return _blend(degenerate, image, _enhance_factor(sign, level))
+
+
+def _shear_x(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    return _transform(image, [1.0, sign * level * 0.3, 0.0, 0.0, 1.0, 0.0])
+
+
+def _shear_y(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    return _transform(image, [1.0, 0.0, 0.0, sign * level * 0.3, 1.0, 0.0])
+
+
+def _translate_x(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    pixels = sign * level * 0.45 * tf.cast(tf.shape(image)[1], tf.float32)
+    return _transform(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0])
+
+
+def _translate_y(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
+    pixels = sign * level * 0.45 * tf.cast(tf.shape(image)[0], tf.float32)
+    return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels])
+
+
+# timm's "increasing" list, in its order: `rand_augment` draws an index into this tuple.
+OPS: tuple[Op, ...] = (
+    _auto_contrast,
+    _equalize,
+    _invert,
+    _rotate,
+    _posterize,
+    _solarize,
+    _solarize_add,
+    _color,
+    _contrast,
+    _brightness,
+    _sharpness,
+    _shear_x,
+    _shear_y,
+    _translate_x,
+    _translate_y,
+)
+
+
+def rand_augment(image: tf.Tensor, seed: tf.Tensor, magnitude: float = MAGNITUDE) -> tf.Tensor:
+    """RandAugment n=2 at `magnitude` (0..10) on a uint8 image [H,W,3], with the stateless
+    `seed` [2]; pixels are rounded after each op, as in PIL. Returns uint8 [H,W,3]."""
+    check_range("magnitude", magnitude, 0, MAX_MAGNITUDE)
+    level = magnitude / MAX_MAGNITUDE
+    pixels = tf.cast(image, tf.float32)
+    for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, _LAYERS)):
+        op_seed, sign_seed, apply_seed = tf.unstack(
+            tf.random.experimental.stateless_split(layer_seed, 3)
+        )
+        op = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(OPS), dtype=tf.int32)
+        sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
+        augmented = tf.switch_case(
+            op, [functools.partial(function, pixels, sign, level) for function in OPS]
+        )
+        applied = tf.random.stateless_uniform([], apply_seed) < _PROB
+        pixels = tf.where(applied, tf.round(tf.clip_by_value(augmented, 0.0, 255.0)), pixels)
+    return tf.cast(pixels, tf.uint8)
