@@ -5,18 +5,25 @@ Each checkpoint step holds two items: `state` (the train state pytree) and `fing
 fingerprint first and refuses a workdir written by a different configuration, before
 anything is restored or saved, so saved work is never overwritten by an unrelated run.
 The teacher and the student each have a manager (a directory) of their own: the teacher is
-never written into the student's checkpoints.
+never written into the student's checkpoints. A newest step that cannot be read (damaged
+files) does not end the run: the next older one is restored and the damaged one is kept
+aside as `<step>.corrupt` (see `restore_latest`).
 """
 
+import itertools
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from mokd_jax.errors import InputError, invalid
 
 ITEMS = ("state", "fingerprint")
+_SET_ASIDE_CALLS = itertools.count()  # every process calls set_aside in the same order
 
 
 def resolve(directory: str) -> str:
@@ -79,15 +86,109 @@ def check_fingerprint(
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any, fingerprint: Mapping[str, Any]
 ) -> Any | None:
-    """The newest state in `manager` (None when empty), after checking its fingerprint."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    check_fingerprint(manager, step, fingerprint)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )
-    return restored.state
+    """The newest readable state in `manager` (None when it holds no step), after checking
+    that the configuration that wrote it is the current one (`fingerprint`).
+
+    Steps are tried newest first. A step whose fingerprint or state cannot be read (damaged
+    or truncated files: any exception but the InputError of a different configuration,
+    which is raised as before, with nothing written) is logged as a warning, one line
+    naming the step, the directory and the reason, and the next older step is tried.
+
+    The damaged steps newer than the one restored are moved aside, not deleted: step
+    directory `<step>` becomes `<step>.corrupt` (`<step>.corrupt-2`, ... when taken) in the
+    same directory, where the user can inspect it and Orbax no longer sees a step. Leaving
+    it in place would break the run that follows: Orbax's manager skips every periodic save
+    at or below its newest step (so nothing would be saved from the resumed step up to the
+    damaged one), and the forced save at the damaged step's number raises
+    StepAlreadyExistsError. Nothing is moved when no step is readable: that raises
+    InputError naming the directory. A rename that fails raises InputError too, naming the
+    step to move by hand. On several processes only process 0 moves the directories and
+    the others wait for it; every process must see the same damage (shared storage): a step
+    that one process reads and another cannot leaves the first waiting in Orbax's restore
+    barrier until it times out.
+    """
+    directory = str(manager.directory)
+    damaged = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            check_fingerprint(manager, step, fingerprint)
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )
+        except InputError:
+            raise
+        except Exception as error:  # any unreadable step: try an older one
+            logging.warning(
+                "checkpoint step %d in %s cannot be read, skipping it: %s",
+                step,
+                directory,
+                one_line(error),
+            )
+            damaged.append(step)
+            continue
+        if damaged:
+            moved = set_aside(manager, damaged)
+            logging.warning(
+                "resumed from checkpoint step %d in %s instead of the unreadable step(s) %s, "
+                "moved aside to %s",
+                step,
+                directory,
+                ", ".join(map(str, damaged)),
+                ", ".join(moved),
+            )
+        return restored.state
+    if damaged:
+        raise invalid(
+            "workdir",
+            directory,
+            "a directory with a readable checkpoint, but none of its steps "
+            f"({', '.join(map(str, damaged))}) can be read (the warnings above say why): "
+            "move them out of it to start afresh, or use a new --workdir",
+        )
+    return None
+
+
+def one_line(error: BaseException, limit: int = 500) -> str:
+    """`Type: message` on one line, cut at `limit` characters, without the TensorStore spec
+    (a long JSON tail) that TensorStore's read errors end with."""
+    message = " ".join(str(error).split())
+    message = re.sub(r"\s*\[tensorstore_spec=.*$", "", message)
+    text = f"{type(error).__name__}: {message}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+    """Renames each step directory to `<step>.corrupt` (or `<step>.corrupt-N` when taken)
+    and makes `manager` forget the steps; returns the new names.
+
+    On several processes every process picks the same names (all of them look before
+    process 0 renames anything), process 0 renames, and the others wait until it is done.
+    """
+    root = epath.Path(manager.directory)
+    barrier = f"mokd_jax_set_aside_{next(_SET_ASIDE_CALLS)}"  # unique, the same everywhere
+    moved = []
+    for step in steps:
+        target = root / f"{step}.corrupt"
+        suffix = 2
+        while target.exists():
+            target = root / f"{step}.corrupt-{suffix}"
+            suffix += 1
+        moved.append(target)
+    ocp.multihost.sync_global_processes(barrier + "_named")  # all looked: now process 0 moves
+    if ocp.multihost.process_index() == 0:
+        for step, target in zip(steps, moved, strict=True):
+            try:
+                (root / str(step)).rename(target)
+            except Exception as error:
+                raise invalid(
+                    "workdir",
+                    str(root),
+                    f"a directory where the unreadable checkpoint step {step} can be moved "
+                    f"aside to {target.name} ({one_line(error)}): move it out by hand",
+                ) from error
+    ocp.multihost.sync_global_processes(barrier + "_moved")
+    manager.reload()
+    return [target.name for target in moved]
 
 
 def normalize_json(value: Any) -> Any:
