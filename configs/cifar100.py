@@ -1,6 +1,6 @@
 """CIFAR-100: the five standard teacher -> student pairs of the KD literature.
 
-Command (one GPU; prepare the data first, README "Data"):
+Command (one GPU; prepare the data first, docs/usage.md "Data"):
     python -m mokd_jax.main --config=configs/cifar100.py:PAIR \
         --config.data_dir=DIR [--workdir=runs/cifar100_PAIR]
 

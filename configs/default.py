@@ -9,7 +9,7 @@ the aggregator named by `aggregator` (default `mokd`), phase 3 evaluates both on
 test split and writes WORKDIR/summary.json.
 
 Expected on 2 CPU cores: about 30 s in all; teacher about 99.7% and student about 99%
-test accuracy (the README gives the measured figures).
+test accuracy (docs/benchmarks.md gives the measured figures).
 
 Arguments (`--config=configs/default.py:ARG`):
     smoke  a few steps of everything, for tests and a quick look (seconds).

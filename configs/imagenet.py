@@ -1,6 +1,7 @@
 """ImageNet-1K (TFDS imagenet2012): the CNN pairs of every KD paper and MoKD's DeiT pairs.
 
-Command (prepare the data first, README "Data"; convert the teacher, README "Teachers"):
+Command (prepare the data first, docs/usage.md "Data"; convert the teacher,
+docs/usage.md "Teachers"):
     python -m mokd_jax.main --config=configs/imagenet.py[:PAIR] --config.data_dir=DIR \
         --config.teacher.checkpoint_dir=TEACHER_DIR [--workdir=runs/imagenet]
 
@@ -21,7 +22,8 @@ DeiT pairs are 300 epochs at batch 1024 with a RegNetY-16GF teacher forward per 
 several days on 8 A100-class GPUs. Without `teacher.checkpoint_dir` the teacher is trained
 first with the same recipe, which doubles the cost.
 
-Published top-1 to compare with (PAPER.md): ResNet-34 (73.31) -> ResNet-18 (69.76):
+Published top-1 to compare with (docs/method.md, "Published targets"):
+ResNet-34 (73.31) -> ResNet-18 (69.76):
 KD 70.66, DKD 71.70, KD+DOT 71.72, DIST 72.07. ResNet-50 -> MobileNet-V1:
 KD 70.50, DKD 72.05, KD+DOT 73.09, DIST 73.24. RegNetY-160 -> DeiT-Ti 79.7 and DeiT-S 83.1
 (DTO-KD, MoKD's successor; DeiT-Ti/S alone: 72.2 / 79.8).

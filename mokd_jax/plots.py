@@ -1,7 +1,7 @@
 """Training diagnostics as one PNG, read back from a run's TensorBoard events.
 
 The trainer logs every step's per-objective losses, cos(g_task, g_k), the norm ratios
-||g_k|| / ||g_task|| and the aggregation weights (README: "What it does"). `plot_diagnostics`
+||g_k|| / ||g_task|| and the aggregation weights (docs/method.md, "The problem"). `plot_diagnostics`
 draws them in four panels so that a run can be judged without a TensorBoard server: whether
 the objectives conflict (cos < 0), whether one gradient dominates (ratio far from 1) and how
 the aggregator responds (weights). Tags are matched by prefix, so the panels follow however

@@ -1,6 +1,7 @@
 """The subspace projector: student features lifted into a higher-dimensional space.
 
-PAPER.md ("Subspace learning") leaves the details open; the choices made here:
+The method (docs/method.md, "The subspace projector") leaves the details open; the choices
+made here:
 
 - Width D = `width_multiplier` x the teacher's feature width d_t (default 2), so D >= d_t
   always and the student's features are compared in a space larger than either network's.

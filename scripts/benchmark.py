@@ -49,9 +49,9 @@ The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) a
                   is computed in both, and XLA computes the aggregator's identical Gram
                   only once, so this counts the weights and the combination, not the Gram.
 
-Sizes: XLA on CPU is ~20x slower for 3x3 convolutions on 2x2 maps (DESIGN.md), so ImageNet
-ResNets need >= 112 px on CPU (the last stage is then 4x4). Measured on 2 CPU cores
-(resnet34 -> resnet18, 112 px, batch 16, 5 steps): see the README / the issue's report.
+Sizes: XLA on CPU is ~20x slower for 3x3 convolutions on 2x2 maps (docs/architecture.md), so
+ImageNet ResNets need >= 112 px on CPU (the last stage is then 4x4). Measured on 2 CPU cores
+(resnet34 -> resnet18, 112 px, batch 16, 5 steps): see docs/benchmarks.md.
 """
 
 import functools

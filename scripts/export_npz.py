@@ -24,7 +24,7 @@ flags.DEFINE_string("out", None, "Directory for train.npz and test.npz.", requir
 FLAGS = flags.FLAGS
 
 
-def export(dataset: data.Dataset, directory: str) -> None:
+def export(dataset: data.InMemoryDataset, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     for split in ("train", "test"):
         images = getattr(dataset, f"{split}_images")

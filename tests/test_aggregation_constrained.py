@@ -1,5 +1,5 @@
 """Tests of cagrad, nash_mtl, upgrad, imtl_g and aligned_mtl against float64 references
-written from shared/AGGREGATORS.md, and of the properties that file asks of them.
+written from docs/aggregators.md, and of the properties that file asks of them.
 
 The references solve each method's problem independently of the implementation's solver:
 an exact face-by-face solution for CAGrad, scipy's root finder for the Nash equations,

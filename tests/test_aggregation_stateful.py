@@ -1,6 +1,6 @@
 """Tests of the `granularity` option and of the stateful methods `gradvac` and `db_mtl`.
 
-References are float64 numpy, written from shared/AGGREGATORS.md, and run over several
+References are float64 numpy, written from docs/aggregators.md, and run over several
 consecutive steps with fresh gradients each step, so that the state (similarity targets,
 moving averages, PRNG key) is compared as it evolves. Gradients are flat rows J [K, 17]
 for the references and a pytree {'a': [K, 3, 4], 'b': [K, 5]} for the implementation.

@@ -1,5 +1,5 @@
 """The methods that change the step itself: famo, mokd_amortized (one backward) and dot
-(separate momenta), against float64 numpy references written from AGGREGATORS.md."""
+(separate momenta), against float64 numpy references written from docs/aggregators.md."""
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +180,7 @@ def test_dot_chains_with_plain_sgd_and_checks_its_hyperparameters():
 
 
 def numpy_graddrop(gradients, uniform, leak=0.0):
-    """GradDrop from AGGREGATORS.md, float64, with the batch summed for the masks."""
+    """GradDrop from docs/aggregators.md, float64, with the batch summed for the masks."""
     summed = gradients.sum(axis=1)
     purity = 0.5 * (1 + summed.sum(0) / (np.abs(summed).sum(0) + 1e-8))
     mask = ((purity > uniform) & (summed > 0)) | ((purity < uniform) & (summed < 0))

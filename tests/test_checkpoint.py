@@ -1,8 +1,5 @@
 """mokd_jax.checkpoint: resuming past a damaged newest checkpoint, the configuration
-fingerprint, and exported variables.
-
-(`resolve` is covered in tests/test_train.py.)
-"""
+fingerprint, exported variables and paths."""
 
 import hashlib
 import json
@@ -447,3 +444,8 @@ def test_two_processes_set_the_damaged_step_aside_together(tmp_path):
     assert "RESTORED [0.0, 1.0, 2.0, 3.0]" in outputs[0]  # step 1's values, process 0's half
     assert "RESTORED [4.0, 5.0, 6.0, 7.0]" in outputs[1]
     assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.corrupt", "2.corrupt-2"]
+
+
+def test_checkpoint_paths_keep_urls_and_absolutize_local_dirs():
+    assert checkpoint.resolve("gs://bucket/runs/r18") == "gs://bucket/runs/r18"
+    assert checkpoint.resolve("runs/x") == os.path.abspath("runs/x")

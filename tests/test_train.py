@@ -84,7 +84,7 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
     reference_dir, _ = finished_run
     config = default.get_config("smoke")
     config.teacher.checkpoint_dir = os.path.join(reference_dir, "teacher")
-    real_batches = data.Dataset.train_batches
+    real_batches = data.InMemoryDataset.train_batches
 
     def interrupted_batches(*args, **kwargs):
         batches = real_batches(*args, **kwargs)
@@ -95,7 +95,7 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
         loop.PREEMPTION.set()  # what main's SIGTERM handler does
         yield next(batches)
 
-    monkeypatch.setattr(data.Dataset, "train_batches", interrupted_batches)
+    monkeypatch.setattr(data.InMemoryDataset, "train_batches", interrupted_batches)
     expected = KeyboardInterrupt if stop == "crash" else loop.Preempted
     with pytest.raises(expected):
         train.train_and_evaluate(config, str(tmp_path))
@@ -103,7 +103,7 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
     if stop == "preemption":
         student_checkpoints = os.listdir(tmp_path / "checkpoints" / "student")
         assert max(int(name) for name in student_checkpoints if name.isdigit()) == 14
-    monkeypatch.setattr(data.Dataset, "train_batches", real_batches)
+    monkeypatch.setattr(data.InMemoryDataset, "train_batches", real_batches)
     train.train_and_evaluate(config, str(tmp_path))
 
     resumed = checkpoint.load_variables(str(tmp_path / "student"))

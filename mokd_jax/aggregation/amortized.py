@@ -145,7 +145,7 @@ def famo(
     learning_rate: float = 0.025,
     weight_decay: float = 1e-3,
 ) -> optax.GradientTransformationExtraArgs:
-    """FAMO (AGGREGATORS.md): one backward per step, weights learned from the log-losses."""
+    """FAMO (docs/aggregators.md): one backward per step, weights learned from the log-losses."""
     return _amortized(famo_weights, num_objectives, shared, learning_rate, weight_decay, None)
 
 
@@ -156,8 +156,9 @@ def mokd_amortized(
     weight_decay: float = 1e-3,
     max_norm: float | None = 10.0,
 ) -> optax.GradientTransformationExtraArgs:
-    """MoKD at the cost of one backward (PAPER.md step 5): FAMO's weight learning on
-    log-losses, rescaled by the weighted loss and clipped at `max_norm` like `mokd`."""
+    """MoKD at the cost of one backward (docs/method.md, "The amortized variant"): FAMO's
+    weight learning on log-losses, rescaled by the weighted loss and clipped at `max_norm`
+    like `mokd`."""
     return _amortized(
         mokd_amortized_weights, num_objectives, shared, learning_rate, weight_decay, max_norm
     )

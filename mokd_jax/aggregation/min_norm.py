@@ -103,7 +103,7 @@ def mokd(
     max_norm: float | None = 10.0,
     iterations: int = 100,
 ) -> Weighting:
-    """MoKD: MGDA on log-loss gradients, rescaled, clipped (PAPER.md, "The method").
+    """MoKD: MGDA on log-loss gradients, rescaled, clipped (docs/method.md, "The mokd aggregator").
 
     1. Dominance: h_k = grad log L_k = g_k / (L_k + eps). Multiplying a loss by c > 0
        multiplies g_k and L_k by c, so h_k, and with it the direction of d, is unchanged.
@@ -123,7 +123,7 @@ def mokd(
        a small loss makes a log-gradient huge. The clip covers d, the shared part only:
        non-shared leaves get their own objective's raw gradient, untouched.
 
-    Edge case (PAPER.md: fall back to the mean): when the min-norm point vanishes, because
+    Edge case (docs/method.md: fall back to the mean): when the min-norm point vanishes, because
     one gradient is exactly zero or the gradients exactly cancel, pi falls back to uniform,
     i.e. d is along the mean of the log-gradients. Plain MGDA returns d = 0 there, so a
     distillation loss still weighted 0 during a warm-up (zero loss, zero gradient) would

@@ -63,7 +63,7 @@ class ConvNet(StagedClassifier):
     strides: Sequence[int] = (1, 2, 1)
     dtype: Dtype = jnp.float32
     # `head`, not the base class's `fc`: Flax seeds each module by its name, so a rename
-    # would change the initial weights and with them the digits results in the README.
+    # would change the initial weights and with them the digits results in docs/benchmarks.md.
     head_name = "head"
 
     def setup(self):
