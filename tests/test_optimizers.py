@@ -1,0 +1,98 @@
+"""mokd_jax.optimizers: the schedules and the student's chain (aggregator, optimizer), with
+a method that owns its momenta (dot) driven by its contract, not by its name."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from mokd_jax import aggregation, optimizers
+
+
+def student_params():
+    return {"student": {"w": jnp.arange(1.0, 5.0)}, "projector": {"p": jnp.ones(3)}}
+
+
+def stacked(tree, rows):
+    """Per-objective gradients: every leaf repeated with leading axis K = len(rows)."""
+    return jax.tree.map(lambda leaf: jnp.stack([r * jnp.ones_like(leaf) for r in rows]), tree)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    section = default.get_config().student
+    section.learning_rate, section.num_train_steps, section.warmup_steps = 0.2, 100, 10
+    schedule = optimizers.learning_rate_schedule(section)
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in (0, 5, 10, 100)], [0.0, 0.1, 0.2, 0.0], atol=1e-7
+    )
+
+
+def test_warmup_is_capped_below_the_run_length():
+    section = default.get_config().student
+    section.learning_rate, section.num_train_steps, section.warmup_steps = 0.2, 4, 50
+    schedule = optimizers.learning_rate_schedule(section)
+    assert float(schedule(3)) == pytest.approx(0.2)
+
+
+def test_sgd_applies_coupled_weight_decay_and_momentum():
+    section = default.get_config().student
+    section.optimizer, section.weight_decay, section.learning_rate = "sgd", 0.5, 0.1
+    section.warmup_steps, section.schedule, section.decay_boundaries = 0, "step", ()
+    tx = optimizers.make_optimizer(section)
+    params = {"w": jnp.array([2.0])}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.array([1.0])}, state, params)
+    np.testing.assert_allclose(updates["w"], [-0.1 * (1.0 + 0.5 * 2.0)], rtol=1e-6)
+    updates, _ = tx.update({"w": jnp.array([1.0])}, state, params)
+    np.testing.assert_allclose(updates["w"], [-0.1 * (0.9 * 2.0 + 2.0)], rtol=1e-6)
+
+
+def test_student_chain_puts_the_aggregator_first_and_sums_the_projector_rows():
+    config = default.get_config()
+    config.aggregator = "mokd"
+    tx = optimizers.student_optimizer(config)
+    params = student_params()
+    state = tx.init(params)
+    assert aggregation.find_state(state) is state[0]  # the aggregator comes first
+    _, state = tx.update(stacked(params, [1.0, 2.0]), state, params, losses=jnp.ones(2))
+    assert float(aggregation.weights(state).sum()) > 0
+
+
+def test_a_method_that_owns_its_momenta_gets_plain_sgd_and_the_students_weight_decay():
+    """dot: its own momenta and weight decay, followed by SGD without momentum; the first
+    update of zero gradients is then exactly -lr * weight_decay * params."""
+    config = default.get_config()
+    config.aggregator, config.student.optimizer = "dot", "sgd"
+    config.student.weight_decay, config.student.learning_rate = 0.5, 0.1
+    config.student.warmup_steps, config.student.schedule = 0, "step"
+    assert aggregation.spec("dot").owns_momentum
+    assert "weight_decay" not in config.aggregation.dot
+    tx = optimizers.student_optimizer(config)
+    params = student_params()
+    updates, _ = tx.update(stacked(params, [0.0, 0.0]), tx.init(params), params, losses=jnp.ones(2))
+    np.testing.assert_allclose(
+        updates["student"]["w"], -0.1 * 0.5 * params["student"]["w"], rtol=1e-6
+    )
+
+
+def test_aggregator_hyperparameters_come_from_its_own_section():
+    config = default.get_config()
+    config.aggregator = "mokd"
+    config.aggregation.mokd.max_norm = 0.25
+    assert optimizers.aggregator_hparams(config)["max_norm"] == 0.25
+    config.aggregator = "mean"
+    assert optimizers.aggregator_hparams(config) == {}
+
+
+def test_sum_aggregator_then_adamw_equals_adamw_on_the_summed_gradient():
+    config = default.get_config()
+    config.aggregator = "sum"
+    tx = optimizers.student_optimizer(config)
+    reference = optimizers.make_optimizer(config.student)
+    params = student_params()
+    grads = stacked(params, [0.5, 1.5])
+    ours, _ = tx.update(grads, tx.init(params), params, losses=jnp.ones(2))
+    summed = jax.tree.map(lambda leaf: leaf.sum(0), grads)
+    theirs, _ = reference.update(summed, reference.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)

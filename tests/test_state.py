@@ -1,0 +1,48 @@
+"""mokd_jax.state: what the teacher's and the student's training states hold."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import default
+from mokd_jax import networks, state
+
+
+def small_networks():
+    return networks.build_networks(default.get_config(), num_classes=10, image_size=8)
+
+
+def test_teacher_state_starts_at_step_zero_with_its_variables_and_optimizer():
+    nets = small_networks()
+    tx = optax.sgd(0.1, momentum=0.9)
+    teacher_state = state.create_teacher_state(nets.teacher, (8, 8, 1), tx, jax.random.key(0))
+    variables = state.init_model(nets.teacher, (8, 8, 1), jax.random.key(0))
+    assert int(teacher_state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, teacher_state.params, variables["params"])
+    assert jax.tree.structure(teacher_state.opt_state) == jax.tree.structure(
+        tx.init(variables["params"])
+    )
+    assert teacher_state.constants == {}
+
+
+def test_student_state_holds_student_and_projector_params_and_the_fixed_lift():
+    nets = small_networks()
+    student_state = state.create_student_state(
+        nets.student, nets.projector, (8, 8, 1), nets.teacher.feature_width,
+        optax.adam(1e-3), jax.random.key(0),
+    )  # fmt: skip
+    assert set(student_state.params) == {"student", "projector"}
+    assert set(student_state.constants) == {"teacher_lift"}
+    lift = student_state.constants["teacher_lift"]
+    assert lift.shape[-1] == nets.teacher.feature_width or lift.shape[0] == (
+        nets.teacher.feature_width
+    )
+    assert jax.tree.leaves(student_state.batch_stats)  # cnn_small has BatchNorm
+
+
+def test_shared_mask_aggregates_the_student_and_not_the_projector():
+    params = {"student": {"a": jnp.ones(2), "b": {"c": jnp.ones(1)}}, "projector": {"p": 0}}
+    mask = state.shared_mask(params)
+    assert jax.tree.leaves(mask["student"]) == [True, True]
+    assert jax.tree.leaves(mask["projector"]) == [False]
