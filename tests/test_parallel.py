@@ -19,6 +19,7 @@ from mokd_jax.errors import InputError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_checks_on_eight_simulated_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run(
@@ -79,6 +80,7 @@ def wait_for_student_phase(workdir: str, process, timeout_s: float = 300) -> Non
     pytest.fail("the student phase did not start")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_143_and_the_next_launch_resumes(tmp_path):
     """A real `python -m mokd_jax.main` process gets SIGTERM during distillation: it saves
     the step it is at and exits with 143; the same command then resumes and finishes."""
@@ -178,6 +180,7 @@ def launch_two_processes(workdir: str, port: int) -> list[str]:
     return stderrs
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_job_together_and_restore_it(tmp_path):
     """Two processes form one 4-device job: each feeds its half of every batch, the Orbax
     saves are collective, and only process 0 writes the summary. A second launch restores

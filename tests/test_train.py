@@ -38,6 +38,7 @@ def tree_digest(directory: str) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
     workdir, summary = finished_run
     with open(os.path.join(workdir, "summary.json")) as f:
@@ -67,6 +68,7 @@ def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
     assert "projector" not in exported["params"]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_workdir_restores_instead_of_training(finished_run):
     workdir, summary = finished_run
     before = tree_digest(workdir + "/checkpoints")
@@ -75,6 +77,7 @@ def test_rerunning_a_finished_workdir_restores_instead_of_training(finished_run)
     assert tree_digest(workdir + "/checkpoints") == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["crash", "preemption"])
 def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
     finished_run, tmp_path, monkeypatch, stop
@@ -153,6 +156,7 @@ def test_labels_out_of_range(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_teacher_with_other_class_count_is_refused(finished_run, tmp_path):
     reference_dir, _ = finished_run
     write_npz(tmp_path, lambda n: np.arange(n) % 12)
@@ -163,6 +167,7 @@ def test_teacher_with_other_class_count_is_refused(finished_run, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_teacher_for_other_image_channels_is_refused(finished_run, tmp_path):
     """The digits teacher (1 channel) on RGB images: a clear error, not a Flax shape error."""
     reference_dir, _ = finished_run
@@ -174,6 +179,7 @@ def test_teacher_for_other_image_channels_is_refused(finished_run, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_npz_data_trains_end_to_end(tmp_path):
     """Bring-your-own data of another size and channel count (12x12 RGB, 3 classes)."""
     write_npz(tmp_path, lambda n: np.arange(n) % 3, shape=(12, 12, 3))
@@ -185,6 +191,7 @@ def test_npz_data_trains_end_to_end(tmp_path):
     assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_workdir_of_another_configuration_is_refused_and_kept(finished_run):
     workdir, _ = finished_run
     before = tree_digest(workdir)
@@ -195,6 +202,7 @@ def test_workdir_of_another_configuration_is_refused_and_kept(finished_run):
     assert tree_digest(workdir) == before
 
 
+@pytest.mark.slow
 def test_cli_runs_and_reports_bad_input_in_one_line(tmp_path):
     command = [sys.executable, "-m", "mokd_jax.main", "--config=configs/default.py:smoke"]
     run = subprocess.run(
@@ -213,10 +221,3 @@ def test_cli_runs_and_reports_bad_input_in_one_line(tmp_path):
     assert bad.returncode == 2
     error_lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "aggregator='nope'" in error_lines[0]
-
-
-def test_dot_refuses_adamw(tmp_path):
-    config = default.get_config("smoke")
-    config.aggregator = "dot"
-    with pytest.raises(InputError, match="student.optimizer='adamw'.*sgd"):
-        train.train_and_evaluate(config, str(tmp_path))
