@@ -13,9 +13,9 @@ under tfds.testing.mock_data.
 Recipe (CRD / DKD): batch 64, SGD momentum 0.9, lr 0.05 (0.01 for the MobileNetV2 student,
 as published), weight decay 5e-4, 240 epochs, lr x0.1 at epochs 150, 180 and 210; pad-4 crop
 + flip. The teacher is trained with the same recipe unless `teacher.checkpoint_dir` names
-one (`scripts/convert_teacher.py` imports a PyTorch checkpoint). Expected time: 240 epochs
+one (`mokd-convert` imports a PyTorch checkpoint). Expected time: 240 epochs
 are 187k steps per phase; a ResNet-32x4 -> ResNet-8x4 student phase takes a few hours on
-one modern GPU (measure yours with scripts/benchmark.py).
+one modern GPU (measure yours with mokd-benchmark).
 
 Published top-1 (DKD paper, CVPR 2022, Tables 1-2): teacher / student trained alone /
 KD / DKD:
@@ -30,7 +30,7 @@ RepDistiller's CIFAR variants, so its numbers are not directly comparable.
 
 import ml_collections
 
-from configs import default
+from mokd_jax import config_helpers
 
 TRAIN_EXAMPLES = 50_000
 PAIRS = {
@@ -43,9 +43,9 @@ PAIRS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    pair, smoke = default.split_arg(arg, tuple(PAIRS))
+    pair, smoke = config_helpers.split_arg(arg, tuple(PAIRS))
     teacher, student = PAIRS[pair]
-    config = default.get_config()
+    config = config_helpers.base_config()
     config.dataset = "cifar100"
     config.num_classes = 100
     config.image_size = 32
@@ -59,12 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         epochs=240,
         decay_epochs=(150, 180, 210),
     )
-    default.set_phase(config.teacher, model=teacher, learning_rate=0.05, **recipe)
+    config_helpers.set_phase(config.teacher, model=teacher, learning_rate=0.05, **recipe)
     student_lr = 0.01 if student == "mobilenet_v2" else 0.05
-    default.set_phase(config.student, model=student, learning_rate=student_lr, **recipe)
+    config_helpers.set_phase(config.student, model=student, learning_rate=student_lr, **recipe)
     config.distill.dkd_warmup_steps = 20 * steps_per_epoch
     config.log_every_steps = 100
     config.checkpoint_every_steps = steps_per_epoch
     if smoke:
-        default.shrink_to_smoke(config, "resnet8x4", "resnet20")
+        config_helpers.shrink_to_smoke(config, "resnet8x4", "resnet20")
     return config

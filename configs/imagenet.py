@@ -17,7 +17,7 @@ Append ',smoke' (or use 'smoke' alone) for a few steps of tiny models at 32 px: 
 tests run under tfds.testing.mock_data.
 
 Hardware and time: ResNet-34 -> ResNet-18, 100 epochs = 500k steps of batch 256; plan on a
-TPU v4-32 / 8 GPUs for about a day (measure a step with scripts/benchmark.py first). The
+TPU v4-32 / 8 GPUs for about a day (measure a step with mokd-benchmark first). The
 DeiT pairs are 300 epochs at batch 1024 with a RegNetY-16GF teacher forward per step:
 several days on 8 A100-class GPUs. Without `teacher.checkpoint_dir` the teacher is trained
 first with the same recipe, which doubles the cost.
@@ -31,7 +31,7 @@ KD 70.50, DKD 72.05, KD+DOT 73.09, DIST 73.24. RegNetY-160 -> DeiT-Ti 79.7 and D
 
 import ml_collections
 
-from configs import default
+from mokd_jax import config_helpers
 
 TRAIN_EXAMPLES = 1_281_167
 PAIRS = {
@@ -53,8 +53,8 @@ def torchvision_recipe(config: ml_collections.ConfigDict, teacher: str, student:
         epochs=100,
         decay_epochs=(30, 60, 90),
     )
-    default.set_phase(config.teacher, model=teacher, **recipe)
-    default.set_phase(config.student, model=student, **recipe)
+    config_helpers.set_phase(config.teacher, model=teacher, **recipe)
+    config_helpers.set_phase(config.student, model=student, **recipe)
 
 
 def deit_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -> None:
@@ -68,8 +68,8 @@ def deit_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -
         epochs=300,
         warmup_epochs=5,
     )
-    default.set_phase(config.teacher, model=teacher, **recipe)
-    default.set_phase(config.student, model=student, **recipe)
+    config_helpers.set_phase(config.teacher, model=teacher, **recipe)
+    config_helpers.set_phase(config.student, model=student, **recipe)
     config.recipe = "deit"
     config.augment.mixup_alpha = 0.8
     config.augment.cutmix_alpha = 1.0
@@ -77,9 +77,9 @@ def deit_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    pair, smoke = default.split_arg(arg, tuple(PAIRS))
+    pair, smoke = config_helpers.split_arg(arg, tuple(PAIRS))
     teacher, student = PAIRS[pair]
-    config = default.get_config()
+    config = config_helpers.base_config()
     config.dataset = "imagenet2012"
     config.num_classes = 1000
     config.image_size = 224
@@ -91,6 +91,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     if smoke:
-        default.shrink_to_smoke(config, "cnn_large", "cnn_small")
+        config_helpers.shrink_to_smoke(config, "cnn_large", "cnn_small")
         config.image_size = 32
     return config

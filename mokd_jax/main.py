@@ -1,4 +1,10 @@
-"""Command line: `python -m mokd_jax.main --config=configs/default.py [--workdir=DIR]`.
+"""The trainer's command line:
+
+    mokd-train --config=configs/default.py [--workdir=DIR] [--config.key=value ...]
+
+(or `python -m mokd_jax.main ...`). --config is a config file's path, or the name of a
+config bundled with the package (`--config=imagenet:smoke`, `--config=default.py`), with
+an optional `:ARG` for its get_config(ARG).
 
 Flags, start-up and logging only; the work is `train.train_and_evaluate`. `--workdir`
 defaults to runs/<config file name>[_<arg>]. Bad input (config, data, checkpoint) ends the
@@ -18,17 +24,23 @@ import signal
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from mokd_jax import loop, parallel, train
+from mokd_jax import cli, config_files, loop, parallel, train
 from mokd_jax.errors import InputError
 
 PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Configuration file (get_config(arg)).")
-flags.DEFINE_string("workdir", None, "Checkpoints, logs and summary.json go here.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defined by `run` only, so that importing this module defines no flag."""
+    config_files.define_config_flag(
+        "config", "Config file or bundled config name, [:ARG] for get_config(ARG).", flag_values
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Checkpoints, logs and summary.json go here.", flag_values=flag_values
+    )
 
 
 def default_workdir(config_flag_value: str) -> str:
@@ -80,5 +92,10 @@ def main(argv: list[str]) -> None:
     logging.info("summary: %s", json.dumps(summary))
 
 
+def run() -> None:
+    """The `mokd-train` entry point."""
+    cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,4 +1,5 @@
-"""Test setup: quiet TensorFlow, and a compilation cache shared by the whole session.
+"""Test setup: quiet TensorFlow, a compilation cache shared by the whole session, and the
+project's pyproject.toml.
 
 Most of the suite's time is XLA compiling the same few programs again (the smoke config's
 steps, in-process and in the CLI, resume, preemption, notebook and comparison runs, each of
@@ -10,11 +11,20 @@ cache in DIR across sessions instead, for a faster inner loop.
 
 import os
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import pytest  # noqa: E402
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest itself needs tomli before Python 3.11
+    import tomli as tomllib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SESSION_CACHE: list[str] = []
 
 
@@ -36,3 +46,10 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     for directory in _SESSION_CACHE:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pyproject() -> dict:
+    """The repository's pyproject.toml, parsed."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py end to end on tiny models: the JSON it writes, not its speed."""
+"""mokd_jax.benchmark (`mokd-benchmark`) end to end on tiny models: the JSON it writes, not
+its speed."""
 
 import json
 import os
@@ -7,10 +8,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from mokd_jax import benchmark
 
-import benchmark  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The modes the ratios and both aggregation shares need; the rest compile the same steps.
 MODES = "kd_1bwd,mokd,mokd_amortized,mokd_separate"
@@ -21,7 +21,8 @@ def results(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("benchmark") / "bench.json"
     command = [
         sys.executable,
-        os.path.join(ROOT, "scripts", "benchmark.py"),
+        "-m",
+        "mokd_jax.benchmark",
         "--teacher=cnn_large",
         "--student=cnn_small",
         "--image_size=8",

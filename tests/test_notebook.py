@@ -2,8 +2,9 @@
 cells run in order, as one script, end to end on the smoke config.
 
 The cells run in a subprocess (fresh JAX state, nothing left in the pytest process) with
-the repository root as the working directory, which the notebook's setup cell recognises as
-a checkout: it clones and installs nothing there. Needs neither jupyter nor nbclient.
+the repository root as the working directory and on PYTHONPATH, so that they import this
+checkout's `mokd_jax` (as the tests do) and the setup cell installs nothing. Needs neither
+jupyter nor nbclient.
 """
 
 import json
@@ -47,6 +48,7 @@ def executed(tmp_path_factory):
     workdir = tmp / "run"
     env = {
         **os.environ,  # with conftest's TF_CPP_MIN_LOG_LEVEL and TF_ENABLE_ONEDNN_OPTS
+        "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
         "MOKD_NOTEBOOK_CONFIG_ARG": "smoke",
         "MOKD_NOTEBOOK_WORKDIR": str(workdir),
         "MOKD_NOTEBOOK_METHODS": ",".join(METHODS),

@@ -1,7 +1,6 @@
-"""The diagnostics plot on a real smoke run, and scripts/compare.py: its maths, its report,
-its presets, and one end-to-end comparison that shares one teacher."""
+"""The diagnostics plot on a real smoke run, and mokd_jax.compare (`mokd-compare`): its
+maths, its report, its presets, and one end-to-end comparison that shares one teacher."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,26 +10,16 @@ import pytest
 from matplotlib import image
 
 from configs import default
-from mokd_jax import plots
+from mokd_jax import compare, plots
 from mokd_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_script(name: str):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_script("compare")
-
-
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
-    """scripts/compare.py end to end on the smoke config: kd and mokd, seeds 0 and 1.
+    """`python -m mokd_jax.compare` end to end on the smoke config: kd and mokd, seeds 0
+    and 1.
 
     Its runs are complete `train.train_and_evaluate` smoke runs, so the plot tests read their
     events too: one teacher and one set of compilations serve the whole module.
@@ -38,7 +27,7 @@ def comparison(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("compare")
     run = subprocess.run(
         [
-            sys.executable, "scripts/compare.py", "--config=configs/default.py:smoke",
+            sys.executable, "-m", "mokd_jax.compare", "--config=configs/default.py:smoke",
             "--methods=kd,mokd", "--seeds=0,1", f"--workdir={workdir}",
         ],
         cwd=REPO, capture_output=True, text=True,
@@ -166,7 +155,8 @@ def test_compare_script_shares_one_teacher_and_writes_the_report(comparison):
     report = (workdir / "comparison.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith(("| kd |", "| mokd |"))]
     assert len(rows) == 2 and all(" | 2 | " in row and " ± " in row for row in rows)
-    assert "Teacher cnn_large: test accuracy" in report and "--methods=kd,mokd" in report
+    assert "Teacher cnn_large: test accuracy" in report
+    assert "Command: `mokd-compare --config=configs/default.py:smoke --methods=kd,mokd" in report
     assert "(one checkpoint, shared by every run)" in report
     assert (workdir / "comparison.png").stat().st_size > 1000
     assert (workdir / "teacher" / "checkpoints" / "teacher").is_dir()

@@ -1,0 +1,442 @@
+"""Step cost of MoKD against plain KD and cross-entropy, on synthetic data (the
+`mokd-benchmark` command):
+
+    mokd-benchmark --teacher=resnet34 --student=resnet18 --image_size=112 \\
+        --batch_size=16 --steps=5 --json=/tmp/bench_r18.json \\
+        [--modes=ce,kd_1bwd,mokd_amortized,kd,mokd,kd_separate,mokd_separate] \\
+        [--num_classes=1000] \\
+        [--dtype=bfloat16]
+
+(or `python -m mokd_jax.benchmark ...`). Modes (each the base config of configs/default.py,
+`config_helpers.base_config()`, with the teacher, student and batch size set):
+  ce              the student alone, cross-entropy, one forward + one backward, no teacher
+                  (`steps.teacher_step` run on the student: it is exactly that step);
+  kd              aggregator `sum` in `steps.distill_step`: summed KD as the trainer runs it,
+                  which still pulls back the K unit rows (K backward passes, batched);
+  kd_1bwd         the same summed loss with ONE backward (pullback of a ones row), then the
+                  plain optimizer: the fair baseline for the cost goals;
+  mokd            aggregator `mokd`, K = 2 rows pulled back;
+  mokd_amortized  aggregator `mokd_amortized`, one weighted row pulled back;
+  kd_separate     aggregator `sum` with `distill.objectives='separate'`, K = 3 rows;
+  mokd_separate   aggregator `mokd` with `distill.objectives='separate'`, K = 3 rows.
+Every distillation mode keeps the default feature loss, so all of them compute the same
+forward; only the backward and the aggregation differ.
+
+Each step is jitted with the state donated, compiled outside the timing, run twice to warm
+up and then `--steps` times; the median wall time (after `block_until_ready`) is reported.
+Weights are random (`state_lib.init_model`): step cost does not depend on them. `--dtype`
+sets the models' compute dtype (`config.dtype`; parameters, optimizer state and the
+aggregation stay float32).
+
+Memory: `peak_bytes` is the device allocator's peak so far in this process, where the
+backend reports one (GPU, TPU; None on CPU). Peaks only grow, so a mode's figure is exact
+when the modes before it needed less: the default order runs them from the least to the
+most memory they should need. `compiled_temp_bytes` is XLA's planned scratch memory of the
+mode's compiled step alone.
+
+The FLOP floor R = (F_t + 5 F_s) / (F_t + 3 F_s), with F_t and F_s the XLA cost-analysis
+FLOPs of the teacher's and the student's forward passes (a backward costs about two
+forwards): the cost of the teacher forward + student forward + two student backwards over
+that of one-backward KD. Goal: mokd / kd_1bwd <= 1.05 R.
+
+The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) and K = 3
+(`mokd_separate`):
+  share           the jitted `mokd` update alone, on random K-stacked gradients shaped like
+                  the student's parameters, over the mokd step time: an upper bound, since
+                  alone its ~60 per-leaf reductions run as separate kernels that inside the
+                  step XLA fuses with the backward pass and the optimizer;
+  in_step_share   (mokd - kd) / mokd, where `kd` (`kd_separate` for K = 3) is the same step
+                  (same K pullbacks, same diagnostics) with the summing aggregator: what
+                  MoKD's aggregation adds to the compiled step. The diagnostics' Gram matrix
+                  is computed in both, and XLA computes the aggregator's identical Gram
+                  only once, so this counts the weights and the combination, not the Gram.
+
+Sizes: XLA on CPU is ~20x slower for 3x3 convolutions on 2x2 maps (docs/architecture.md), so
+ImageNet ResNets need >= 112 px on CPU (the last stage is then 4x4). Measured on 2 CPU cores
+(resnet34 -> resnet18, 112 px, batch 16, 5 steps): see docs/benchmarks.md.
+"""
+
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+
+from mokd_jax import aggregation, cli, config_helpers, models, networks, optimizers, steps
+from mokd_jax import state as state_lib
+from mokd_jax.config_checks import check_config
+from mokd_jax.errors import invalid
+from mokd_jax.state import TrainState
+
+MODES: dict[str, dict[str, Any]] = {
+    "ce": {},
+    "kd_1bwd": {"aggregator": "sum"},
+    "mokd_amortized": {"aggregator": "mokd_amortized"},
+    "kd": {"aggregator": "sum"},
+    "mokd": {"aggregator": "mokd"},
+    "kd_separate": {"aggregator": "sum", "distill.objectives": "separate"},
+    "mokd_separate": {"aggregator": "mokd", "distill.objectives": "separate"},
+}
+"""Config overrides per mode; `ce` and `kd_1bwd` also use their own step (`build_mode`)."""
+
+RATIOS: dict[str, tuple[str, str]] = {
+    "mokd_over_kd": ("mokd", "kd"),
+    "mokd_over_kd_1bwd": ("mokd", "kd_1bwd"),
+    "mokd_amortized_over_kd": ("mokd_amortized", "kd"),
+    "mokd_amortized_over_kd_1bwd": ("mokd_amortized", "kd_1bwd"),
+    "kd_over_kd_1bwd": ("kd", "kd_1bwd"),
+    "kd_1bwd_over_ce": ("kd_1bwd", "ce"),
+}
+WARMUP_STEPS = 2
+AGGREGATION_REPEATS = 20
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defined by `run` only, so that importing this module defines no flag."""
+    flags.DEFINE_string("teacher", "resnet34", "Teacher model name.", flag_values=flag_values)
+    flags.DEFINE_string("student", "resnet18", "Student model name.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "image_size",
+        112,
+        "Square image side (>= 112 for ImageNet ResNets on CPU).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer("batch_size", 16, "Images per step.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "steps", 5, "Timed steps per mode (after 2 warm-up steps).", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "num_classes",
+        1000,
+        "Classes of the synthetic labels and model heads.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_list(
+        "modes", list(MODES), f"Modes to time, from {list(MODES)}.", flag_values=flag_values
+    )
+    flags.DEFINE_enum(
+        "dtype", "float32", models.DTYPES, "Compute dtype of the models.", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "json", None, "Where to write the results as JSON.", flag_values=flag_values
+    )
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
+    """The base config with the mode's overrides, validated like a training run's."""
+    config = config_helpers.with_overrides(base, MODES[mode])
+    check_config(config)
+    return config
+
+
+def synthetic_batch(
+    batch_size: int, image_size: int, num_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images and labels, the dtypes the trainer's batches have."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (batch_size,), dtype=np.int32)
+    return images, labels
+
+
+def build_mode(
+    mode: str,
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, ...],
+    teacher_variables: Mapping[str, Any],
+) -> tuple[Callable, TrainState, tuple]:
+    """(step function, initial state, the step's arguments after the state and batch)."""
+    nets = networks.build_networks(config, config.num_classes, image_shape[0])
+    key = jax.random.key(config.seed + 1)
+    if mode == "ce":
+        tx = optimizers.make_optimizer(config.student)
+        create = functools.partial(state_lib.create_teacher_state, nets.student, image_shape, tx)
+        return (
+            functools.partial(steps.teacher_step, model=nets.student, tx=tx),
+            jax.jit(create)(key),
+            (),
+        )
+    if mode == "kd_1bwd":
+        tx = optimizers.make_optimizer(config.student)
+        step = functools.partial(
+            steps.summed_distill_step, networks=nets, tx=tx, distill=config.distill
+        )
+    else:
+        tx = optimizers.student_optimizer(config)
+        step = steps.make_distill_step(config, nets, tx)
+    create = functools.partial(
+        state_lib.create_student_state,
+        nets.student,
+        nets.projector,
+        image_shape,
+        nets.teacher.feature_width,
+        tx,
+    )
+    return step, jax.jit(create)(key), (teacher_variables,)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def block(tree: Any) -> None:
+    jax.tree.map(lambda leaf: leaf.block_until_ready(), tree)
+
+
+def time_step(
+    step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
+) -> tuple[float, int | None]:
+    """(Median seconds per step, compiled temporary bytes or None). The state is donated
+    (as in training), so each call consumes the previous call's state; compilation and
+    WARMUP_STEPS calls happen before the clock starts."""
+    compiled = jax.jit(step, donate_argnums=0).lower(state, *args, *batch).compile()
+    temp_bytes = memory_analysis_bytes(compiled)
+    for _ in range(WARMUP_STEPS):
+        state, metrics = compiled(state, *args, *batch)
+    block((state, metrics))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, *args, *batch)
+        block((state, metrics))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), temp_bytes
+
+
+def memory_analysis_bytes(compiled) -> int | None:
+    """XLA's planned temporary buffer bytes of a compiled step (None where unsupported):
+    unlike `memory_stats`, it exists on CPU."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
+def peak_bytes() -> int | None:
+    """The device's peak allocation so far; None where the backend reports none (CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return None if stats is None else stats.get("peak_bytes_in_use")
+
+
+def cost_flops(cost: Any) -> float:
+    """FLOPs from `Compiled.cost_analysis()`, which is a dict or, in older jax, a list of
+    dicts (one per program)."""
+    if isinstance(cost, Mapping):
+        return float(cost.get("flops", 0.0))
+    return sum(cost_flops(entry) for entry in cost)
+
+
+def forward_flops(model, image_shape: tuple[int, ...], batch_size: int) -> float:
+    """XLA's FLOP count of one eval-mode forward pass, from shapes only (nothing runs)."""
+    images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+    variables = jax.eval_shape(
+        functools.partial(state_lib.init_model, model, image_shape), jax.random.key(0)
+    )
+    forward = functools.partial(model.apply, train=False)
+    return cost_flops(jax.jit(forward).lower(variables, images).compile().cost_analysis())
+
+
+def flop_floor_ratio(teacher_flops: float, student_flops: float) -> float:
+    """(F_t + 5 F_s) / (F_t + 3 F_s): MoKD's two student backwards against one, with a
+    backward counted as two forwards."""
+    return (teacher_flops + 5 * student_flops) / (teacher_flops + 3 * student_flops)
+
+
+def aggregation_time(params: Any, num_objectives: int, hparams: Mapping[str, Any]) -> float:
+    """Median seconds of the jitted `mokd` update alone on random K-stacked gradients shaped
+    like `params` (the aggregation's own cost, without the backward passes)."""
+    tx = aggregation.get(
+        "mokd", num_objectives=num_objectives, shared=state_lib.shared_mask, **hparams
+    )
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    rows = jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.normal(k, (num_objectives, *leaf.shape))
+            for k, leaf in zip(keys, leaves, strict=True)
+        ],
+    )
+    losses = jnp.linspace(1.0, 2.0, num_objectives)
+    state = tx.init(params)
+    update = jax.jit(
+        lambda grads, state, params, losses: tx.update(grads, state, params, losses=losses)
+    )
+    compiled = update.lower(rows, state, params, losses).compile()
+    block(compiled(rows, state, params, losses))
+    times = []
+    for _ in range(AGGREGATION_REPEATS):
+        start = time.perf_counter()
+        block(compiled(rows, state, params, losses))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def ratios(modes: Mapping[str, Mapping[str, Any]], floor: float) -> dict[str, Any]:
+    """Step-time ratios of the modes that were run, and the cost goals against them."""
+    result: dict[str, Any] = {
+        name: modes[a]["step_time_s"] / modes[b]["step_time_s"]
+        for name, (a, b) in RATIOS.items()
+        if a in modes and b in modes
+    }
+    result["goal_mokd"] = f"mokd_over_kd_1bwd <= 1.05 R = {1.05 * floor:.4f}"
+    result["goal_mokd_amortized"] = "mokd_amortized_over_kd_1bwd <= 1.05"
+    if "mokd_over_kd_1bwd" in result:
+        result["goal_mokd_met"] = result["mokd_over_kd_1bwd"] <= 1.05 * floor
+    if "mokd_amortized_over_kd_1bwd" in result:
+        result["goal_mokd_amortized_met"] = result["mokd_amortized_over_kd_1bwd"] <= 1.05
+    return result
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    lines = [f"{'mode':<16}{'step s':>10}{'images/s':>10}{'temp MiB':>10}"]
+    for mode, row in results["modes"].items():
+        temp = row["compiled_temp_bytes"]
+        temp_text = f"{temp / 2**20:.0f}" if temp is not None else "-"
+        lines.append(
+            f"{mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}{temp_text:>10}"
+        )
+    lines.append(f"flop_floor_ratio R = {results['flop_floor_ratio']:.4f}")
+    for name, value in results["ratios"].items():
+        lines.append(f"{name} = {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    for k, row in results["aggregation"].items():
+        share = row["share"]
+        share_text = f"{100 * share:.3f}% of {row['step']}" if share is not None else "n/a"
+        in_step = row["in_step_share"]
+        in_step_text = f"{100 * in_step:.3f}%" if in_step is not None else "n/a"
+        lines.append(
+            f"aggregation {k}: {1e3 * row['time_s']:.3f} ms alone = {share_text}; "
+            f"in the step: {in_step_text}"
+        )
+    return "\n".join(lines)
+
+
+def measure(
+    base: ml_collections.ConfigDict, image_size: int, steps: int, mode_names: Sequence[str]
+) -> dict[str, Any]:
+    """Times every mode and the aggregation; returns the JSON-ready results."""
+    for mode in mode_names:
+        if mode not in MODES:
+            raise invalid("modes", mode, f"one of {list(MODES)}")
+    image_shape = (image_size, image_size, 3)
+    load_before = os.getloadavg()
+    teacher, student, _ = networks.build_networks(base, base.num_classes, image_size)
+    teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
+        jax.random.key(base.seed)
+    )
+    batch = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
+
+    modes: dict[str, dict[str, Any]] = {}
+    student_params = None
+    for mode in mode_names:
+        config = mode_config(base, mode)
+        log(f"[{mode}] building and compiling")
+        step, state, args = build_mode(mode, config, image_shape, teacher_variables)
+        if mode != "ce" and student_params is None:
+            student_params = jax.tree.map(jnp.zeros_like, state.params)
+        log(f"[{mode}] timing {steps} steps")
+        seconds, temp_bytes = time_step(step, state, args, batch, steps)
+        modes[mode] = {
+            "step_time_s": seconds,
+            "images_per_s": base.batch_size / seconds,
+            "peak_bytes": peak_bytes(),
+            "compiled_temp_bytes": temp_bytes,
+        }
+        log(f"[{mode}] {seconds:.4f} s/step")
+
+    log("FLOPs of the forward passes")
+    floor = flop_floor_ratio(
+        forward_flops(teacher, image_shape, base.batch_size),
+        forward_flops(student, image_shape, base.batch_size),
+    )
+    aggregation_results = {}
+    if student_params is not None:
+        hparams = base.aggregation.mokd.to_dict()
+        for k, reference, summed in ((2, "mokd", "kd"), (3, "mokd_separate", "kd_separate")):
+            log(f"aggregation K={k}")
+            seconds = aggregation_time(student_params, k, hparams)
+            step_time = modes.get(reference, {}).get("step_time_s")
+            summed_time = modes.get(summed, {}).get("step_time_s")
+            aggregation_results[f"K{k}"] = {
+                "time_s": seconds,
+                "share": seconds / step_time if step_time else None,
+                "in_step_share": (
+                    (step_time - summed_time) / step_time if step_time and summed_time else None
+                ),
+                "step": reference,
+            }
+    return {
+        "machine": {
+            "node": platform.node(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(),
+        },
+        "jax": jax.__version__,
+        "devices": [str(device) for device in jax.devices()],
+        "config": {
+            "teacher": base.teacher.model,
+            "student": base.student.model,
+            "image_size": image_size,
+            "batch_size": base.batch_size,
+            "num_classes": base.num_classes,
+            "steps": steps,
+            "warmup_steps": WARMUP_STEPS,
+            "dtype": base.dtype,
+            "distill": base.distill.to_dict(),
+        },
+        "modes": modes,
+        "flop_floor_ratio": floor,
+        "ratios": ratios(modes, floor),
+        "aggregation": aggregation_results,
+    }
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    base = config_helpers.with_overrides(
+        config_helpers.base_config(),
+        {
+            "teacher.model": FLAGS.teacher,
+            "student.model": FLAGS.student,
+            "batch_size": FLAGS.batch_size,
+            "num_classes": FLAGS.num_classes,
+            "dtype": FLAGS.dtype,
+        },
+    )
+    results = measure(base, FLAGS.image_size, FLAGS.steps, FLAGS.modes)
+    print(format_table(results))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def run() -> None:
+    """The `mokd-benchmark` entry point."""
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    run()

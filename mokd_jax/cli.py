@@ -1,0 +1,43 @@
+"""Runs a command of the package (an absl app: `define_flags(flag_values)` and
+`main(argv)`) as a console entry point or under `python -m`, with a `--help` that shows the
+command's docstring and flags and exits with status 0."""
+
+import sys
+from collections.abc import Callable
+
+from absl import app, flags
+
+HELP_FLAGS = ("help", "helpshort", "helpfull")
+
+
+def _exit_zero(parse: Callable[[str], None]) -> Callable[[str], None]:
+    """A help flag's parse that exits with status 0 where absl's exits with 1: the help is
+    what was asked for."""
+
+    def parse_and_exit_zero(argument: str) -> None:
+        try:
+            parse(argument)
+        except SystemExit:
+            sys.exit(0)
+
+    return parse_and_exit_zero
+
+
+def run(
+    main: Callable[[list[str]], None], define_flags: Callable[[flags.FlagValues], None]
+) -> None:
+    """Defines the command's flags on absl's FLAGS, then `app.run(main)`.
+
+    absl's --help shows the docstring of `__main__` and the flags of the module named by
+    sys.argv[0]: under `python -m` the command's module, but for an installed console
+    script pip's wrapper (or a wrapper in scripts/); both are pointed at the command here.
+    """
+    defined_before = set(flags.FLAGS)
+    define_flags(flags.FLAGS)
+    for name in set(flags.FLAGS) - defined_before:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    sys.modules["__main__"].__doc__ = sys.modules[main.__module__].__doc__
+    app.define_help_flags()
+    for name in HELP_FLAGS:
+        flags.FLAGS[name].parse = _exit_zero(flags.FLAGS[name].parse)
+    app.run(main)

@@ -1,0 +1,167 @@
+"""What the config files in configs/ are built from: the base configuration (every field
+with its default: the digits run), the aggregators' default hyperparameters, and the
+helpers for epoch-based recipes, config args and smoke variants.
+
+They live in the package, not beside the configs, so that a config file imports only from
+`mokd_jax` and loads from any path (`--config=/anywhere/configs/imagenet.py`) or from the
+installed package (`--config=imagenet`, see `mokd_jax.config_files`).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from mokd_jax import aggregation
+from mokd_jax.errors import invalid
+
+
+def aggregation_defaults() -> ml_collections.ConfigDict:
+    """Hyperparameters per aggregator, with the defaults of `mokd_jax.aggregation`; only the
+    section of the chosen aggregator is used (those a method takes from the optimizer, such
+    as dot's weight decay, are not listed)."""
+    return ml_collections.ConfigDict(
+        {name: aggregation.default_hyperparameters(name) for name in aggregation.NAMES}
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field of a run with its default: the digits run of configs/default.py, which
+    the CIFAR-100 and ImageNet configs start from."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.dataset = "digits"
+    config.data_dir = ""
+    config.num_classes = 0  # 0: the largest label + 1
+    config.image_size = 0  # TFDS datasets: crop side (0: 224 for ImageNet, 32 for CIFAR)
+    config.recipe = "standard"  # TFDS datasets: or "deit" (RandAugment on the host)
+    config.batch_size = 64  # global: split over every device and process
+    config.eval_batch_size = 256
+
+    # Device-side batch mixing (the DeiT recipe: mixup 0.8, cutmix 1.0, smoothing 0.1).
+    config.augment = ml_collections.ConfigDict()
+    config.augment.mixup_alpha = 0.0
+    config.augment.cutmix_alpha = 0.0
+    config.augment.label_smoothing = 0.0
+
+    config.dtype = "float32"  # or "bfloat16": compute in bf16, float32 params and optimizer
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.fsdp = 1  # devices per parameter shard group; the rest is data parallel
+    config.mesh.fsdp_min_size = 2**18  # leaves smaller than this stay replicated
+
+    config.teacher = ml_collections.ConfigDict()
+    config.teacher.model = "cnn_large"
+    config.teacher.checkpoint_dir = ""  # "": WORKDIR/teacher, trained there when missing
+    config.teacher.num_train_steps = 600
+    config.teacher.optimizer = "adamw"
+    config.teacher.learning_rate = 3e-3
+    config.teacher.weight_decay = 1e-4
+    config.teacher.warmup_steps = 50
+    config.teacher.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
+    config.teacher.decay_boundaries = ()
+    config.teacher.decay_factor = 0.1
+
+    config.student = ml_collections.ConfigDict()
+    config.student.model = "cnn_small"
+    config.student.num_train_steps = 1000
+    config.student.optimizer = "adamw"
+    config.student.learning_rate = 3e-3
+    config.student.weight_decay = 1e-4
+    config.student.warmup_steps = 50
+    config.student.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
+    config.student.decay_boundaries = ()
+    config.student.decay_factor = 0.1
+
+    config.distill = ml_collections.ConfigDict()
+    config.distill.temperature = 4.0
+    config.distill.logit_weight = 1.0
+    config.distill.feature_weight = 1.0
+    config.distill.objectives = "merged"  # [task, distill]; "separate": [task, logit, feature]
+    config.distill.logit_loss = "kd"  # or "dkd": decoupled KD (TCKD + NCKD)
+    config.distill.dkd_alpha = 1.0
+    config.distill.dkd_beta = 8.0
+    config.distill.dkd_warmup_steps = 100
+
+    config.projector = ml_collections.ConfigDict()
+    config.projector.width_multiplier = 2
+    config.projector.orthogonal_init = False
+
+    config.aggregator = "mokd"
+    config.granularity = "global"  # or "per_layer": every parameter leaf weighted on its own
+    config.aggregation = aggregation_defaults()
+
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 200
+    config.max_checkpoints_to_keep = 2
+    return config
+
+
+def split_arg(arg: str | None, pairs: tuple[str, ...]) -> tuple[str, bool]:
+    """A config arg 'PAIR', 'smoke' or 'PAIR,smoke' -> (pair, smoke); no pair: pairs[0]."""
+    parts = [part for part in (arg or "").split(",") if part]
+    smoke = "smoke" in parts
+    named = [part for part in parts if part != "smoke"]
+    if len(named) > 1 or (named and named[0] not in pairs):
+        raise ValueError(
+            f"config arg={arg!r} is not allowed: use one of {', '.join(pairs)}, "
+            "optionally followed by ',smoke' (or 'smoke' alone)"
+        )
+    return (named[0] if named else pairs[0]), smoke
+
+
+def set_phase(
+    section: ml_collections.ConfigDict,
+    *,
+    model: str,
+    optimizer: str,
+    learning_rate: float,
+    weight_decay: float,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: int = 0,
+    decay_epochs: tuple[int, ...] = (),
+) -> None:
+    """Fills a teacher/student section from an epoch-based recipe: a step decay at
+    `decay_epochs` when given, else cosine."""
+    section.model = model
+    section.optimizer = optimizer
+    section.learning_rate = learning_rate
+    section.weight_decay = weight_decay
+    section.num_train_steps = epochs * steps_per_epoch
+    section.warmup_steps = warmup_epochs * steps_per_epoch
+    section.schedule = "step" if decay_epochs else "cosine"
+    section.decay_boundaries = tuple(epoch * steps_per_epoch for epoch in decay_epochs)
+
+
+def shrink_to_smoke(config: ml_collections.ConfigDict, teacher: str, student: str) -> None:
+    """A few steps of tiny models on tiny batches: the whole path in about a minute on a
+    CPU (tests run it under tfds.testing.mock_data)."""
+    for section, model in (("teacher", teacher), ("student", student)):
+        config[section].model = model
+        config[section].num_train_steps = 4
+        config[section].warmup_steps = 1
+        config[section].schedule = "cosine"
+        config[section].decay_boundaries = ()
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+
+
+def with_overrides(
+    base: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """A copy of `base` with `overrides` (dotted field -> value, as on the command line)
+    set by ml_collections. The copy is locked first, so an override cannot add a field:
+    one the config lacks, or a value of another type, raises the InputError naming it."""
+    config = base.copy_and_resolve_references()
+    config.lock()
+    for key, value in overrides.items():
+        try:
+            config.update_from_flattened_dict({key: value})
+        except KeyError:
+            raise invalid(key, value, "the config has no such field") from None
+        except TypeError as error:
+            raise invalid(key, value, str(error)) from None
+    return config

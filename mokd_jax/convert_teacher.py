@@ -1,0 +1,82 @@
+"""Turns a PyTorch state dict into a mokd_jax teacher checkpoint (the `mokd-convert`
+command; the conversion itself is `mokd_jax.convert`):
+
+    mokd-convert --arch=resnet50 --input=resnet50.pth --output=DIR
+    mokd-train --config=... \\
+        --config.teacher.model=resnet50 --config.teacher.checkpoint_dir=DIR
+
+(or `python -m mokd_jax.convert_teacher ...`). --input is a `.safetensors` file or
+anything `torch.save` wrote (a state dict, possibly inside {'state_dict': ...} or
+{'model': ...}, possibly with DataParallel's 'module.' keys; reading it needs torch:
+`pip install "mokd_jax[torch]"`); --arch is the mokd_jax model whose torch counterpart
+wrote it (`mokd_jax.convert.NAMES`); the class count is the classifier's. Bad input ends
+with a one-line error and exit status 2, before anything at --output is touched.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from mokd_jax import cli, convert
+from mokd_jax.errors import InputError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defined by `run` only, so that importing this module defines no flag."""
+    flags.DEFINE_string(
+        "arch",
+        None,
+        f"mokd_jax model: {', '.join(convert.NAMES)}.",
+        required=True,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "input",
+        None,
+        "PyTorch state dict (.pth, .pt, .safetensors).",
+        required=True,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "output",
+        None,
+        "Directory for the Orbax checkpoint.",
+        required=True,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace what is already at --output.", flag_values=flag_values
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs a dozen INFO lines per save
+    try:
+        convert.layout(FLAGS.arch)  # the quick checks first, before a long read
+        convert.check_output(FLAGS.output, FLAGS.overwrite)
+        state_dict = convert.read_state_dict(FLAGS.input)
+        variables, identity = convert.convert(FLAGS.arch, state_dict)
+        convert.write(FLAGS.output, variables, identity, FLAGS.overwrite)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    print(
+        f"wrote {FLAGS.arch} ({count:,} params, {identity['num_classes']} classes) from "
+        f"{FLAGS.input} to {FLAGS.output}; use it with --config.teacher.model={FLAGS.arch} "
+        f"--config.teacher.checkpoint_dir={FLAGS.output}"
+    )
+
+
+def run() -> None:
+    """The `mokd-convert` entry point."""
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    run()
