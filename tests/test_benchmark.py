@@ -37,6 +37,7 @@ def results(tmp_path_factory) -> dict:
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_json_has_every_section(results):
     for key in ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios"):
         assert key in results
@@ -44,6 +45,7 @@ def test_json_has_every_section(results):
     assert results["config"]["student"] == "cnn_small"
 
 
+@pytest.mark.slow
 def test_step_times_are_positive(results):
     for row in results["modes"].values():
         assert row["step_time_s"] > 0
@@ -51,11 +53,13 @@ def test_step_times_are_positive(results):
         assert row["peak_bytes"] is None or row["peak_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_flop_floor_ratio_lies_between_one_and_five_thirds(results):
     assert 1 < results["flop_floor_ratio"] < 5 / 3
     assert results["ratios"]["mokd_over_kd_1bwd"] > 0
 
 
+@pytest.mark.slow
 def test_aggregation_shares_are_fractions(results):
     for k in ("K2", "K3"):
         assert results["aggregation"][k]["time_s"] > 0

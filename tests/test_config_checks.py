@@ -57,3 +57,10 @@ def test_a_method_that_owns_its_momenta_requires_sgd():
         check_config(config)
     config.student.optimizer = "sgd"
     check_config(config)
+
+
+def test_step_schedule_with_boundaries_outside_the_run_is_refused():
+    config = default.get_config("smoke")
+    config.student.schedule, config.student.decay_boundaries = "step", (10, 30)
+    with pytest.raises(InputError, match=r"student.decay_boundaries=\(10, 30\)"):
+        check_config(config)

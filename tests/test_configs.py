@@ -12,8 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar100, default, imagenet
-from mokd_jax import checkpoint, config_checks, models, optimizers, train
-from mokd_jax.errors import InputError
+from mokd_jax import checkpoint, config_checks, models, train
 
 
 @pytest.mark.parametrize(
@@ -61,22 +60,7 @@ def test_unknown_config_arg_lists_the_allowed_ones(arg):
         imagenet.get_config(arg)
 
 
-def test_step_schedule_decays_at_its_boundaries_after_warmup():
-    section = default.get_config().student
-    section.learning_rate, section.num_train_steps, section.warmup_steps = 0.4, 100, 10
-    section.schedule, section.decay_boundaries = "step", (50, 80)
-    schedule = optimizers.learning_rate_schedule(section)
-    rates = [float(schedule(step)) for step in (0, 5, 10, 49, 50, 79, 80, 99)]
-    np.testing.assert_allclose(rates, [0, 0.2, 0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
-
-
-def test_step_schedule_with_boundaries_outside_the_run_is_refused():
-    config = default.get_config("smoke")
-    config.student.schedule, config.student.decay_boundaries = "step", (10, 30)
-    with pytest.raises(InputError, match=r"student.decay_boundaries=\(10, 30\)"):
-        config_checks.check_config(config)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module, arg",
     [(cifar100, "smoke"), (imagenet, "smoke"), (imagenet, "regnety160_deit_tiny,smoke")],
@@ -101,6 +85,7 @@ def test_smoke_runs_under_mock_data(module, arg, tmp_path):
     assert os.path.isdir(tmp_path / "checkpoints" / "student")
 
 
+@pytest.mark.slow
 def test_bfloat16_run_keeps_float32_parameters(tmp_path):
     config = default.get_config("smoke")
     config.dtype = "bfloat16"

@@ -80,6 +80,7 @@ def test_code_cells_are_plain_python_without_ipython_magics():
         compile(text, f"code cell {index}", "exec")
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end_on_the_smoke_config(executed):
     workdir, process = executed
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-4000:]
@@ -95,6 +96,7 @@ def test_notebook_runs_end_to_end_on_the_smoke_config(executed):
     assert f"diagnostics: {png}" in process.stdout
 
 
+@pytest.mark.slow
 def test_notebook_comparison_lists_every_method_and_reuses_the_teacher(executed):
     workdir, process = executed
     assert process.returncode == 0, process.stderr[-4000:]

@@ -96,3 +96,12 @@ def test_sum_aggregator_then_adamw_equals_adamw_on_the_summed_gradient():
     summed = jax.tree.map(lambda leaf: leaf.sum(0), grads)
     theirs, _ = reference.update(summed, reference.init(params), params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
+
+
+def test_step_schedule_decays_at_its_boundaries_after_warmup():
+    section = default.get_config().student
+    section.learning_rate, section.num_train_steps, section.warmup_steps = 0.4, 100, 10
+    section.schedule, section.decay_boundaries = "step", (50, 80)
+    schedule = optimizers.learning_rate_schedule(section)
+    rates = [float(schedule(step)) for step in (0, 5, 10, 49, 50, 79, 80, 99)]
+    np.testing.assert_allclose(rates, [0, 0.2, 0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)

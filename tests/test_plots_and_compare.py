@@ -46,6 +46,7 @@ def student_events(comparison):
 # ----------------------------------------------------------------------------- plots
 
 
+@pytest.mark.slow
 def test_read_scalars_returns_every_step_of_each_tag(student_events):
     scalars = plots.read_scalars(student_events)
     steps, values = scalars["cos_task_distill"]
@@ -56,6 +57,7 @@ def test_read_scalars_returns_every_step_of_each_tag(student_events):
         assert np.all(np.isfinite(scalars[tag][1])), tag
 
 
+@pytest.mark.slow
 def test_plot_diagnostics_writes_a_four_panel_png(student_events, tmp_path):
     path = str(tmp_path / "diagnostics.png")
     assert plots.plot_diagnostics(student_events, path, title="smoke") == path
@@ -148,6 +150,7 @@ def test_every_preset_builds_or_fails_naming_itself(method):
         assert config.seed == 1
 
 
+@pytest.mark.slow
 def test_compare_script_shares_one_teacher_and_writes_the_report(comparison):
     workdir, stdout = comparison
     progress = [line for line in stdout.splitlines() if line.startswith("[")]
