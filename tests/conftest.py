@@ -4,7 +4,8 @@ project's pyproject.toml.
 Most of the suite's time is XLA compiling the same few programs again (the smoke config's
 steps, in-process and in the CLI, resume, preemption, notebook and comparison runs, each of
 which builds fresh step functions): a persistent compilation cache, fresh for each session
-and inherited by the subprocesses through the environment, turns every repeat into a
+and inherited by the subprocesses (and pytest-xdist's workers) through the environment,
+turns every repeat into a
 lookup (a smoke run: 22 s cold, 5 s warm, on 2 cores). `MOKD_TEST_XLA_CACHE=DIR` keeps the
 cache in DIR across sessions instead, for a faster inner loop.
 """
@@ -29,7 +30,10 @@ _SESSION_CACHE: list[str] = []
 
 
 def pytest_configure(config):
-    directory = os.environ.get("MOKD_TEST_XLA_CACHE")
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its controller's cache
+        directory = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    else:
+        directory = os.environ.get("MOKD_TEST_XLA_CACHE")
     if not directory:
         directory = tempfile.mkdtemp(prefix="mokd_jax_xla_cache_")
         _SESSION_CACHE.append(directory)

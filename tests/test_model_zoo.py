@@ -258,6 +258,7 @@ def test_mobilenet_v2_dropout_needs_an_rng_in_train_mode_only():
     _abstract_apply(model.clone(dropout_rate=0.0), variables, 32, train=True, mutable=True)
 
 
+@pytest.mark.slow
 def test_vit_init_follows_timm():
     params = _real_init(_vit_tiny_32)[1]["params"]
     assert 0 < np.std(params["cls_token"]) < 1e-5
@@ -271,6 +272,7 @@ def test_vit_init_follows_timm():
     assert 0.9 * bound < np.max(np.abs(kernel)) <= bound
 
 
+@pytest.mark.slow
 def test_regnet_init_follows_timm():
     """timm's fan_out divides by the groups; the last BN of every block starts at 0."""
     params = _real_init(_small_regnet)[1]["params"]

@@ -73,12 +73,12 @@ _SMALL_REGNET = RegNet(10, widths=(16, 32), depths=(1, 2), group_width=8, stem_w
     "model, shape",
     [
         ("cnn_small", (4, 8, 8, 1)),
-        ("resnet8x4", (4, 32, 32, 3)),
-        ("wrn_16_2", (4, 32, 32, 3)),
-        ("vgg8", (4, 32, 32, 3)),
-        ("mobilenet_v1", (4, 32, 32, 3)),
-        ("mobilenet_v2", (4, 32, 32, 3)),
-        pytest.param(_SMALL_REGNET, (4, 16, 16, 3), id="regnet_small"),
+        pytest.param("resnet8x4", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param("wrn_16_2", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param("vgg8", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param("mobilenet_v1", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param("mobilenet_v2", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param(_SMALL_REGNET, (4, 16, 16, 3), id="regnet_small", marks=pytest.mark.slow),
     ],
 )
 def test_train_mode_uses_and_updates_batch_statistics(model, shape):
@@ -86,9 +86,10 @@ def test_train_mode_uses_and_updates_batch_statistics(model, shape):
     init = jax.jit(functools.partial(model.init, train=False))  # ~2x faster than eager
     variables = init(jax.random.key(0), jnp.zeros(shape))
     images = 3.0 + jax.random.normal(jax.random.key(1), shape)
-    eval_logits = model.apply(variables, images, train=False)
-    train_logits, updates = model.apply(
-        variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}
+    eval_logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+    train_apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+    train_logits, updates = jax.jit(train_apply)(
+        variables, images, rngs={"dropout": jax.random.key(2)}
     )
     assert not np.allclose(eval_logits, train_logits)
     # Every BatchNorm's running variance moves. A running mean may rightly stay at 0: a BN

@@ -230,6 +230,7 @@ def _strided_conv(inputs, kernel, padding):
     )
 
 
+@pytest.mark.slow
 def test_strided_convs_pad_like_torch():
     """The stem conv7x7/2 pads 3 and a stage's first conv3x3/2 pads 1 on every side."""
     model, variables = _init("resnet18", 64)
@@ -281,7 +282,7 @@ def _small_bottleneck_resnet():
     ("build", "size"),
     [
         (lambda: _init("resnet18", 64), 64),
-        (_small_bottleneck_resnet, 32),
+        pytest.param(_small_bottleneck_resnet, 32, marks=pytest.mark.slow),
         (lambda: _init("resnet8x4", 32), 32),
         (lambda: _init("wrn_16_2", 32), 32),
     ],

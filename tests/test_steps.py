@@ -97,7 +97,18 @@ def test_teacher_is_an_argument_of_the_step_not_a_constant():
     assert losses[0] != losses[1]
 
 
-@pytest.mark.parametrize("name", aggregation.NAMES)
+INNER_LOOP_METHODS = ("mokd", "famo", "graddrop", "dot")
+"""One method per way of being driven (per-objective rows, one weighted row, at the
+representation, own momenta) in the fast tier; the rest run with the slow tests."""
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=() if name in INNER_LOOP_METHODS else pytest.mark.slow)
+        for name in aggregation.NAMES
+    ],
+)
 def test_every_registered_aggregator_runs_through_the_trainers_step(name):
     """One jitted step of the trainer's own distillation step per registered method (the
     contract decides the backward pass): the student moves, every metric is finite, the
@@ -116,6 +127,7 @@ def test_every_registered_aggregator_runs_through_the_trainers_step(name):
     assert ("cos_task_distill" in metrics) == per_objective
 
 
+@pytest.mark.slow
 def test_three_objectives_with_dkd_log_every_objective():
     config = default.get_config("smoke")
     config.distill.objectives, config.distill.logit_loss = "separate", "dkd"
@@ -140,10 +152,13 @@ def test_representation_path_with_everything_kept_equals_the_plain_sum():
         pooled, _ = encode(params["student"])
         return head_objectives(params, pooled)[0].sum()
 
-    rows, _, _, _ = steps.representation_gradients(
-        encode, head_objectives, student_state.params, lambda g: (g.sum(0), jnp.ones(2))
-    )
-    expected = jax.grad(summed)(student_state.params)
+    keep_everything = lambda g: (g.sum(0), jnp.ones(2))  # noqa: E731
+    rows, _, _, _ = jax.jit(
+        lambda params: steps.representation_gradients(
+            encode, head_objectives, params, keep_everything
+        )
+    )(student_state.params)
+    expected = jax.jit(jax.grad(summed))(student_state.params)
     jax.tree.map(
         lambda row, want: np.testing.assert_allclose(row[0], want, rtol=2e-4, atol=1e-6),
         rows, expected,

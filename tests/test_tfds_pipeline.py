@@ -72,7 +72,10 @@ def test_imagenet_deit_recipe_shapes():
     assert labels.shape == (BATCH,)
 
 
-@pytest.mark.parametrize(("name", "recipe"), [("cifar10", "standard"), ("imagenet2012", "deit")])
+@pytest.mark.parametrize(
+    ("name", "recipe"),
+    [("cifar10", "standard"), pytest.param("imagenet2012", "deit", marks=pytest.mark.slow)],
+)
 def test_train_is_deterministic_shuffled_and_resumes(name, recipe):
     train = functools.partial(
         tfds_pipeline.train_batches, name, "", BATCH, image_size=SIZES[name], recipe=recipe
