@@ -25,6 +25,22 @@ def aggregation_defaults() -> ml_collections.ConfigDict:
     )
 
 
+def phase_section(model: str, num_train_steps: int) -> ml_collections.ConfigDict:
+    """A teacher or student section: model, length, optimizer and learning-rate schedule
+    (the digits defaults)."""
+    section = ml_collections.ConfigDict()
+    section.model = model
+    section.num_train_steps = num_train_steps
+    section.optimizer = "adamw"
+    section.learning_rate = 3e-3
+    section.weight_decay = 1e-4
+    section.warmup_steps = 50
+    section.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
+    section.decay_boundaries = ()
+    section.decay_factor = 0.1
+    return section
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field of a run with its default: the digits run of configs/default.py, which
     the CIFAR-100 and ImageNet configs start from."""
@@ -50,28 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1  # devices per parameter shard group; the rest is data parallel
     config.mesh.fsdp_min_size = 2**18  # leaves smaller than this stay replicated
 
-    config.teacher = ml_collections.ConfigDict()
-    config.teacher.model = "cnn_large"
+    config.teacher = phase_section("cnn_large", num_train_steps=600)
     config.teacher.checkpoint_dir = ""  # "": WORKDIR/teacher, trained there when missing
-    config.teacher.num_train_steps = 600
-    config.teacher.optimizer = "adamw"
-    config.teacher.learning_rate = 3e-3
-    config.teacher.weight_decay = 1e-4
-    config.teacher.warmup_steps = 50
-    config.teacher.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
-    config.teacher.decay_boundaries = ()
-    config.teacher.decay_factor = 0.1
-
-    config.student = ml_collections.ConfigDict()
-    config.student.model = "cnn_small"
-    config.student.num_train_steps = 1000
-    config.student.optimizer = "adamw"
-    config.student.learning_rate = 3e-3
-    config.student.weight_decay = 1e-4
-    config.student.warmup_steps = 50
-    config.student.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
-    config.student.decay_boundaries = ()
-    config.student.decay_factor = 0.1
+    config.student = phase_section("cnn_small", num_train_steps=1000)
 
     config.distill = ml_collections.ConfigDict()
     config.distill.temperature = 4.0

@@ -69,6 +69,17 @@ def dropout_rngs(step: jax.Array) -> dict[str, jax.Array]:
     return {"dropout": jax.random.fold_in(jax.random.key(0), step)}
 
 
+def advanced(state: TrainState, updates, batch_stats, opt_state) -> TrainState:
+    """The state after one step: updates applied, new BatchNorm statistics and optimizer
+    state, step counter + 1."""
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+
+
 def teacher_step(
     state: TrainState, images, labels, *, model, tx, mix: Callable | None = None
 ) -> tuple[TrainState, dict]:
@@ -88,12 +99,7 @@ def teacher_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
+    new_state = advanced(state, updates, batch_stats, opt_state)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels))
     return new_state, {"loss": loss, "accuracy": accuracy}
 
@@ -238,12 +244,7 @@ def distill_step(
         )
     parts, logits, batch_stats = aux
     updates, opt_state = tx.update(gradients, state.opt_state, state.params, losses=losses, **extra)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
+    new_state = advanced(state, updates, batch_stats, opt_state)
     names = objective_names(distill)
     weights = aggregation.weights(opt_state)
     metrics = {
@@ -295,12 +296,7 @@ def summed_distill_step(
     losses, pullback, (_, _, batch_stats) = jax.vjp(objectives, state.params, has_aux=True)
     (gradient,) = pullback(jnp.ones_like(losses))
     updates, opt_state = tx.update(gradient, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
+    new_state = advanced(state, updates, batch_stats, opt_state)
     return new_state, {"loss": losses.sum()}
 
 

@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from processes import free_port, two_process_environment
 
 from configs import default
 from mokd_jax import checkpoint, train
@@ -409,12 +409,6 @@ print("STEPS", manager.all_steps(), flush=True)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_set_the_damaged_step_aside_together(tmp_path):
     """Two processes (2 CPU devices each) with a damaged newest step: both resume from the
@@ -423,13 +417,7 @@ def test_two_processes_set_the_damaged_step_aside_together(tmp_path):
     port = free_port()
     processes = []
     for index in range(2):
-        env = {
-            **os.environ,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-            "JAX_NUM_PROCESSES": "2",
-            "JAX_PROCESS_ID": str(index),
-        }
+        env = two_process_environment(index, port)
         command = [sys.executable, "-c", TWO_PROCESS_SCRIPT, str(tmp_path)]
         processes.append(
             subprocess.Popen(

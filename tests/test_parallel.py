@@ -4,7 +4,6 @@ detection, and preemption of a real training process by SIGTERM."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import time
 import jax
 import pytest
 from jax.sharding import PartitionSpec
+from processes import free_port, two_process_environment
 
 from mokd_jax import parallel
 from mokd_jax.errors import InputError
@@ -141,24 +141,12 @@ def test_incomplete_launch_by_hand_names_the_variable(environ, message):
         parallel.distributed_arguments(environ)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
 def launch_two_processes(workdir: str, port: int) -> list[str]:
     """Runs the smoke config as one job of two processes with 2 CPU devices each
     (jax.distributed over localhost); returns their stderr after both exit with 0."""
     processes = []
     for index in range(2):
-        env = {
-            **os.environ,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-            "JAX_NUM_PROCESSES": "2",
-            "JAX_PROCESS_ID": str(index),
-        }
+        env = two_process_environment(index, port)
         command = [
             sys.executable, "-m", "mokd_jax.main", "--config=configs/default.py:smoke",
             f"--workdir={workdir}", "--config.teacher.num_train_steps=6",
