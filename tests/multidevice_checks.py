@@ -141,6 +141,8 @@ def test_batch_size_must_split_over_the_devices(tmp_path):
 def test_smoke_run_on_eight_devices_matches_one_device_accuracy_scale(tmp_path):
     """The whole trainer (teacher, student, evaluation, checkpoints) on 8 devices."""
     config = default.get_config("smoke")
+    config.teacher.num_train_steps = config.student.num_train_steps = 4
+    config.log_every_steps = config.checkpoint_every_steps = 2
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["devices"] == 8
     assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0

@@ -69,4 +69,4 @@ def test_ci_runs_exactly_the_readme_test_command():
         ci_command = f.read().strip().splitlines()[-1]
     test_comment = next(i for i, line in enumerate(readme) if line.startswith("# 2. install"))
     assert readme[test_comment + 1] == ci_command
-    assert ci_command.endswith("python -m pytest -q -n 2")
+    assert ci_command.endswith("python -m pytest -q -n 2 --dist worksteal")
