@@ -66,5 +66,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = steps_per_epoch
     if smoke:
-        config_helpers.shrink_to_smoke(config, "resnet8x4", "resnet20")
+        config_helpers.shrink_to_smoke(config, "cnn_large", "cnn_small")
     return config

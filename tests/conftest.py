@@ -52,6 +52,37 @@ def pytest_unconfigure(config):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+INNER_LOOP_METHODS = ("mokd", "pcgrad", "famo", "dot", "graddrop")
+"""The aggregators that a sweep over (nearly) every method runs in the fast tier: one per
+way of being driven (per-objective rows: the min-norm mokd and the projecting pcgrad; one
+weighted row: famo; own momenta: dot; at the representation: graddrop). The full suite
+runs every method."""
+
+SWEEP_SIZE = 8
+"""A test parametrized over at least this many aggregator names is a sweep."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the other methods of every aggregator sweep `slow` (see INNER_LOOP_METHODS)."""
+    from mokd_jax import aggregation
+
+    def method(item):
+        name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+        return name if isinstance(name, str) and name in aggregation.NAMES else None
+
+    def sweep_of(item):
+        return item.nodeid.split("::")[0], item.originalname
+
+    swept: dict[tuple[str, str], set[str]] = {}
+    for item in items:
+        if method(item):
+            swept.setdefault(sweep_of(item), set()).add(method(item))
+    for item in items:
+        name = method(item)
+        if name and len(swept[sweep_of(item)]) >= SWEEP_SIZE and name not in INNER_LOOP_METHODS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def pyproject() -> dict:
     """The repository's pyproject.toml, parsed."""

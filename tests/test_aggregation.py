@@ -472,11 +472,7 @@ def test_weights_reproduce_the_shared_update(name, num_objectives):
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.slow if n in ("gradvac", "pcgrad", "upgrad") else ())
-        for n in PARAMETER_METHODS
-        if aggregation.spec(n).drive == aggregation.PER_OBJECTIVE
-    ],
+    [n for n in PARAMETER_METHODS if aggregation.spec(n).drive == aggregation.PER_OBJECTIVE],
 )
 def test_non_shared_leaves_get_their_rows_summed(name):
     rows, losses = random_rows(2, 2 if name == "dot" else 3)

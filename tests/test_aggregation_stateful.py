@@ -136,13 +136,7 @@ def single_leaf_reference(name, inputs, leaf):
     return results
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=() if name in ("mokd", "mean", "nash_mtl") else pytest.mark.slow)
-        for name in GRAM_METHODS
-    ],
-)
+@pytest.mark.parametrize("name", GRAM_METHODS)
 def test_per_layer_is_the_global_method_on_each_leaf_alone(name):
     inputs = step_inputs(0, 3, steps=3)
     per_layer = run_steps(name, inputs, granularity="per_layer")

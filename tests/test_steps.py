@@ -97,18 +97,7 @@ def test_teacher_is_an_argument_of_the_step_not_a_constant():
     assert losses[0] != losses[1]
 
 
-INNER_LOOP_METHODS = ("mokd", "famo", "graddrop", "dot")
-"""One method per way of being driven (per-objective rows, one weighted row, at the
-representation, own momenta) in the fast tier; the rest run with the slow tests."""
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=() if name in INNER_LOOP_METHODS else pytest.mark.slow)
-        for name in aggregation.NAMES
-    ],
-)
+@pytest.mark.parametrize("name", aggregation.NAMES)
 def test_every_registered_aggregator_runs_through_the_trainers_step(name):
     """One jitted step of the trainer's own distillation step per registered method (the
     contract decides the backward pass): the student moves, every metric is finite, the
