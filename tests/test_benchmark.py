@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from mokd_jax import benchmark
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The modes the ratios and both aggregation shares need; the rest compile the same steps.
@@ -65,10 +63,3 @@ def test_aggregation_shares_are_fractions(results):
         assert results["aggregation"][k]["time_s"] > 0
         assert 0 < results["aggregation"][k]["share"] < 1
         assert results["aggregation"][k]["in_step_share"] is None  # kd modes were not run
-
-
-def test_flop_floor_ratio_formula():
-    assert benchmark.flop_floor_ratio(1.0, 0.0) == 1.0
-    assert benchmark.flop_floor_ratio(0.0, 1.0) == pytest.approx(5 / 3)
-    assert benchmark.cost_flops([{"flops": 2.0}, {"flops": 3.0}]) == 5.0
-    assert benchmark.cost_flops({"flops": 4.0}) == 4.0

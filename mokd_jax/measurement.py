@@ -1,0 +1,117 @@
+"""Measurements of compiled steps for the benchmark: median step time, XLA's planned
+temporary bytes and the device's peak bytes, FLOP counts and the FLOP floor ratio, and the
+aggregation's own cost.
+
+Times are medians over repeated calls of one compiled executable, after compilation and
+warm-up calls, with every output blocked on, so they measure the device work of a step and
+not tracing, compilation or dispatch queues.
+"""
+
+import functools
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mokd_jax import aggregation
+from mokd_jax import state as state_lib
+from mokd_jax.state import TrainState
+
+WARMUP_STEPS = 2
+AGGREGATION_REPEATS = 20
+
+
+def block(tree: Any) -> None:
+    jax.tree.map(lambda leaf: leaf.block_until_ready(), tree)
+
+
+def time_step(
+    step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
+) -> tuple[float, int | None]:
+    """(Median seconds per step, compiled temporary bytes or None). The state is donated
+    (as in training), so each call consumes the previous call's state; compilation and
+    WARMUP_STEPS calls happen before the clock starts."""
+    compiled = jax.jit(step, donate_argnums=0).lower(state, *args, *batch).compile()
+    temp_bytes = memory_analysis_bytes(compiled)
+    for _ in range(WARMUP_STEPS):
+        state, metrics = compiled(state, *args, *batch)
+    block((state, metrics))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, *args, *batch)
+        block((state, metrics))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), temp_bytes
+
+
+def memory_analysis_bytes(compiled) -> int | None:
+    """XLA's planned temporary buffer bytes of a compiled step (None where unsupported):
+    unlike `memory_stats`, it exists on CPU."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
+def peak_bytes() -> int | None:
+    """The device's peak allocation so far; None where the backend reports none (CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return None if stats is None else stats.get("peak_bytes_in_use")
+
+
+def cost_flops(cost: Any) -> float:
+    """FLOPs from `Compiled.cost_analysis()`, which is a dict or, in older jax, a list of
+    dicts (one per program)."""
+    if isinstance(cost, Mapping):
+        return float(cost.get("flops", 0.0))
+    return sum(cost_flops(entry) for entry in cost)
+
+
+def forward_flops(model, image_shape: tuple[int, ...], batch_size: int) -> float:
+    """XLA's FLOP count of one eval-mode forward pass, from shapes only (nothing runs)."""
+    images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+    variables = jax.eval_shape(
+        functools.partial(state_lib.init_model, model, image_shape), jax.random.key(0)
+    )
+    forward = functools.partial(model.apply, train=False)
+    return cost_flops(jax.jit(forward).lower(variables, images).compile().cost_analysis())
+
+
+def flop_floor_ratio(teacher_flops: float, student_flops: float) -> float:
+    """(F_t + 5 F_s) / (F_t + 3 F_s): MoKD's two student backwards against one, with a
+    backward counted as two forwards."""
+    return (teacher_flops + 5 * student_flops) / (teacher_flops + 3 * student_flops)
+
+
+def aggregation_time(params: Any, num_objectives: int, hparams: Mapping[str, Any]) -> float:
+    """Median seconds of the jitted `mokd` update alone on random K-stacked gradients shaped
+    like `params` (the aggregation's own cost, without the backward passes)."""
+    tx = aggregation.get(
+        "mokd", num_objectives=num_objectives, shared=state_lib.shared_mask, **hparams
+    )
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    rows = jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.normal(k, (num_objectives, *leaf.shape))
+            for k, leaf in zip(keys, leaves, strict=True)
+        ],
+    )
+    losses = jnp.linspace(1.0, 2.0, num_objectives)
+    state = tx.init(params)
+    update = jax.jit(
+        lambda grads, state, params, losses: tx.update(grads, state, params, losses=losses)
+    )
+    compiled = update.lower(rows, state, params, losses).compile()
+    block(compiled(rows, state, params, losses))
+    times = []
+    for _ in range(AGGREGATION_REPEATS):
+        start = time.perf_counter()
+        block(compiled(rows, state, params, losses))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
