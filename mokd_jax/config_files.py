@@ -49,11 +49,11 @@ def resolve(value: str) -> str:
     path, colon, arg = value.partition(":")
     if os.path.isfile(path):
         return value
-    name = path.removesuffix(".py")
-    if name in bundled_names():
+    name, names = path.removesuffix(".py"), bundled_names()
+    if name in names:
         return os.path.join(bundled_dir(), f"{name}.py") + colon + arg
-    names = ", ".join(bundled_names())
-    raise invalid("config", value, f"an existing file, or a bundled config: {names} (with :ARG)")
+    allowed = f"an existing file, or a bundled config: {', '.join(names)} (with :ARG)"
+    raise invalid("config", value, allowed)
 
 
 class _ResolvingParser(flags.ArgumentParser):

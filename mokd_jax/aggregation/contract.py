@@ -85,13 +85,13 @@ def find_state(opt_state: Any) -> Any:
     states have no such field; an aggregator's nested per-leaf states are not searched."""
     if _is_aggregator_state(opt_state):
         return opt_state
-    children = opt_state.values() if isinstance(opt_state, dict) else opt_state
-    if isinstance(children, tuple | list) or isinstance(opt_state, dict):
-        for child in children:
-            found = find_state(child)
-            if found is not None:
-                return found
-    return None
+    if isinstance(opt_state, dict):
+        children = opt_state.values()
+    elif isinstance(opt_state, tuple | list):
+        children = opt_state
+    else:
+        return None
+    return next((found for c in children if (found := find_state(c)) is not None), None)
 
 
 def weights(opt_state: Any) -> jax.Array:
