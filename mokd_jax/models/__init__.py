@@ -16,7 +16,7 @@ from mokd_jax.models.resnet import BASIC, BOTTLENECK, ResNet, cifar_resnet, wide
 from mokd_jax.models.vgg import CFG_B, CFG_S, VGG
 from mokd_jax.models.vit import VisionTransformer
 
-__all__ = ["DTYPES", "NAMES", "ConvNet", "get"]
+__all__ = ["CIFAR_NAMES", "DTYPES", "NAMES", "ConvNet", "get"]
 
 # DeiT's ViTs are timm's ViTs (DeiT changed the training, not the architecture), so each
 # DeiT name is an alias of the ViT of the same size.
@@ -54,6 +54,18 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "regnety_160": RegNet,
 }
 NAMES = tuple(_MODELS)
+# The CIFAR models of RepDistiller / mdistiller: converted from their checkpoints, they
+# expect CIFAR-100's input statistics (`mokd_jax.normalization.CIFAR100`).
+CIFAR_NAMES = (
+    "resnet20",
+    "resnet56",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_2",
+    "wrn_40_2",
+    "vgg8",
+    "vgg13",
+)
 
 
 def get(
