@@ -70,7 +70,16 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mokd_jax import cli, config_helpers, measurement, models, networks, optimizers, steps
+from mokd_jax import (
+    cli,
+    config_helpers,
+    measurement,
+    models,
+    networks,
+    normalization,
+    optimizers,
+    steps,
+)
 from mokd_jax import state as state_lib
 from mokd_jax.config_checks import check_config
 from mokd_jax.errors import invalid
@@ -168,13 +177,16 @@ def build_mode(
     teacher_variables: Mapping[str, Any],
 ) -> tuple[Callable, TrainState, tuple]:
     """(step function, initial state, the step's arguments after the state and batch)."""
-    nets = networks.build_networks(config, config.num_classes, image_shape[0])
+    inputs = normalization.for_dataset(config.dataset)
+    nets = networks.build_networks(
+        config, config.num_classes, image_shape[0], teacher_input=inputs, student_input=inputs
+    )
     key = jax.random.key(config.seed + 1)
     if mode == "ce":
         tx = optimizers.make_optimizer(config.student)
         create = functools.partial(state_lib.create_teacher_state, nets.student, image_shape, tx)
         return (
-            functools.partial(steps.teacher_step, model=nets.student, tx=tx),
+            functools.partial(steps.teacher_step, model=nets.student, tx=tx, inputs=inputs),
             jax.jit(create)(key),
             (),
         )
@@ -248,7 +260,8 @@ def measure(
             raise invalid("modes", mode, f"one of {list(MODES)}")
     image_shape = (image_size, image_size, 3)
     load_before = os.getloadavg()
-    teacher, student, _ = networks.build_networks(base, base.num_classes, image_size)
+    teacher = networks.build_model(base, "teacher", base.num_classes, image_size)
+    student = networks.build_model(base, "student", base.num_classes, image_size)
     teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
         jax.random.key(base.seed)
     )

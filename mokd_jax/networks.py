@@ -11,13 +11,19 @@ import ml_collections
 from flax import linen as nn
 
 from mokd_jax import models
+from mokd_jax.normalization import Normalization
 from mokd_jax.subspace import SubspaceProjector
 
 
 class Networks(NamedTuple):
+    """The modules of a distillation and each network's input statistics (teacher and
+    student may have been trained on differently normalised inputs)."""
+
     teacher: nn.Module
     student: nn.Module
     projector: SubspaceProjector
+    teacher_input: Normalization
+    student_input: Normalization
 
 
 def build_model(
@@ -39,9 +45,16 @@ def build_projector(config: ml_collections.ConfigDict, teacher_width: int) -> Su
 
 
 def build_networks(
-    config: ml_collections.ConfigDict, num_classes: int, image_size: int
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    image_size: int,
+    *,
+    teacher_input: Normalization,
+    student_input: Normalization,
 ) -> Networks:
-    """Teacher, student and projector for images of side `image_size`."""
+    """Teacher, student and projector for images of side `image_size`, each network fed
+    through its own input statistics."""
     teacher = build_model(config, "teacher", num_classes, image_size)
     student = build_model(config, "student", num_classes, image_size)
-    return Networks(teacher, student, build_projector(config, teacher.feature_width))
+    projector = build_projector(config, teacher.feature_width)
+    return Networks(teacher, student, projector, teacher_input, student_input)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mokd_jax import aggregation, data
+from mokd_jax import aggregation, normalization
 from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix
 from mokd_jax.data.mixing import mixup_cutmix
 from mokd_jax.networks import Networks
@@ -81,16 +81,24 @@ def advanced(state: TrainState, updates, batch_stats, opt_state) -> TrainState:
 
 
 def teacher_step(
-    state: TrainState, images, labels, *, model, tx, mix: Callable | None = None
+    state: TrainState,
+    images,
+    labels,
+    *,
+    model,
+    tx,
+    inputs: normalization.Normalization,
+    mix: Callable | None = None,
 ) -> tuple[TrainState, dict]:
-    """One cross-entropy step of the teacher (on a `mix`ed batch when given)."""
+    """One cross-entropy step of the teacher, fed through its `inputs` statistics (on a
+    `mix`ed batch when given)."""
     if mix is not None:
         images, labels = mix(images, labels, state.step)
 
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            data.normalize(images),
+            normalization.apply(inputs, images),
             train=True,
             mutable=["batch_stats"],
             rngs=dropout_rngs(state.step),
@@ -121,17 +129,20 @@ def student_functions(
     head_objectives(params, pooled) -> (losses [K], (loss parts, logits)).
     """
     student, projector = networks.student, networks.projector
-    inputs = data.normalize(images)
     teacher_logits, teacher_features = networks.teacher.apply(
-        teacher_variables, inputs, train=False, return_features=True
+        teacher_variables,
+        normalization.apply(networks.teacher_input, images),
+        train=False,
+        return_features=True,
     )
+    student_inputs = normalization.apply(networks.student_input, images)
     # The projector and the losses run in float32 whatever the models' compute dtype.
     teacher_pooled = teacher_features["pooled"].astype(jnp.float32)
 
     def encode(student_params):
         features, updates = student.apply(
             {"params": student_params, "batch_stats": state.batch_stats},
-            inputs,
+            student_inputs,
             train=True,
             method="encode",
             mutable=["batch_stats"],
@@ -300,10 +311,12 @@ def summed_distill_step(
     return new_state, {"loss": losses.sum()}
 
 
-def correct_predictions(variables, images, labels, mask, *, model) -> jax.Array:
-    """The evaluation step: [correct top-1, correct top-5, real examples] in a padded
-    batch."""
-    logits = model.apply(variables, data.normalize(images), train=False)
+def correct_predictions(
+    variables, images, labels, mask, *, model, inputs: normalization.Normalization
+) -> jax.Array:
+    """The evaluation step of a network fed through its `inputs` statistics: [correct
+    top-1, correct top-5, real examples] in a padded batch."""
+    logits = model.apply(variables, normalization.apply(inputs, images), train=False)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
     top1 = jnp.argmax(logits, -1) == labels

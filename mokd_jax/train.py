@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mokd_jax import checkpoint, data, parallel, plots
+from mokd_jax import checkpoint, data, normalization, parallel, plots
 from mokd_jax.config_checks import check_config
 from mokd_jax.errors import invalid
 from mokd_jax.evaluation import evaluate
@@ -73,6 +73,11 @@ def dataset_model(config: ml_collections.ConfigDict, role: str, dataset):
     return build_model(config, role, dataset.num_classes, dataset.image_shape[0])
 
 
+def dataset_inputs(dataset) -> normalization.Normalization:
+    """The input statistics of the networks trained on `dataset`: its standard ones."""
+    return normalization.for_dataset(dataset.name)
+
+
 def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory: str) -> None:
     """Raises InputError when restored teacher variables do not fit the teacher model on
     this dataset's images (e.g. an RGB ImageNet teacher on grayscale digits), naming the
@@ -122,7 +127,11 @@ def train_teacher(config, workdir, dataset, mesh) -> dict:
     )
     mix = batch_mixer(config, dataset.num_classes, config.seed)
     step_fn = parallel.compiled_step(
-        functools.partial(teacher_step, model=model, tx=tx, mix=mix), shardings, mesh
+        functools.partial(
+            teacher_step, model=model, tx=tx, inputs=dataset_inputs(dataset), mix=mix
+        ),
+        shardings,
+        mesh,
     )
     state, _ = run_phase(
         "teacher",
@@ -173,7 +182,13 @@ def student_fingerprint(config: ml_collections.ConfigDict, dataset) -> dict:
 
 def distill_student(config, workdir, dataset, teacher_variables, mesh):
     """Phase 2: MoKD distillation of the student; returns (student variables, diagnostics)."""
-    networks = build_networks(config, dataset.num_classes, dataset.image_shape[0])
+    networks = build_networks(
+        config,
+        dataset.num_classes,
+        dataset.image_shape[0],
+        teacher_input=dataset_inputs(dataset),
+        student_input=dataset_inputs(dataset),
+    )
     tx = student_optimizer(config)
     create = functools.partial(
         create_student_state,
@@ -248,7 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     accuracies = {}
     for role, variables in (("teacher", teacher_variables), ("student", student_variables)):
         model = dataset_model(config, role, dataset)
-        accuracies[role] = evaluate(model, variables, dataset, config.eval_batch_size, mesh)
+        accuracies[role] = evaluate(
+            model, variables, dataset, config.eval_batch_size, mesh, dataset_inputs(dataset)
+        )
         writer = phase_writer(workdir, role)
         writer.write_scalars(config[role].num_train_steps, accuracies[role])
         writer.close()

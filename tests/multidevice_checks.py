@@ -16,6 +16,7 @@ from mokd_jax import data, networks, optimizers, parallel, steps, train
 from mokd_jax import state as state_lib
 from mokd_jax.aggregation.gram import gram_matrix
 from mokd_jax.errors import InputError
+from mokd_jax.normalization import UNIT
 
 STEPS = 3
 # Float32 sums over the batch and over devices are added in another order on 8 devices
@@ -35,7 +36,9 @@ def run_distillation(mesh, aggregator="mokd", fsdp_min_size=2**18, guard=False):
     config.aggregator = aggregator
     config.mesh.fsdp_min_size = fsdp_min_size
     dataset = data.load("digits")
-    nets = networks.build_networks(config, dataset.num_classes, dataset.image_shape[0])
+    nets = networks.build_networks(
+        config, dataset.num_classes, dataset.image_shape[0], teacher_input=UNIT, student_input=UNIT
+    )
     tx = optimizers.student_optimizer(config)
     teacher_variables = parallel.place_variables(
         state_lib.init_model(nets.teacher, dataset.image_shape, jax.random.key(0)),

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -305,12 +304,6 @@ def test_eval_batches_bad_batch_size():
     images, labels = _toy()
     with pytest.raises(InputError, match="batch_size=0"):
         data.eval_batches(images, labels, 0)
-
-
-def test_normalize_runs_under_jit():
-    out = jax.jit(data.normalize)(np.array([0, 255, 128], np.uint8))
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, [-2.0, 2.0, (128 / 255 - 0.5) / 0.25], atol=1e-6)
 
 
 def test_export_npz_script_roundtrips_digits(tmp_path):

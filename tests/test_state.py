@@ -6,11 +6,17 @@ import numpy as np
 import optax
 
 from configs import default
-from mokd_jax import networks, state
+from mokd_jax import networks, normalization, state
 
 
 def small_networks():
-    return networks.build_networks(default.get_config(), num_classes=10, image_size=8)
+    return networks.build_networks(
+        default.get_config(),
+        10,
+        8,
+        teacher_input=normalization.UNIT,
+        student_input=normalization.UNIT,
+    )
 
 
 def test_teacher_state_starts_at_step_zero_with_its_variables_and_optimizer():

@@ -14,6 +14,7 @@ import pytest
 
 from configs import default
 from mokd_jax import aggregation, data, networks, optimizers, state, steps
+from mokd_jax.normalization import UNIT
 
 
 class StepParts(NamedTuple):
@@ -29,7 +30,9 @@ class StepParts(NamedTuple):
 def step_parts(config) -> StepParts:
     dataset = data.load("digits")
     images, labels = dataset.train_images[:16], dataset.train_labels[:16]
-    nets = networks.build_networks(config, dataset.num_classes, images.shape[1])
+    nets = networks.build_networks(
+        config, dataset.num_classes, images.shape[1], teacher_input=UNIT, student_input=UNIT
+    )
     tx = optimizers.student_optimizer(config)
     create_state = functools.partial(
         state.create_student_state,

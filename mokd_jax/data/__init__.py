@@ -7,15 +7,13 @@ Both offer what the trainer uses: `name`, `num_classes`, `image_shape`, `train_b
 batch_size, seed, start_step, process_index=, process_count=)` (endless, resumable, this
 process's part of each global batch) and `eval_batches(batch_size)` (every example once,
 padded, with a mask). Batches are uint8 images and int32 labels; the trainer maps pixels to
-model inputs with `normalize` inside its jitted step (uint8 batches are 4x smaller to move
-to the device than float32 ones).
+each network's inputs with its own statistics (`mokd_jax.normalization`) inside its jitted
+step (uint8 batches are 4x smaller to move to the device than float32 ones).
 """
 
 import dataclasses
 from collections.abc import Callable, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mokd_jax.checks import check_choice
@@ -31,7 +29,6 @@ __all__ = [
     "InMemoryDataset",
     "eval_batches",
     "load",
-    "normalize",
     "process_slice",
     "train_batches",
 ]
@@ -46,11 +43,6 @@ _LOADERS: dict[str, Callable[[str], tuple[np.ndarray, ...]]] = {
 # seconds to import, which the digits runs need not pay).
 TFDS_NAMES = ("imagenet2012", "cifar100", "cifar10")
 NAMES = (*_LOADERS, *TFDS_NAMES)
-
-# Fixed constants rather than per-dataset statistics: teacher and student, and any
-# checkpoint, then agree on the input scale whatever data they are run on.
-_MEAN = 0.5
-_STD = 0.25
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -143,11 +135,3 @@ def _num_classes(requested: int, train_labels: np.ndarray, test_labels: np.ndarr
             f"labels out of range: the max label is {max_label}, so at least {max_label + 1}",
         )
     return requested
-
-
-def normalize(images: jax.Array | np.ndarray) -> jax.Array:
-    """uint8 pixels -> float32 model inputs, (x / 255 - 0.5) / 0.25, about in [-2, 2].
-
-    Pure jnp so it runs inside the jitted step on uint8 batches.
-    """
-    return (jnp.asarray(images, jnp.float32) / 255.0 - _MEAN) / _STD
