@@ -25,7 +25,7 @@ import sys
 
 from absl import app, flags, logging
 
-from mokd_jax import cli, config_files, loop, parallel, train
+from mokd_jax import cli, config_files
 from mokd_jax.errors import InputError
 
 PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
@@ -66,15 +66,15 @@ def is_not_orbax_chatter(record) -> bool:
     return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname.replace("\\", "/")
 
 
-def request_stop(signum, frame) -> None:
-    """SIGTERM handler: the training loop saves and stops at the end of its current step."""
-    loop.PREEMPTION.set()
-
-
 def main(argv: list[str]) -> None:
+    # The trainer (CLU's writers import TensorFlow: seconds) is imported once the flags
+    # are parsed, so that --help and a bad flag answer at once.
+    from mokd_jax import loop, parallel, train
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    signal.signal(signal.SIGTERM, request_stop)
+    # On SIGTERM the training loop saves and stops at the end of its current step.
+    signal.signal(signal.SIGTERM, lambda signum, frame: loop.PREEMPTION.set())
     logging.get_absl_logger().addFilter(is_not_orbax_chatter)
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
