@@ -295,8 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
     dataset = load_dataset(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    student_input = dataset_inputs(config, "student", dataset)  # checked before any training
     teacher_variables, teacher_input = obtain_teacher(config, workdir, dataset, mesh)
-    student_input = dataset_inputs(config, "student", dataset)
     student_variables, diagnostics = distill_student(
         config, workdir, dataset, teacher_variables, teacher_input, mesh
     )
