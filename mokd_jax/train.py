@@ -99,7 +99,9 @@ def dataset_model(config: ml_collections.ConfigDict, role: str, dataset):
     return build_model(config, role, dataset.num_classes, dataset.image_shape[0])
 
 
-def dataset_inputs(config: ml_collections.ConfigDict, role: str, dataset):
+def dataset_inputs(
+    config: ml_collections.ConfigDict, role: str, dataset
+) -> normalization.Normalization:
     """The input statistics of the `role` network trained here on `dataset`: the config's
     `ROLE.input_normalization`, else the dataset's standard ones (`UNIT` for the digits and
     npz files, which have none)."""
@@ -191,12 +193,12 @@ def obtain_teacher(config, workdir, dataset, mesh) -> tuple[dict, normalization.
     saved_identity = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
     if saved_identity is not None:
         inputs = check_teacher_identity(saved_identity, config, dataset.num_classes, directory)
-        normalization.check_channels(
-            f"{directory}: {normalization.IDENTITY_FIELD}", inputs, dataset.image_shape[-1]
-        )
         logging.info("teacher: restored from %s", directory)
         variables = checkpoint.load_variables(directory)
         check_teacher_fits(variables, config, dataset, directory)
+        normalization.check_channels(
+            f"{directory}: {normalization.IDENTITY_FIELD}", inputs, dataset.image_shape[-1]
+        )
         return parallel.place_variables(variables, mesh, config.mesh.fsdp_min_size), inputs
     if config.teacher.checkpoint_dir:
         raise invalid(
