@@ -6,7 +6,7 @@ what is allowed. The aggregator's name and hyperparameters are checked by buildi
 
 import ml_collections
 
-from mokd_jax import aggregation, models
+from mokd_jax import aggregation, models, normalization
 from mokd_jax.checks import check_choice, check_int, check_nonnegative, check_positive, check_range
 from mokd_jax.errors import invalid
 from mokd_jax.objectives import LOGIT_LOSSES, OBJECTIVES
@@ -29,12 +29,14 @@ def check_schedule(name: str, section: ml_collections.ConfigDict) -> None:
 
 
 def check_phase(name: str, section: ml_collections.ConfigDict) -> None:
-    """A teacher or student section: model, length, rate, optimizer and schedule."""
+    """A teacher or student section: model, length, rate, optimizer, schedule and input
+    statistics."""
     check_choice(f"{name}.model", section.model, models.NAMES)
     check_int(f"{name}.num_train_steps", section.num_train_steps, 1)
     check_positive(f"{name}.learning_rate", section.learning_rate)
     check_choice(f"{name}.optimizer", section.optimizer, OPTIMIZERS)
     check_schedule(name, section)
+    normalization.parse(f"{name}.input_normalization", section.input_normalization)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

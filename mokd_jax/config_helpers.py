@@ -38,6 +38,10 @@ def phase_section(model: str, num_train_steps: int) -> ml_collections.ConfigDict
     section.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
     section.decay_boundaries = ()
     section.decay_factor = 0.1
+    # The input statistics (`mokd_jax.normalization.parse`): '' is automatic (a restored
+    # teacher's saved ones, else the dataset's standard ones), or a preset name ('imagenet',
+    # 'cifar100', 'cifar10', 'unit') or 'MEAN/STD' values, e.g. '0.5,0.5,0.5/0.25,0.25,0.25'.
+    section.input_normalization = ""
     return section
 
 

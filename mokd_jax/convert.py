@@ -17,8 +17,9 @@ and the arch, so a state dict of another architecture is refused, never half-loa
 `read_state_dict` reads `.safetensors` (no torch needed) or anything `torch.save` wrote
 (torch needed), unwrapping the common containers ({'state_dict': ...}, {'model': ...}) and
 DataParallel's 'module.' prefix; `convert` builds the variables and the identity that
-`checkpoint.export_variables` saves with them; `write` saves both where the trainer's
-`teacher.checkpoint_dir` reads them.
+`checkpoint.export_variables` saves with them (model, classes and the input statistics the
+source trained it on, which the trainer feeds the teacher with); `write` saves both where
+the trainer's `teacher.checkpoint_dir` reads them.
 """
 
 import functools
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mokd_jax import checkpoint, models
+from mokd_jax import checkpoint, models, normalization
 from mokd_jax.errors import invalid
 
 StateDict = Mapping[str, np.ndarray]
@@ -198,17 +199,36 @@ def num_classes(arch: str, state_dict: StateDict) -> int:
     return int(np.shape(state_dict[head])[0])
 
 
-def convert(arch: str, state_dict: StateDict) -> tuple[dict, dict]:
+def source_inputs(arch: str) -> normalization.Normalization:
+    """The input statistics `arch`'s published checkpoints were trained on: CIFAR-100's for
+    the RepDistiller / mdistiller CIFAR models (`models.CIFAR_NAMES`), ImageNet's for the
+    torchvision and timm models."""
+    return normalization.CIFAR100 if arch in models.CIFAR_NAMES else normalization.IMAGENET
+
+
+def identity(
+    arch: str, classes: int, inputs: normalization.Normalization | None = None
+) -> dict[str, Any]:
+    """What a converted teacher is saved with: architecture, classes and input statistics
+    (`inputs`, by default `source_inputs(arch)`), as the trainer exports its own networks."""
+    inputs = inputs or source_inputs(arch)
+    return {"model": arch, "num_classes": classes, **normalization.to_identity(inputs)}
+
+
+def convert(
+    arch: str, state_dict: StateDict, inputs: normalization.Normalization | None = None
+) -> tuple[dict, dict]:
     """(variables, identity) of the mokd_jax model `arch` holding `state_dict`: what
-    `checkpoint.export_variables` saves and the trainer checks against its teacher."""
+    `checkpoint.export_variables` saves and the trainer checks against its teacher; the
+    identity records `inputs` (default: the statistics of `arch`'s source, `source_inputs`),
+    which the trainer then feeds the teacher with."""
     classes = num_classes(arch, state_dict)
     model = models.get(arch, classes)
     init = functools.partial(model.init, train=False)
     size = getattr(model, "image_size", _IMAGE_SIZE)  # a ViT takes exactly its own
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     abstract_variables = jax.eval_shape(init, jax.random.key(0), images)
-    identity = {"model": arch, "num_classes": classes}
-    return to_flax(arch, state_dict, abstract_variables), identity
+    return to_flax(arch, state_dict, abstract_variables), identity(arch, classes, inputs)
 
 
 def unwrap(loaded: Any, source: str) -> dict[str, Any]:

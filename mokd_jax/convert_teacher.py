@@ -9,8 +9,12 @@ command; the conversion itself is `mokd_jax.convert`):
 anything `torch.save` wrote (a state dict, possibly inside {'state_dict': ...} or
 {'model': ...}, possibly with DataParallel's 'module.' keys; reading it needs torch:
 `pip install "mokd_jax[torch]"`); --arch is the mokd_jax model whose torch counterpart
-wrote it (`mokd_jax.convert.NAMES`); the class count is the classifier's. Bad input ends
-with a one-line error and exit status 2, before anything at --output is touched.
+wrote it (`mokd_jax.convert.NAMES`); the class count is the classifier's. The checkpoint
+records the input statistics the teacher was trained on, which the trainer feeds it with:
+by default its source's (ImageNet's for torchvision and timm, CIFAR-100's for the CIFAR
+models); --input_normalization overrides them for a teacher trained otherwise (a preset
+name or 'MEAN/STD', as `--config.teacher.input_normalization`). Bad input ends with a
+one-line error and exit status 2, before anything at --output is touched.
 """
 
 import sys
@@ -18,7 +22,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from mokd_jax import cli, convert
+from mokd_jax import cli, convert, normalization
 from mokd_jax.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -50,6 +54,14 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_bool(
         "overwrite", False, "Replace what is already at --output.", flag_values=flag_values
     )
+    flags.DEFINE_string(
+        "input_normalization",
+        "",
+        "Input statistics the teacher was trained on: '' (its source's: ImageNet's for "
+        f"torchvision and timm, CIFAR-100's for the CIFAR models), one of "
+        f"{', '.join(normalization.PRESETS)}, or 'MEAN/STD' (comma-separated per channel).",
+        flag_values=flag_values,
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -58,17 +70,20 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs a dozen INFO lines per save
     try:
         convert.layout(FLAGS.arch)  # the quick checks first, before a long read
+        inputs = normalization.parse("input_normalization", FLAGS.input_normalization)
         convert.check_output(FLAGS.output, FLAGS.overwrite)
         state_dict = convert.read_state_dict(FLAGS.input)
-        variables, identity = convert.convert(FLAGS.arch, state_dict)
+        variables, identity = convert.convert(FLAGS.arch, state_dict, inputs)
         convert.write(FLAGS.output, variables, identity, FLAGS.overwrite)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    inputs = normalization.spell(normalization.from_identity(identity, FLAGS.output))
     print(
-        f"wrote {FLAGS.arch} ({count:,} params, {identity['num_classes']} classes) from "
-        f"{FLAGS.input} to {FLAGS.output}; use it with --config.teacher.model={FLAGS.arch} "
+        f"wrote {FLAGS.arch} ({count:,} params, {identity['num_classes']} classes, inputs "
+        f"normalised with {inputs}) "
+        f"from {FLAGS.input} to {FLAGS.output}; use it with --config.teacher.model={FLAGS.arch} "
         f"--config.teacher.checkpoint_dir={FLAGS.output}"
     )
 

@@ -9,6 +9,7 @@ saved in its checkpoint's identity (`to_identity` / `from_identity`), so a check
 always says how it must be fed.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -43,7 +44,13 @@ UNIT = Normalization(mean=(0.5,), std=(0.25,))
 files): about [-2, 2] for any pixel."""
 
 _BY_DATASET = {"imagenet2012": IMAGENET, "cifar100": CIFAR100, "cifar10": CIFAR10}
+PRESETS = {"imagenet": IMAGENET, "cifar100": CIFAR100, "cifar10": CIFAR10, "unit": UNIT}
+"""The names a config or `mokd-convert --input_normalization` may give instead of values."""
 IDENTITY_FIELD = "input_normalization"
+_SYNTAX = (
+    f"'' (automatic), one of {', '.join(PRESETS)}, or 'MEAN/STD' with one value per channel "
+    "separated by commas, e.g. '0.485,0.456,0.406/0.229,0.224,0.225' or '0.5/0.25'"
+)
 
 
 def for_dataset(dataset: str) -> Normalization:
@@ -63,16 +70,64 @@ def apply(normalization: Normalization, images: jax.Array | np.ndarray) -> jax.A
 
 def check(field: str, normalization: Sequence[Sequence[float]]) -> Normalization:
     """A `Normalization` from (mean, std) sequences, or a one-line InputError on `field`:
-    both of one length (1 or 3), every std positive."""
+    both of one length (1 or 3), finite, every std positive."""
     try:
         mean, std = (tuple(float(value) for value in part) for part in normalization)
     except (TypeError, ValueError):
         raise invalid(field, normalization, "(mean, std): two sequences of numbers") from None
+    return _checked(field, normalization, mean, std)
+
+
+def _checked(
+    field: str, shown: Any, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Normalization:
+    """`Normalization(mean, std)`, or the InputError on `field` showing the value `shown`."""
     if len(mean) != len(std) or len(mean) not in (1, 3):
-        raise invalid(field, normalization, "mean and std of one length, 1 or 3 channels")
+        raise invalid(field, shown, "mean and std of one length, 1 or 3 channels")
+    if not all(math.isfinite(value) for value in mean + std):
+        raise invalid(field, shown, "finite numbers")
     if min(std) <= 0:
-        raise invalid(field, normalization, "every std > 0")
+        raise invalid(field, shown, "every std > 0")
     return Normalization(mean, std)
+
+
+def parse(field: str, text: str) -> Normalization | None:
+    """A config or command-line value: '' (None: the caller's automatic choice), a name of
+    `PRESETS`, or explicit 'MEAN/STD' (comma-separated per-channel values), or a one-line
+    InputError on `field`.
+
+    One string rather than two lists, so that one ml_collections override sets it:
+    `--config.teacher.input_normalization=0.5,0.5,0.5/0.25,0.25,0.25` needs no quoting.
+    """
+    if not isinstance(text, str):
+        raise invalid(field, text, _SYNTAX)
+    if text in ("", *PRESETS):
+        return PRESETS.get(text)
+    mean, _, std = text.partition("/")  # no '/': std is '', which float() refuses
+    try:
+        mean, std = (tuple(float(value) for value in part.split(",")) for part in (mean, std))
+    except ValueError:
+        raise invalid(field, text, _SYNTAX) from None
+    return _checked(field, text, mean, std)
+
+
+def spell(normalization: Normalization) -> str:
+    """The value `parse` reads back as `normalization`: its preset name, else 'MEAN/STD'."""
+    for name, preset in PRESETS.items():
+        if preset == normalization:
+            return name
+    return "/".join(",".join(repr(value) for value in part) for part in normalization)
+
+
+def check_channels(field: str, normalization: Normalization, channels: int) -> None:
+    """Raises InputError unless the statistics fit images of `channels` channels: one value
+    for every channel, or one per channel."""
+    if len(normalization.mean) not in (1, channels):
+        raise invalid(
+            field,
+            spell(normalization),
+            f"statistics for {channels}-channel images: 1 or {channels} values each",
+        )
 
 
 def to_identity(normalization: Normalization) -> dict[str, dict[str, list[float]]]:
@@ -88,7 +143,8 @@ def from_identity(identity: Mapping[str, Any], source: str) -> Normalization:
         raise invalid(
             IDENTITY_FIELD,
             saved,
-            f"the checkpoint at {source} must record its input normalisation "
-            "({'mean': [...], 'std': [...]}); re-export it with this version",
+            f"the checkpoint at {source} must record the input statistics its network was "
+            "trained on ({'mean': [...], 'std': [...]}); convert or export it again with "
+            "this version (`mokd-convert --input_normalization=...` sets them)",
         )
     return check(f"{source}: {IDENTITY_FIELD}", (saved["mean"], saved["std"]))

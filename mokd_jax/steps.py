@@ -311,12 +311,18 @@ def summed_distill_step(
     return new_state, {"loss": losses.sum()}
 
 
+def predict(variables, images, *, model, inputs: normalization.Normalization) -> jax.Array:
+    """The eval-mode logits of a network on uint8 `images`, fed through its `inputs`
+    statistics: what evaluation ranks, and what parity with PyTorch is measured on."""
+    return model.apply(variables, normalization.apply(inputs, images), train=False)
+
+
 def correct_predictions(
     variables, images, labels, mask, *, model, inputs: normalization.Normalization
 ) -> jax.Array:
     """The evaluation step of a network fed through its `inputs` statistics: [correct
     top-1, correct top-5, real examples] in a padded batch."""
-    logits = model.apply(variables, normalization.apply(inputs, images), train=False)
+    logits = predict(variables, images, model=model, inputs=inputs)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
     top1 = jnp.argmax(logits, -1) == labels

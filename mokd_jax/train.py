@@ -32,9 +32,18 @@ from mokd_jax.steps import batch_mixer, make_distill_step, teacher_step
 
 
 def data_fingerprint(config: ml_collections.ConfigDict, dataset) -> dict:
-    """The data fields that shape a trajectory (not the mesh: a run may resume on another
-    number of devices)."""
+    """The data fields that shape a trajectory.
+
+    Not the mesh: a run may resume on another number of devices. The number of processes
+    only for the streamed TFDS datasets: each process streams its own shard of the split
+    in an order of its own, so the batches after a resume on another process count are
+    not those of an uninterrupted run (examples of the epoch in progress would be
+    repeated or skipped); such a resume is refused. The in-memory datasets draw the same
+    global batches for any process count and resume anywhere.
+    """
+    streamed = {"process_count": jax.process_count()} if dataset.name in data.TFDS_NAMES else {}
     return {
+        **streamed,
         "dataset": config.dataset,
         "data_dir": config.data_dir,
         "num_classes": dataset.num_classes,
@@ -47,25 +56,42 @@ def data_fingerprint(config: ml_collections.ConfigDict, dataset) -> dict:
     }
 
 
-def teacher_identity(config: ml_collections.ConfigDict, num_classes: int) -> dict:
-    """What a teacher checkpoint must match to serve this run: architecture and classes."""
-    return {"model": config.teacher.model, "num_classes": num_classes}
+def exported_identity(model: str, num_classes: int, inputs: normalization.Normalization) -> dict:
+    """What an exported network is saved with: architecture, classes and the input
+    statistics it was trained on (`convert.identity` writes the same for converted
+    teachers)."""
+    return {"model": model, "num_classes": num_classes, **normalization.to_identity(inputs)}
 
 
-def check_teacher_identity(saved: Mapping[str, Any], expected: Mapping[str, Any], path: str):
-    if saved.get("num_classes") != expected["num_classes"]:
+def check_teacher_identity(
+    saved: Mapping[str, Any], config: ml_collections.ConfigDict, num_classes: int, path: str
+) -> normalization.Normalization:
+    """Checks a teacher checkpoint's identity against the run (model, class count, and the
+    input statistics when `teacher.input_normalization` sets them) and returns the
+    statistics it was saved with, which the teacher is then fed with."""
+    if saved.get("num_classes") != num_classes:
         raise invalid(
             "teacher.num_classes",
             saved.get("num_classes"),
-            f"the teacher checkpoint at {path} must have the student's class count "
-            f"{expected['num_classes']}",
+            f"the teacher checkpoint at {path} must have the student's class count {num_classes}",
         )
-    if saved.get("model") != expected["model"]:
+    if saved.get("model") != config.teacher.model:
         raise invalid(
             "teacher.model",
-            expected["model"],
+            config.teacher.model,
             f"the teacher checkpoint at {path} holds a {saved.get('model')!r}",
         )
+    inputs = normalization.from_identity(saved, path)
+    field = "teacher.input_normalization"
+    requested = normalization.parse(field, config.teacher.input_normalization)
+    if requested not in (None, inputs):
+        raise invalid(
+            field,
+            config.teacher.input_normalization,
+            f"'' or {normalization.spell(inputs)!r}: the teacher checkpoint at {path} was "
+            f"trained on inputs normalised with {normalization.spell(inputs)}",
+        )
+    return inputs
 
 
 def dataset_model(config: ml_collections.ConfigDict, role: str, dataset):
@@ -73,9 +99,17 @@ def dataset_model(config: ml_collections.ConfigDict, role: str, dataset):
     return build_model(config, role, dataset.num_classes, dataset.image_shape[0])
 
 
-def dataset_inputs(dataset) -> normalization.Normalization:
-    """The input statistics of the networks trained on `dataset`: its standard ones."""
-    return normalization.for_dataset(dataset.name)
+def dataset_inputs(
+    config: ml_collections.ConfigDict, role: str, dataset
+) -> normalization.Normalization:
+    """The input statistics of the `role` network trained here on `dataset`: the config's
+    `ROLE.input_normalization`, else the dataset's standard ones (`UNIT` for the digits and
+    npz files, which have none)."""
+    field = f"{role}.input_normalization"
+    inputs = normalization.parse(field, config[role].input_normalization)
+    inputs = inputs or normalization.for_dataset(dataset.name)
+    normalization.check_channels(field, inputs, dataset.image_shape[-1])
+    return inputs
 
 
 def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory: str) -> None:
@@ -120,16 +154,19 @@ def train_teacher(config, workdir, dataset, mesh) -> dict:
     model = dataset_model(config, "teacher", dataset)
     tx = make_optimizer(config.teacher)
     create = functools.partial(create_teacher_state, model, dataset.image_shape, tx)
-    fingerprint = {**data_fingerprint(config, dataset), "teacher": config.teacher.to_dict()}
+    inputs = dataset_inputs(config, "teacher", dataset)
+    fingerprint = {
+        **data_fingerprint(config, dataset),
+        "teacher": config.teacher.to_dict(),
+        "teacher_input": inputs._asdict(),
+    }
     manager = open_phase_manager(config, workdir, "teacher")
     state, shardings = initial_state(
         create, config.seed, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "teacher"
     )
     mix = batch_mixer(config, dataset.num_classes, config.seed)
     step_fn = parallel.compiled_step(
-        functools.partial(
-            teacher_step, model=model, tx=tx, inputs=dataset_inputs(dataset), mix=mix
-        ),
+        functools.partial(teacher_step, model=model, tx=tx, inputs=inputs, mix=mix),
         shardings,
         mesh,
     )
@@ -148,31 +185,41 @@ def train_teacher(config, workdir, dataset, mesh) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def obtain_teacher(config, workdir, dataset, mesh) -> dict:
-    """The teacher's variables on the mesh: from `teacher.checkpoint_dir`, or trained in
-    WORKDIR/teacher."""
-    identity = teacher_identity(config, dataset.num_classes)
+def obtain_teacher(config, workdir, dataset, mesh) -> tuple[dict, normalization.Normalization]:
+    """(the teacher's variables on the mesh, the input statistics it is fed with): restored
+    from `teacher.checkpoint_dir` or WORKDIR/teacher with the statistics saved there, or
+    trained in WORKDIR/teacher with `dataset_inputs` and exported with them."""
     directory = config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
     saved_identity = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
     if saved_identity is not None:
-        check_teacher_identity(saved_identity, identity, directory)
+        inputs = check_teacher_identity(saved_identity, config, dataset.num_classes, directory)
         logging.info("teacher: restored from %s", directory)
         variables = checkpoint.load_variables(directory)
         check_teacher_fits(variables, config, dataset, directory)
-        return parallel.place_variables(variables, mesh, config.mesh.fsdp_min_size)
+        normalization.check_channels(
+            f"{directory}: {normalization.IDENTITY_FIELD}", inputs, dataset.image_shape[-1]
+        )
+        return parallel.place_variables(variables, mesh, config.mesh.fsdp_min_size), inputs
     if config.teacher.checkpoint_dir:
         raise invalid(
             "teacher.checkpoint_dir", directory, "a directory holding a teacher checkpoint"
         )
+    inputs = dataset_inputs(config, "teacher", dataset)
     variables = train_teacher(config, workdir, dataset, mesh)
+    identity = exported_identity(config.teacher.model, dataset.num_classes, inputs)
     checkpoint.export_variables(directory, variables, identity, config.teacher.num_train_steps)
-    return variables
+    return variables, inputs
 
 
-def student_fingerprint(config: ml_collections.ConfigDict, dataset) -> dict:
-    """The fields that shape the distillation's trajectory."""
+def student_fingerprint(
+    config: ml_collections.ConfigDict, dataset, teacher_input: normalization.Normalization
+) -> dict:
+    """The fields that shape the distillation's trajectory, with both networks' input
+    statistics (the teacher's may come from its checkpoint rather than the config)."""
     return {
         **data_fingerprint(config, dataset),
+        "teacher_input": teacher_input._asdict(),
+        "student_input": dataset_inputs(config, "student", dataset)._asdict(),
         **{key: config[key].to_dict() for key in ("teacher", "student", "distill", "projector")},
         "aggregator": config.aggregator,
         "aggregation": aggregator_hparams(config),
@@ -180,14 +227,15 @@ def student_fingerprint(config: ml_collections.ConfigDict, dataset) -> dict:
     }
 
 
-def distill_student(config, workdir, dataset, teacher_variables, mesh):
-    """Phase 2: MoKD distillation of the student; returns (student variables, diagnostics)."""
+def distill_student(config, workdir, dataset, teacher_variables, teacher_input, mesh):
+    """Phase 2: MoKD distillation of the student, the teacher fed with `teacher_input` and
+    the student with its own `dataset_inputs`; returns (student variables, diagnostics)."""
     networks = build_networks(
         config,
         dataset.num_classes,
         dataset.image_shape[0],
-        teacher_input=dataset_inputs(dataset),
-        student_input=dataset_inputs(dataset),
+        teacher_input=teacher_input,
+        student_input=dataset_inputs(config, "student", dataset),
     )
     tx = student_optimizer(config)
     create = functools.partial(
@@ -198,7 +246,7 @@ def distill_student(config, workdir, dataset, teacher_variables, mesh):
         networks.teacher.feature_width,
         tx,
     )
-    fingerprint = student_fingerprint(config, dataset)
+    fingerprint = student_fingerprint(config, dataset, teacher_input)
     manager = open_phase_manager(config, workdir, "student")
     state, shardings = initial_state(
         create, config.seed + 1, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "student"
@@ -249,23 +297,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
     dataset = load_dataset(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    teacher_variables = obtain_teacher(config, workdir, dataset, mesh)
+    student_input = dataset_inputs(config, "student", dataset)  # checked before any training
+    teacher_variables, teacher_input = obtain_teacher(config, workdir, dataset, mesh)
     student_variables, diagnostics = distill_student(
-        config, workdir, dataset, teacher_variables, mesh
+        config, workdir, dataset, teacher_variables, teacher_input, mesh
     )
     checkpoint.export_variables(
         os.path.join(workdir, "student"),
         student_variables,
-        {"model": config.student.model, "num_classes": dataset.num_classes},
+        exported_identity(config.student.model, dataset.num_classes, student_input),
         config.student.num_train_steps,
     )
 
     accuracies = {}
-    for role, variables in (("teacher", teacher_variables), ("student", student_variables)):
+    for role, variables, inputs in (
+        ("teacher", teacher_variables, teacher_input),
+        ("student", student_variables, student_input),
+    ):
         model = dataset_model(config, role, dataset)
-        accuracies[role] = evaluate(
-            model, variables, dataset, config.eval_batch_size, mesh, dataset_inputs(dataset)
-        )
+        accuracies[role] = evaluate(model, variables, dataset, config.eval_batch_size, mesh, inputs)
         writer = phase_writer(workdir, role)
         writer.write_scalars(config[role].num_train_steps, accuracies[role])
         writer.close()

@@ -53,3 +53,53 @@ def test_check_refuses_bad_statistics_in_one_line(value, message):
         normalization.check("teacher.input_normalization", value)
     assert "teacher.input_normalization" in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", None),
+        ("imagenet", normalization.IMAGENET),
+        ("cifar100", normalization.CIFAR100),
+        ("unit", normalization.UNIT),
+        (
+            "0.5,0.4,0.3/0.2,0.25,0.3",
+            normalization.Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+        ),
+        ("0.5/0.25", normalization.UNIT),
+    ],
+)
+def test_parse_reads_presets_and_explicit_values(text, expected):
+    assert normalization.parse("student.input_normalization", text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("imagenet1k", "one of imagenet, cifar100, cifar10, unit, or 'MEAN/STD'"),
+        ("0.5", "'MEAN/STD'"),
+        ("0.5/a", "'MEAN/STD'"),
+        ("0.5,0.5/0.25", "1 or 3 channels"),
+        ("0.5/-1", "std > 0"),
+        ("inf/1", "finite"),
+    ],
+)
+def test_parse_refuses_other_text_in_one_line_naming_it(text, message):
+    with pytest.raises(InputError, match=message) as raised:
+        normalization.parse("student.input_normalization", text)
+    assert f"student.input_normalization={text!r}" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "value", [normalization.CIFAR10, normalization.Normalization((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))]
+)
+def test_spell_is_what_parse_reads_back(value):
+    assert normalization.parse("f", normalization.spell(value)) == value
+
+
+def test_statistics_must_fit_the_images_channels():
+    normalization.check_channels("f", normalization.UNIT, 3)  # one value for every channel
+    normalization.check_channels("f", normalization.IMAGENET, 3)
+    with pytest.raises(InputError, match="f='imagenet'.*1-channel images"):
+        normalization.check_channels("f", normalization.IMAGENET, 1)

@@ -1,6 +1,7 @@
 """The pure steps on a real digits batch: what a distillation step updates, the teacher as
 an argument, every registered aggregator through the trainer's own step, the
-representation path, and the step's purity (no I/O library imported)."""
+representation path, each network's input statistics, and the step's purity (no I/O
+library imported)."""
 
 import functools
 import subprocess
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from mokd_jax import aggregation, data, networks, optimizers, state, steps
-from mokd_jax.normalization import UNIT
+from mokd_jax import aggregation, data, networks, objectives, optimizers, state, steps
+from mokd_jax.normalization import UNIT, Normalization
 
 
 class StepParts(NamedTuple):
@@ -168,3 +169,45 @@ def test_the_steps_import_no_io_library():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+DARK = Normalization(mean=(0.2,), std=(0.1,))
+
+
+def forward(parts: StepParts, teacher_input, student_input):
+    """The distillation step's forward pass (`steps.student_functions`, which
+    `distill_step` differentiates) with each network fed through the given statistics:
+    (task loss, KD logit loss, student logits)."""
+    config = default.get_config("smoke")
+    nets = parts.networks._replace(teacher_input=teacher_input, student_input=student_input)
+    student_state = parts.create_state(jax.random.key(2))
+    encode, head_objectives = steps.student_functions(
+        student_state, teacher_variables_for(parts), parts.images, parts.labels,
+        networks=nets, distill=config.distill,
+    )  # fmt: skip
+    losses, (loss_parts, logits, _) = steps.joined_objectives(encode, head_objectives)(
+        student_state.params
+    )
+    return float(losses[0]), float(loss_parts["kd_logit"]), logits
+
+
+def test_each_network_in_the_distill_step_sees_its_own_input_statistics():
+    """The task loss follows the student's statistics only; the KD loss both networks'; and
+    the KD loss is that of the teacher's logits on its own statistics (predicted apart)."""
+    parts = step_parts(default.get_config("smoke"))
+    task, kd, _ = forward(parts, UNIT, UNIT)
+    dark_teacher_task, dark_teacher_kd, student_logits = forward(parts, DARK, UNIT)
+    dark_student_task, dark_student_kd, _ = forward(parts, UNIT, DARK)
+    assert dark_teacher_task == task and dark_student_task != task
+    assert dark_teacher_kd != kd and dark_student_kd != kd
+
+    def kd_from(teacher_input):
+        teacher_logits = steps.predict(
+            teacher_variables_for(parts), parts.images,
+            model=parts.networks.teacher, inputs=teacher_input,
+        )  # fmt: skip
+        temperature = default.get_config("smoke").distill.temperature
+        return float(objectives.hinton_kd(student_logits, teacher_logits, temperature))
+
+    np.testing.assert_allclose(dark_teacher_kd, kd_from(DARK), rtol=1e-5)
+    assert abs(dark_teacher_kd - kd_from(UNIT)) > 1e-3 * abs(dark_teacher_kd)

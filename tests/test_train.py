@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from mokd_jax import checkpoint, data, loop, train
+from mokd_jax import checkpoint, data, loop, normalization, parallel, train
 from mokd_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +66,9 @@ def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
     exported = checkpoint.load_variables(os.path.join(workdir, "student"))
     assert set(exported) == {"params", "batch_stats"}
     assert "projector" not in exported["params"]
+    for role in ("teacher", "student"):  # the digits' statistics, as before they were saved
+        identity = checkpoint.read_identity(os.path.join(workdir, role))
+        assert normalization.from_identity(identity, role) == normalization.UNIT
 
 
 @pytest.mark.slow
@@ -123,6 +126,7 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
         ("dataset", "imagenet9", "dataset='imagenet9'"),
         ("student.optimizer", "lion", "student.optimizer='lion'"),
         ("distill.temperature", -1.0, "distill.temperature=-1.0"),
+        ("teacher.input_normalization", "imagenet1k", "teacher.input_normalization='imagenet1k'"),
     ],
 )
 def test_bad_config_names_field_and_value(tmp_path, field, value, message):
@@ -221,3 +225,79 @@ def test_cli_runs_and_reports_bad_input_in_one_line(tmp_path):
     assert bad.returncode == 2
     error_lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "aggregator='nope'" in error_lines[0]
+
+
+def teacher_checkpoint(directory, **identity):
+    """An exported cnn_large digits teacher whose identity is the smoke config's, changed
+    by `identity` (the variables are never read: the identity is checked first)."""
+    saved = {"model": "cnn_large", "num_classes": 10, **identity}
+    checkpoint.export_variables(str(directory), {"params": {"w": np.zeros(1)}}, saved, step=1)
+    return str(directory)
+
+
+def obtain_teacher_from(directory, workdir, input_normalization=""):
+    config = default.get_config("smoke")
+    config.teacher.checkpoint_dir = directory
+    config.teacher.input_normalization = input_normalization
+    return train.obtain_teacher(config, str(workdir), data.load("digits"), parallel.make_mesh(1))
+
+
+def test_a_teacher_checkpoint_without_input_statistics_is_refused(tmp_path):
+    directory = teacher_checkpoint(tmp_path / "teacher")
+    with pytest.raises(InputError) as raised:
+        obtain_teacher_from(directory, tmp_path / "run")
+    message = str(raised.value)
+    assert message.startswith("input_normalization=None is not allowed")
+    assert f"checkpoint at {directory}" in message and "mokd-convert" in message
+    assert "\n" not in message
+
+
+def test_a_teacher_trained_on_other_statistics_than_the_config_says_is_refused(tmp_path):
+    directory = teacher_checkpoint(
+        tmp_path / "teacher", **normalization.to_identity(normalization.CIFAR10)
+    )
+    with pytest.raises(InputError) as raised:
+        obtain_teacher_from(directory, tmp_path / "run", input_normalization="unit")
+    assert str(raised.value) == (
+        "teacher.input_normalization='unit' is not allowed: '' or 'cifar10': the teacher "
+        f"checkpoint at {directory} was trained on inputs normalised with cifar10"
+    )
+
+
+def test_statistics_that_do_not_fit_the_images_are_refused(tmp_path):
+    config = default.get_config("smoke")
+    config.student.input_normalization = "imagenet"  # three channels; the digits have one
+    with pytest.raises(InputError, match="student.input_normalization='imagenet'.*1-channel"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_the_student_fingerprint_holds_both_networks_statistics():
+    config = default.get_config("smoke")
+    config.student.input_normalization = "0.4/0.3"
+    fingerprint = train.student_fingerprint(
+        config, data.load("digits"), teacher_input=normalization.CIFAR100
+    )
+    assert fingerprint["teacher_input"] == normalization.CIFAR100._asdict()
+    assert fingerprint["student_input"] == {"mean": (0.4,), "std": (0.3,)}
+
+
+def test_a_streamed_dataset_resumes_only_on_the_process_count_that_wrote_it(tmp_path, monkeypatch):
+    """Each process streams its own TFDS shard: another count would repeat or skip examples
+    of the epoch in progress, so the checkpoint is refused; the in-memory datasets draw the
+    same global batches on any count and keep no process count in their fingerprint."""
+    import tensorflow_datasets as tfds
+
+    config = default.get_config("smoke")
+    assert "process_count" not in train.data_fingerprint(config, data.load("digits"))
+    config.dataset = "cifar10"
+    with tfds.testing.mock_data(num_examples=4):
+        dataset = data.load("cifar10")
+    manager = checkpoint.open_manager(str(tmp_path), 1, 1)
+    with monkeypatch.context() as patched:
+        patched.setattr(jax, "process_count", lambda: 2)
+        written_by_two = train.data_fingerprint(config, dataset)
+    checkpoint.save(manager, 1, {"x": np.zeros(1)}, written_by_two, force=True)
+    manager.wait_until_finished()
+    with pytest.raises(InputError, match="different configuration \\(process_count: 2 -> 1\\)"):
+        checkpoint.restore_latest(manager, None, train.data_fingerprint(config, dataset))

@@ -2,9 +2,18 @@
 [S, S, 3]. CIFAR: pad-4 random crop and flip for training, the image itself for evaluation.
 ImageNet: a random resized crop decoded from the JPEG window only, and flip, for training;
 resize of the shorter side to 256/224 of the crop and a central crop for evaluation.
+
+JPEGs are decoded with libjpeg's accurate integer DCT (`INTEGER_ACCURATE`, what PIL, hence
+torchvision and timm, decode with; TensorFlow's default is the fast, less accurate one).
+The evaluation geometry is torchvision's `Resize(256)` + `CenterCrop(224)` to the pixel
+(long side truncated, crop offsets rounded half to even as Python's `round`); the resize
+itself is TensorFlow's antialiased bilinear, not PIL's: their pixels differ by a fraction of
+a grey level on average (measured in tests/test_crops.py, documented in docs/usage.md).
 """
 
 import tensorflow as tf
+
+_ACCURATE_DCT = "INTEGER_ACCURATE"
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -16,6 +25,11 @@ def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
     if tuple(image.shape[:2]) == (size, size):
         return image
     return to_uint8(tf.image.resize(image, [size, size], antialias=True))
+
+
+def decode_jpeg(encoded: tf.Tensor) -> tf.Tensor:
+    """RGB uint8 [H, W, 3], with the accurate DCT (as PIL)."""
+    return tf.io.decode_jpeg(encoded, channels=3, dct_method=_ACCURATE_DCT)
 
 
 def decode_cifar(encoded: tf.Tensor) -> tf.Tensor:
@@ -56,19 +70,37 @@ def imagenet_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.T
     top, left, _ = tf.unstack(begin)
     height, width, _ = tf.unstack(size)
     window = tf.stack([top, left, height, width])
-    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method=_ACCURATE_DCT)
     image = resize_square(image, image_size)
     return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
-def imagenet_eval(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Shorter side to image_size * 256/224, then the central image_size square."""
-    image = tf.io.decode_jpeg(encoded, channels=3)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    resized_shape = tf.cast(
-        tf.round(shape * round(image_size * 256 / 224) / tf.reduce_min(shape)), tf.int32
-    )
+def eval_geometry(shape: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(resized [height, width], crop offsets [top, left]) of an image of `shape` [2], as
+    torchvision's `Resize(round(image_size * 256 / 224))` + `CenterCrop(image_size)` compute
+    them: the shorter side becomes the resize size, the longer one int(size * long / short)
+    (truncated, in double precision as Python divides), and each offset is
+    int(round((side - image_size) / 2)), half to even (tf.round rounds as Python's round).
+    """
+    size = round(image_size * 256 / 224)
+    shape = tf.cast(shape, tf.int64)
+    short = tf.reduce_min(shape)
+    scaled = tf.floor(tf.cast(size * shape, tf.float64) / tf.cast(short, tf.float64))
+    resized = tf.where(shape == short, tf.constant(size, tf.int64), tf.cast(scaled, tf.int64))
+    offsets = tf.round(tf.cast(resized - image_size, tf.float64) / 2.0)
+    return tf.cast(resized, tf.int32), tf.cast(offsets, tf.int32)
+
+
+def resize_and_center_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> the central image_size square of the image resized (bilinear,
+    antialiased) by `eval_geometry`, uint8."""
+    resized_shape, offsets = eval_geometry(tf.shape(image)[:2], image_size)
     image = tf.image.resize(image, resized_shape, antialias=True)
-    top, left = tf.unstack((resized_shape - image_size) // 2)
+    top, left = tf.unstack(offsets)
     image = tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
     return tf.ensure_shape(to_uint8(image), [image_size, image_size, 3])
+
+
+def imagenet_eval(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Shorter side to image_size * 256/224, then the central image_size square."""
+    return resize_and_center_crop(decode_jpeg(encoded), image_size)

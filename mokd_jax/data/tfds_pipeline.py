@@ -2,8 +2,9 @@
 
 ImageNet does not fit in host memory, so unlike `mokd_jax.data.InMemoryDataset` these
 pipelines read the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3]
-(the jitted step applies `mokd_jax.data.normalize`) and int32 labels [B]. RandAugment, the
-host side of the 'deit' recipe, is in `mokd_jax.data.randaugment`.
+(the jitted step normalises them for each network, `mokd_jax.normalization`) and int32
+labels [B]. RandAugment, the host side of the 'deit' recipe, is in
+`mokd_jax.data.randaugment`.
 
 Nothing here downloads. A dataset must already be prepared under `data_dir`:
   - cifar10 / cifar100: `tfds build cifar10 --data_dir=DIR` where the internet is reachable
