@@ -80,14 +80,10 @@ def dataset_inputs(dataset) -> normalization.Normalization:
     return normalization.for_dataset(dataset.name)
 
 
-def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory: str) -> None:
-    """Raises InputError when restored teacher variables do not fit the teacher model on
-    this dataset's images (e.g. an RGB ImageNet teacher on grayscale digits), naming the
-    first variable whose shape differs, instead of a shape error deep inside Flax."""
-    model = dataset_model(config, "teacher", dataset)
-    expected = jax.eval_shape(
-        functools.partial(init_model, model, dataset.image_shape), jax.random.key(0)
-    )
+def shape_mismatch(variables: Mapping[str, Any], model, image_shape) -> str | None:
+    """The first variable whose shape differs between `variables` and `model`'s on images
+    of `image_shape` ('NAME has shape S, the model needs T'), or None when they fit."""
+    expected = jax.eval_shape(functools.partial(init_model, model, image_shape), jax.random.key(0))
     expected_shapes = {
         jax.tree_util.keystr(path): leaf.shape
         for path, leaf in jax.tree_util.tree_leaves_with_path(
@@ -100,13 +96,26 @@ def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory:
     }
     for name in sorted(set(expected_shapes) | set(saved_shapes)):
         if expected_shapes.get(name) != saved_shapes.get(name):
-            raise invalid(
-                "teacher.checkpoint_dir",
-                directory,
-                f"variables of a {config.teacher.model} for {dataset.name} images of shape "
-                f"{tuple(dataset.image_shape)}; {name} has shape {saved_shapes.get(name)}, "
-                f"the model needs {expected_shapes.get(name)}",
+            return (
+                f"{name} has shape {saved_shapes.get(name)}, "
+                f"the model needs {expected_shapes.get(name)}"
             )
+    return None
+
+
+def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory: str) -> None:
+    """Raises InputError when restored teacher variables do not fit the teacher model on
+    this dataset's images (e.g. an RGB ImageNet teacher on grayscale digits), naming the
+    first variable whose shape differs, instead of a shape error deep inside Flax."""
+    model = dataset_model(config, "teacher", dataset)
+    mismatch = shape_mismatch(variables, model, dataset.image_shape)
+    if mismatch is not None:
+        raise invalid(
+            "teacher.checkpoint_dir",
+            directory,
+            f"variables of a {config.teacher.model} for {dataset.name} images of shape "
+            f"{tuple(dataset.image_shape)}; {mismatch}",
+        )
 
 
 def open_phase_manager(config: ml_collections.ConfigDict, workdir: str, phase: str):
