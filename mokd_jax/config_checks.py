@@ -33,6 +33,7 @@ def check_phase(name: str, section: ml_collections.ConfigDict) -> None:
     statistics."""
     check_choice(f"{name}.model", section.model, models.NAMES)
     check_int(f"{name}.num_train_steps", section.num_train_steps, 1)
+    check_int(f"{name}.steps_per_epoch", section.steps_per_epoch, 0)
     check_positive(f"{name}.learning_rate", section.learning_rate)
     check_choice(f"{name}.optimizer", section.optimizer, OPTIMIZERS)
     check_schedule(name, section)
@@ -43,6 +44,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises InputError for a numeric or named field outside what is allowed."""
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
         check_int(field, config[field], 1)
+    check_int("eval_every_steps", config.eval_every_steps, 0)
     for section in ("teacher", "student"):
         check_phase(section, config[section])
     for field in ("mixup_alpha", "cutmix_alpha"):

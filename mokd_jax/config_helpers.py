@@ -42,6 +42,7 @@ def phase_section(model: str, num_train_steps: int) -> ml_collections.ConfigDict
     # teacher's saved ones, else the dataset's standard ones), or a preset name ('imagenet',
     # 'cifar100', 'cifar10', 'unit') or 'MEAN/STD' values, e.g. '0.5,0.5,0.5/0.25,0.25,0.25'.
     section.input_normalization = ""
+    section.steps_per_epoch = 0  # set by epoch-based recipes (`set_phase`); 0: not known
     return section
 
 
@@ -93,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.aggregation = aggregation_defaults()
 
     config.log_every_steps = 50
+    # Test accuracy while training, to TensorBoard and the log; 0: automatic
+    # (`train.evaluation_interval`: once per epoch where the phase knows its epoch, else 4 times).
+    config.eval_every_steps = 0
     config.checkpoint_every_steps = 200
     config.max_checkpoints_to_keep = 2
     return config
@@ -130,6 +134,7 @@ def set_phase(
     section.learning_rate = learning_rate
     section.weight_decay = weight_decay
     section.num_train_steps = epochs * steps_per_epoch
+    section.steps_per_epoch = steps_per_epoch
     section.warmup_steps = warmup_epochs * steps_per_epoch
     section.schedule = "step" if decay_epochs else "cosine"
     section.decay_boundaries = tuple(epoch * steps_per_epoch for epoch in decay_epochs)

@@ -19,7 +19,8 @@ and the arch, so a state dict of another architecture is refused, never half-loa
 DataParallel's 'module.' prefix; `convert` builds the variables and the identity that
 `checkpoint.export_variables` saves with them (model, classes and the input statistics the
 source trained it on, which the trainer feeds the teacher with); `write` saves both where
-the trainer's `teacher.checkpoint_dir` reads them.
+the trainer's `teacher.checkpoint_dir` reads them. `to_torch` is the inverse (what
+`mokd-export` writes): Flax variables back to the torch state dict of the same layout.
 """
 
 import functools
@@ -188,6 +189,29 @@ def to_flax(arch: str, state_dict: StateDict, abstract_variables: Any) -> dict:
             value = value.transpose(permutation)
         flat[path] = jnp.asarray(value, dtype=flat_abstract[path].dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def to_torch(arch: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The torch state dict of `arch` holding Flax `variables` (`params`, `batch_stats`):
+    the exact inverse of `to_flax`, every key named by `torch_key` and every kernel put back
+    in torch's layout.
+
+    torch's BatchNorm also keeps `num_batches_tracked`, which `load_state_dict(strict=True)`
+    requires and Flax does not count: it is written as 0 for each BatchNorm (torch reads it
+    only when a BatchNorm has momentum=None, a cumulative average, which none of these
+    models uses).
+    """
+    layout(arch)
+    state_dict = {}
+    for path, leaf in traverse_util.flatten_dict(dict(variables)).items():
+        value = np.asarray(leaf)
+        permutation = _permutation(path, value.ndim)
+        if permutation is not None:
+            value = value.transpose(np.argsort(permutation))
+        state_dict[torch_key(arch, path)] = np.ascontiguousarray(value)
+        if path[0] == "batch_stats" and path[-1] == "mean":
+            state_dict[torch_key(arch, (*path[:-1], _IGNORED_SUFFIX))] = np.array(0, np.int64)
+    return state_dict
 
 
 def num_classes(arch: str, state_dict: StateDict) -> int:

@@ -7,7 +7,7 @@ checkpoint manager); the steps it runs are the pure functions of `mokd_jax.steps
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from absl import logging
@@ -47,6 +47,14 @@ def initial_state(
     return state, shardings
 
 
+class Evaluation(NamedTuple):
+    """What `run_phase` evaluates on the way: `evaluate(step, state)` -> scalars (e.g.
+    top-1 / top-5), every `every_steps` steps and at the last step."""
+
+    every_steps: int
+    evaluate: Callable[[int, TrainState], Mapping[str, float]]
+
+
 def run_phase(
     name: str,
     state: TrainState,
@@ -57,6 +65,7 @@ def run_phase(
     fingerprint: Mapping[str, Any],
     writer,
     log_every_steps: int,
+    evaluation: Evaluation | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """Runs `step_fn` from `state.step` to `num_steps`, saving and logging on the way.
 
@@ -67,6 +76,11 @@ def run_phase(
     several hosts Orbax's `reached_preemption`, which every host agrees on) saves the
     state at the current step and raises `Preempted`. Returns the final state and the mean
     of each metric over the steps run here.
+
+    With an `evaluation`, its `evaluate(step, state)` runs every `every_steps` steps and at
+    `num_steps`, after the step and before the checkpoint (so a preemption never skips
+    one); its results go to `writer` and the log (`report_evaluation`). It reads the state
+    and changes nothing, so the trajectory is the same with or without it.
     """
     first_step = int(state.step)
     report = periodic_actions.ReportProgress(
@@ -86,6 +100,8 @@ def run_phase(
                     sums[key] = sums.get(key, 0.0) + float(value)
             logging.info("%s step %d/%d: %s", name, step, num_steps, format_metrics(logged))
             pending = []
+        if evaluation is not None and (step % evaluation.every_steps == 0 or step == num_steps):
+            report_evaluation(writer, name, step, num_steps, evaluation.evaluate(step, state))
         preempted = preemption_noticed(manager, step)
         checkpoint.save(manager, step, state, fingerprint, force=step == num_steps or preempted)
         if preempted:
@@ -96,6 +112,15 @@ def run_phase(
     writer.flush()
     steps_run = max(num_steps - first_step, 1)
     return state, {key: total / steps_run for key, total in sums.items()}
+
+
+def report_evaluation(
+    writer, name: str, step: int, num_steps: int, results: Mapping[str, float]
+) -> None:
+    """An evaluation's results as TensorBoard scalars at `step` and one line of the log."""
+    writer.write_scalars(step, results)
+    writer.flush()
+    logging.info("%s step %d/%d evaluation: %s", name, step, num_steps, format_metrics(results))
 
 
 def preemption_noticed(manager, step: int) -> bool:

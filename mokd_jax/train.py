@@ -1,9 +1,11 @@
 """The phases of a run: teacher, distillation, evaluation (`train_and_evaluate`).
 
-`train_and_evaluate(config, workdir)` runs the three phases: (1) train the teacher with
-cross-entropy, or restore it; (2) distill the student; (3) evaluate both and write
-WORKDIR/summary.json. Both training phases checkpoint periodically and resume from the
-workdir. The steps are `mokd_jax.steps`, the loop `mokd_jax.loop`, the networks
+`train_and_evaluate(config, workdir)` runs the phases: (1) train the teacher with
+cross-entropy, or restore it, and evaluate it once; (2) distill the student, evaluating it
+on the way and keeping the best in WORKDIR/student_best; (3) write WORKDIR/summary.json
+from those evaluations (the last step's and the best student's; nothing is evaluated
+again). Both training phases checkpoint periodically and resume from the workdir. The
+steps are `mokd_jax.steps`, the loop `mokd_jax.loop`, the networks
 `mokd_jax.networks.build_networks`.
 """
 
@@ -11,7 +13,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,11 +25,11 @@ from etils import epath
 from mokd_jax import checkpoint, data, normalization, parallel, plots
 from mokd_jax.config_checks import check_config
 from mokd_jax.errors import invalid
-from mokd_jax.evaluation import evaluate
-from mokd_jax.loop import initial_state, phase_writer, run_phase
+from mokd_jax.evaluation import Counts, at_chance, make_evaluator
+from mokd_jax.loop import Evaluation, format_metrics, initial_state, phase_writer, run_phase
 from mokd_jax.networks import build_model, build_networks
 from mokd_jax.optimizers import aggregator_hparams, make_optimizer, student_optimizer
-from mokd_jax.state import create_student_state, create_teacher_state, init_model
+from mokd_jax.state import TrainState, create_student_state, create_teacher_state, init_model
 from mokd_jax.steps import batch_mixer, make_distill_step, teacher_step
 
 
@@ -112,14 +114,10 @@ def dataset_inputs(
     return inputs
 
 
-def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory: str) -> None:
-    """Raises InputError when restored teacher variables do not fit the teacher model on
-    this dataset's images (e.g. an RGB ImageNet teacher on grayscale digits), naming the
-    first variable whose shape differs, instead of a shape error deep inside Flax."""
-    model = dataset_model(config, "teacher", dataset)
-    expected = jax.eval_shape(
-        functools.partial(init_model, model, dataset.image_shape), jax.random.key(0)
-    )
+def shape_mismatch(variables: Mapping[str, Any], model, image_shape) -> str | None:
+    """The first variable whose shape differs between `variables` and `model`'s on images
+    of `image_shape` ('NAME has shape S, the model needs T'), or None when they fit."""
+    expected = jax.eval_shape(functools.partial(init_model, model, image_shape), jax.random.key(0))
     expected_shapes = {
         jax.tree_util.keystr(path): leaf.shape
         for path, leaf in jax.tree_util.tree_leaves_with_path(
@@ -132,13 +130,26 @@ def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory:
     }
     for name in sorted(set(expected_shapes) | set(saved_shapes)):
         if expected_shapes.get(name) != saved_shapes.get(name):
-            raise invalid(
-                "teacher.checkpoint_dir",
-                directory,
-                f"variables of a {config.teacher.model} for {dataset.name} images of shape "
-                f"{tuple(dataset.image_shape)}; {name} has shape {saved_shapes.get(name)}, "
-                f"the model needs {expected_shapes.get(name)}",
+            return (
+                f"{name} has shape {saved_shapes.get(name)}, "
+                f"the model needs {expected_shapes.get(name)}"
             )
+    return None
+
+
+def check_teacher_fits(variables: Mapping[str, Any], config, dataset, directory: str) -> None:
+    """Raises InputError when restored teacher variables do not fit the teacher model on
+    this dataset's images (e.g. an RGB ImageNet teacher on grayscale digits), naming the
+    first variable whose shape differs, instead of a shape error deep inside Flax."""
+    model = dataset_model(config, "teacher", dataset)
+    mismatch = shape_mismatch(variables, model, dataset.image_shape)
+    if mismatch is not None:
+        raise invalid(
+            "teacher.checkpoint_dir",
+            directory,
+            f"variables of a {config.teacher.model} for {dataset.name} images of shape "
+            f"{tuple(dataset.image_shape)}; {mismatch}",
+        )
 
 
 def open_phase_manager(config: ml_collections.ConfigDict, workdir: str, phase: str):
@@ -149,8 +160,74 @@ def open_phase_manager(config: ml_collections.ConfigDict, workdir: str, phase: s
     )
 
 
-def train_teacher(config, workdir, dataset, mesh) -> dict:
-    """Phase 1: cross-entropy training of the teacher; returns its variables."""
+def evaluation_interval(config: ml_collections.ConfigDict, role: str) -> int:
+    """How often the teacher's or student's (`role`) phase evaluates its network:
+    `eval_every_steps` when set; automatically (0), once per epoch where the phase's recipe
+    is epoch-based (`steps_per_epoch`, which `config_helpers.set_phase` records: the TFDS
+    configs), else `EVALUATIONS_PER_RUN` times per run (digits and npz: their configs count
+    steps, not epochs, and an epoch is a few steps, so evaluating every epoch would cost
+    more than training)."""
+    section = config[role]
+    if config.eval_every_steps:
+        return config.eval_every_steps
+    if section.steps_per_epoch:
+        return section.steps_per_epoch
+    return max(1, section.num_train_steps // EVALUATIONS_PER_RUN)
+
+
+EVALUATIONS_PER_RUN = 4
+
+
+def network_evaluator(
+    config, role: str, dataset, mesh, inputs: normalization.Normalization
+) -> Callable[[dict], Counts]:
+    """The teacher's or student's evaluator (`evaluation.make_evaluator`: compiled once),
+    fed through its `inputs` statistics."""
+    model = dataset_model(config, role, dataset)
+    return make_evaluator(model, dataset, config.eval_batch_size, mesh, inputs)
+
+
+def teacher_variables(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def student_variables(state: TrainState) -> dict:
+    """The student's variables in the distillation state (without the projector)."""
+    return {"params": state.params["student"], "batch_stats": state.batch_stats}
+
+
+class PhaseEvaluation:
+    """Evaluates a phase's network (`evaluate(step, state)`, what `loop.Evaluation` runs)
+    and keeps the latest result, so the summary reuses the evaluation of the last step
+    instead of evaluating the network again; `keep(step, variables, accuracy)`, when given,
+    sees every result (the best student's export)."""
+
+    def __init__(
+        self,
+        evaluator: Callable[[dict], Counts],
+        variables_of: Callable[[TrainState], dict],
+        keep: Callable[[int, dict, dict], None] | None = None,
+    ):
+        self.evaluator, self.variables_of, self.keep = evaluator, variables_of, keep
+        self.step: int | None = None
+        self.accuracy: dict[str, float] = {}
+
+    def evaluate(self, step: int, state: TrainState) -> dict[str, float]:
+        variables = self.variables_of(state)
+        self.step, self.accuracy = step, self.evaluator(variables).accuracies()
+        if self.keep is not None:
+            self.keep(step, variables, self.accuracy)
+        return self.accuracy
+
+    def at_step(self, step: int, state: TrainState) -> dict[str, float]:
+        """The accuracy at `step`: the latest result when it is that step's (the loop
+        evaluated it), else evaluated now (a resumed phase with no step left to run)."""
+        return self.accuracy if self.step == step else self.evaluate(step, state)
+
+
+def train_teacher(config, workdir, dataset, mesh, evaluator) -> tuple[dict, dict[str, float]]:
+    """Phase 1: cross-entropy training of the teacher, evaluated on the way
+    (`evaluation_interval`); returns its variables and its accuracy at the last step."""
     model = dataset_model(config, "teacher", dataset)
     tx = make_optimizer(config.teacher)
     create = functools.partial(create_teacher_state, model, dataset.image_shape, tx)
@@ -170,6 +247,7 @@ def train_teacher(config, workdir, dataset, mesh) -> dict:
         shardings,
         mesh,
     )
+    evaluation = PhaseEvaluation(evaluator, teacher_variables)
     state, _ = run_phase(
         "teacher",
         state,
@@ -180,15 +258,40 @@ def train_teacher(config, workdir, dataset, mesh) -> dict:
         fingerprint,
         phase_writer(workdir, "teacher"),
         config.log_every_steps,
+        Evaluation(evaluation_interval(config, "teacher"), evaluation.evaluate),
     )
     manager.close()
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    accuracy = evaluation.at_step(config.teacher.num_train_steps, state)
+    return teacher_variables(state), accuracy
 
 
-def obtain_teacher(config, workdir, dataset, mesh) -> tuple[dict, normalization.Normalization]:
-    """(the teacher's variables on the mesh, the input statistics it is fed with): restored
-    from `teacher.checkpoint_dir` or WORKDIR/teacher with the statistics saved there, or
-    trained in WORKDIR/teacher with `dataset_inputs` and exported with them."""
+def check_restored_teacher(counts: Counts, num_classes: int, directory: str) -> None:
+    """Logs the restored teacher's accuracy, and a warning when it is at chance level
+    (`evaluation.at_chance`): distilling from it would teach the student nothing."""
+    logging.info("teacher restored from %s: %s", directory, format_metrics(counts.accuracies()))
+    if at_chance(counts, num_classes):
+        logging.warning(
+            "the teacher restored from %s is at chance level: top-1 %.2f%% on %d test "
+            "examples of %d classes (chance %.2f%%). Likely causes: a wrong input "
+            "normalisation (the statistics in its identity are not those it was trained "
+            "with), a wrong checkpoint (another model or an untrained one), or a wrong "
+            "dataset (not the one it was trained on, or other class order).",
+            directory,
+            100 * counts.top1 / counts.examples,
+            counts.examples,
+            num_classes,
+            100 / num_classes,
+        )
+
+
+def obtain_teacher(
+    config, workdir, dataset, mesh
+) -> tuple[dict, normalization.Normalization, dict[str, float]]:
+    """(the teacher's variables on the mesh, the input statistics it is fed with, its test
+    accuracy): restored from `teacher.checkpoint_dir` or WORKDIR/teacher with the
+    statistics saved there, or trained in WORKDIR/teacher with `dataset_inputs` and
+    exported with them. It is evaluated once, right after it is trained or restored (a
+    restored one at chance level gets a warning, `check_restored_teacher`)."""
     directory = config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
     saved_identity = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
     if saved_identity is not None:
@@ -199,16 +302,20 @@ def obtain_teacher(config, workdir, dataset, mesh) -> tuple[dict, normalization.
         normalization.check_channels(
             f"{directory}: {normalization.IDENTITY_FIELD}", inputs, dataset.image_shape[-1]
         )
-        return parallel.place_variables(variables, mesh, config.mesh.fsdp_min_size), inputs
+        variables = parallel.place_variables(variables, mesh, config.mesh.fsdp_min_size)
+        counts = network_evaluator(config, "teacher", dataset, mesh, inputs)(variables)
+        check_restored_teacher(counts, dataset.num_classes, directory)
+        return variables, inputs, counts.accuracies()
     if config.teacher.checkpoint_dir:
         raise invalid(
             "teacher.checkpoint_dir", directory, "a directory holding a teacher checkpoint"
         )
     inputs = dataset_inputs(config, "teacher", dataset)
-    variables = train_teacher(config, workdir, dataset, mesh)
+    evaluator = network_evaluator(config, "teacher", dataset, mesh, inputs)
+    variables, accuracy = train_teacher(config, workdir, dataset, mesh, evaluator)
     identity = exported_identity(config.teacher.model, dataset.num_classes, inputs)
     checkpoint.export_variables(directory, variables, identity, config.teacher.num_train_steps)
-    return variables, inputs
+    return variables, inputs, accuracy
 
 
 def student_fingerprint(
@@ -227,15 +334,49 @@ def student_fingerprint(
     }
 
 
+BEST_KEYS = ("step", "test_accuracy", "test_top5_accuracy")
+
+
+class BestStudent:
+    """The student with the best top-1 so far, exported to `directory` (WORKDIR/student_best)
+    with its step and accuracies in its identity.
+
+    The identity is also the memory: a resumed run reads the best so far from it, so a
+    preemption forgets nothing. Only a strictly better top-1 replaces it (the earliest of
+    equals is kept), so a resumed run, which evaluates the steps after its checkpoint
+    again with bitwise the same states, exports nothing new until it passes the best, and
+    ends with the same best as an uninterrupted run.
+    """
+
+    def __init__(self, directory: str, identity: Mapping[str, Any]):
+        self.directory, self.identity = directory, dict(identity)
+        saved = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
+        self.best = None if saved is None else {key: saved[key] for key in BEST_KEYS}
+
+    def keep(self, step: int, variables: dict, accuracy: Mapping[str, float]) -> None:
+        """Exports `variables` when their top-1 beats the best so far."""
+        if self.best is not None and accuracy["test_accuracy"] <= self.best["test_accuracy"]:
+            return
+        self.best = {"step": step, **accuracy}
+        checkpoint.export_variables(self.directory, variables, {**self.identity, **self.best}, step)
+        logging.info("student: best so far at step %d, exported to %s", step, self.directory)
+
+
 def distill_student(config, workdir, dataset, teacher_variables, teacher_input, mesh):
     """Phase 2: MoKD distillation of the student, the teacher fed with `teacher_input` and
-    the student with its own `dataset_inputs`; returns (student variables, diagnostics)."""
+    the student with its own `dataset_inputs`, evaluated on the way
+    (`evaluation_interval`) with the best kept in WORKDIR/student_best (`BestStudent`).
+
+    Returns (student variables, its accuracy at the last step, the best as {step,
+    test_accuracy, test_top5_accuracy}, the diagnostics' means).
+    """
+    student_input = dataset_inputs(config, "student", dataset)
     networks = build_networks(
         config,
         dataset.num_classes,
         dataset.image_shape[0],
         teacher_input=teacher_input,
-        student_input=dataset_inputs(config, "student", dataset),
+        student_input=student_input,
     )
     tx = student_optimizer(config)
     create = functools.partial(
@@ -258,6 +399,15 @@ def distill_student(config, workdir, dataset, teacher_variables, teacher_input, 
         mesh,
         extra_shardings=(parallel.variables_sharding(teacher_variables),),
     )
+    best = BestStudent(
+        os.path.join(workdir, "student_best"),
+        exported_identity(config.student.model, dataset.num_classes, student_input),
+    )
+    evaluation = PhaseEvaluation(
+        network_evaluator(config, "student", dataset, mesh, student_input),
+        student_variables,
+        best.keep,
+    )
     state, means = run_phase(
         "student",
         state,
@@ -268,9 +418,11 @@ def distill_student(config, workdir, dataset, teacher_variables, teacher_input, 
         fingerprint,
         phase_writer(workdir, "student"),
         config.log_every_steps,
+        Evaluation(evaluation_interval(config, "student"), evaluation.evaluate),
     )
     manager.close()
-    return {"params": state.params["student"], "batch_stats": state.batch_stats}, means
+    accuracy = evaluation.at_step(config.student.num_train_steps, state)
+    return student_variables(state), accuracy, best.best, means
 
 
 def parameter_count(variables: Mapping[str, Any]) -> int:
@@ -298,27 +450,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset = load_dataset(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     student_input = dataset_inputs(config, "student", dataset)  # checked before any training
-    teacher_variables, teacher_input = obtain_teacher(config, workdir, dataset, mesh)
-    student_variables, diagnostics = distill_student(
+    teacher_variables, teacher_input, teacher_accuracy = obtain_teacher(
+        config, workdir, dataset, mesh
+    )
+    student, student_accuracy, best, diagnostics = distill_student(
         config, workdir, dataset, teacher_variables, teacher_input, mesh
     )
     checkpoint.export_variables(
         os.path.join(workdir, "student"),
-        student_variables,
+        student,
         exported_identity(config.student.model, dataset.num_classes, student_input),
         config.student.num_train_steps,
     )
-
-    accuracies = {}
-    for role, variables, inputs in (
-        ("teacher", teacher_variables, teacher_input),
-        ("student", student_variables, student_input),
-    ):
-        model = dataset_model(config, role, dataset)
-        accuracies[role] = evaluate(model, variables, dataset, config.eval_batch_size, mesh, inputs)
-        writer = phase_writer(workdir, role)
-        writer.write_scalars(config[role].num_train_steps, accuracies[role])
-        writer.close()
     summary = {
         "method": config.aggregator,
         "dataset": dataset.name,
@@ -326,12 +469,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "teacher": {
             "model": config.teacher.model,
             "parameters": parameter_count(teacher_variables),
-            **accuracies["teacher"],
+            **teacher_accuracy,
         },
         "student": {
             "model": config.student.model,
-            "parameters": parameter_count(student_variables),
-            **accuracies["student"],
+            "parameters": parameter_count(student),
+            "step": config.student.num_train_steps,
+            **student_accuracy,
+            "best": best,
         },
         "training_diagnostics": diagnostics,
         "wall_time_s": time.time() - start,

@@ -25,7 +25,9 @@ COMMANDS = {
         | {"modes", "dtype", "json"},
     ),
     "mokd-convert": ("mokd_jax.convert_teacher", {"arch", "input", "output", "overwrite"}),
-    "mokd-export": ("mokd_jax.data.export_npz", {"dataset", "data_dir", "out"}),
+    "mokd-evaluate": ("mokd_jax.evaluate", {"config", "checkpoint_dir", "output"}),
+    "mokd-export": ("mokd_jax.export", {"checkpoint_dir", "output", "overwrite"}),
+    "mokd-export-npz": ("mokd_jax.data.export_npz", {"dataset", "data_dir", "out"}),
 }
 
 
@@ -94,7 +96,8 @@ def test_compare_flags_parse_methods_seeds_and_a_config_path(monkeypatch):
     [
         ("mokd-benchmark", ["--modes=kd,mokd", "--dtype=bfloat16"], "modes", ["kd", "mokd"]),
         ("mokd-convert", ["--arch=resnet18", "--input=a.pth", "--output=out"], "arch", "resnet18"),
-        ("mokd-export", ["--out=npz"], "dataset", "digits"),
+        ("mokd-export-npz", ["--out=npz"], "dataset", "digits"),
+        ("mokd-export", ["--checkpoint_dir=d", "--output=f.safetensors"], "overwrite", False),
     ],
 )
 def test_other_commands_parse_their_flags(monkeypatch, command, argv, field, value):
@@ -164,8 +167,9 @@ def test_installed_console_scripts_answer_help_with_status_0(tmp_path):
 @pytest.mark.slow
 def test_python_m_answers_help_with_status_0():
     """The modules that no other test runs with `python -m` (test_train runs mokd_jax.main,
-    test_benchmark and test_plots_and_compare mokd_jax.benchmark and mokd_jax.compare)."""
-    names = ["mokd-convert", "mokd-export"]
+    test_benchmark and test_plots_and_compare mokd_jax.benchmark and mokd_jax.compare;
+    test_evaluate and test_export run theirs on bad input only)."""
+    names = ["mokd-convert", "mokd-evaluate", "mokd-export", "mokd-export-npz"]
     commands = [[sys.executable, "-m", COMMANDS[name][0]] for name in names]
     for name, result in zip(names, run_help(commands, cwd=REPO), strict=True):
         check_help(result, name)

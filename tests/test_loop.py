@@ -1,6 +1,7 @@
 """mokd_jax.loop: one phase's loop with a trivial step, a real checkpoint manager and a
 recording writer: every step's metrics written at its own step, means returned, periodic
-saves, and a preemption notice saving the current step before stopping."""
+saves, a preemption notice saving the current step before stopping, and evaluations on the
+way that see the state after their step and change nothing."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +81,47 @@ def test_a_preemption_notice_saves_the_current_step_and_raises(tmp_path):
 
 def test_format_metrics_is_sorted_and_short():
     assert loop.format_metrics({"b": 0.123456, "a": 2}) == "a=2 b=0.1235"
+
+
+def run_with_evaluation(tmp_path, every_steps, evaluated):
+    """`run` with an evaluation appending the step and the w it saw to `evaluated`;
+    returns (state, writer)."""
+
+    def evaluate(step, state):
+        evaluated.append((step, float(state.params["w"])))
+        return {"test_accuracy": step / 10}
+
+    writer = RecordingWriter()
+    manager = checkpoint.open_manager(str(tmp_path / "ckpt"), save_every_steps=2, max_to_keep=5)
+    try:
+        state, _ = loop.run_phase(
+            "test", counting_state(), counting_step, batches(), 6, manager, {"k": 1},
+            writer, 4, loop.Evaluation(every_steps, evaluate),
+        )  # fmt: skip
+    finally:
+        manager.close()
+    return state, writer
+
+
+def test_evaluation_runs_every_n_steps_and_at_the_end_without_changing_the_state(tmp_path):
+    (plain, _), _ = run(tmp_path / "plain", counting_state(), RecordingWriter())
+    evaluated = []
+    state, writer = run_with_evaluation(tmp_path / "evaluated", 4, evaluated)
+    w_after = np.cumsum(np.arange(1.0, 7.0))
+    assert evaluated == [(4, w_after[3]), (6, w_after[5])]  # the state after that step
+    assert writer.scalars["test_accuracy"] == {4: 0.4, 6: 0.6}
+    assert float(state.params["w"]) == float(plain.params["w"])
+
+
+def test_a_preemption_at_an_evaluation_step_evaluates_before_stopping(tmp_path):
+    evaluated = []
+    loop.PREEMPTION.set()
+    try:
+        with pytest.raises(loop.Preempted, match="at step 1"):
+            run_with_evaluation(tmp_path, 1, evaluated)
+    finally:
+        loop.PREEMPTION.clear()
+    assert evaluated == [(1, 1.0)]
+    manager = checkpoint.open_manager(str(tmp_path / "ckpt"), 2, 5)
+    assert manager.all_steps() == [1]
+    manager.close()

@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from mokd_jax import checkpoint, data, loop, normalization, parallel, train
+from mokd_jax import checkpoint, data, loop, normalization, parallel, state, train
 from mokd_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,11 +72,74 @@ def test_smoke_run_writes_summary_checkpoints_and_events(finished_run):
 
 
 @pytest.mark.slow
+def test_both_phases_evaluate_on_the_way_and_the_summary_has_last_and_best(finished_run):
+    """Smoke: 20 steps per phase, eval_every_steps 0 -> 4 evaluations per phase (every 5)."""
+    workdir, summary = finished_run
+    for phase in ("teacher", "student"):
+        events = event_accumulator.EventAccumulator(
+            os.path.join(workdir, "tensorboard", phase),
+            size_guidance={event_accumulator.TENSORS: 0},
+        )
+        events.Reload()
+        top1 = {event.step: event for event in events.Tensors("test_accuracy")}
+        assert sorted(top1) == [5, 10, 15, 20], phase
+        assert [e.step for e in events.Tensors("test_top5_accuracy")] == [5, 10, 15, 20]
+    student, best = summary["student"], summary["student"]["best"]
+    assert student["step"] == 20 and best["step"] in (5, 10, 15, 20)
+    assert best["test_accuracy"] >= student["test_accuracy"]
+    identity = checkpoint.read_identity(os.path.join(workdir, "student_best"))
+    assert {key: identity[key] for key in best} == best
+    assert identity["model"] == "cnn_small" and identity["num_classes"] == 10
+    assert normalization.from_identity(identity, "student_best") == normalization.UNIT
+    best_variables = checkpoint.load_variables(os.path.join(workdir, "student_best"))
+    assert jax.tree.structure(best_variables) == jax.tree.structure(
+        checkpoint.load_variables(os.path.join(workdir, "student"))
+    )
+
+
+def test_evaluation_interval_rule():
+    config = default.get_config("smoke")  # 20 steps per phase
+    assert train.evaluation_interval(config, "student") == 5  # 4 times per run
+    config.student.num_train_steps = 3
+    assert train.evaluation_interval(config, "student") == 1
+    config.teacher.steps_per_epoch = 7  # an epoch-based recipe: once per epoch
+    assert train.evaluation_interval(config, "teacher") == 7
+    config.eval_every_steps = 2
+    assert train.evaluation_interval(config, "teacher") == 2
+
+
+@pytest.mark.slow
+def test_a_restored_teacher_at_chance_level_is_warned_about(tmp_path, monkeypatch):
+    """An untrained cnn_large (the smoke teacher) restored as the teacher: one warning that
+    names its directory and the likely causes; its accuracy is returned for the summary.
+    Slow: it compiles the teacher's evaluation (about 15 s on 2 shared cores)."""
+    config = default.get_config("smoke")
+    dataset = train.load_dataset(config)
+    model = train.dataset_model(config, "teacher", dataset)
+    variables = state.init_model(model, dataset.image_shape, jax.random.key(0))
+    directory = str(tmp_path / "untrained")
+    identity = train.exported_identity(
+        config.teacher.model, dataset.num_classes, normalization.UNIT
+    )
+    checkpoint.export_variables(directory, variables, identity, step=0)
+    config.teacher.checkpoint_dir = directory
+    warnings = []
+    monkeypatch.setattr(train.logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
+    _, _, accuracy = train.obtain_teacher(config, str(tmp_path), dataset, parallel.make_mesh(1))
+    assert len(warnings) == 1, warnings
+    assert directory in warnings[0] and "chance level" in warnings[0]
+    assert all(cause in warnings[0] for cause in ("normalisation", "checkpoint", "dataset"))
+    assert accuracy["test_accuracy"] < 0.15
+
+
+@pytest.mark.slow
 def test_rerunning_a_finished_workdir_restores_instead_of_training(finished_run):
     workdir, summary = finished_run
     before = tree_digest(workdir + "/checkpoints")
     again = train.train_and_evaluate(default.get_config("smoke"), workdir)
-    assert again["student"]["test_accuracy"] == summary["student"]["test_accuracy"]
+    for role in ("teacher", "student"):
+        assert again[role]["test_accuracy"] == summary[role]["test_accuracy"]
+    assert again["student"]["best"] == summary["student"]["best"]
     assert tree_digest(workdir + "/checkpoints") == before
 
 
@@ -112,9 +175,13 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted_run(
     monkeypatch.setattr(data.InMemoryDataset, "train_batches", real_batches)
     train.train_and_evaluate(config, str(tmp_path))
 
-    resumed = checkpoint.load_variables(str(tmp_path / "student"))
-    uninterrupted = checkpoint.load_variables(os.path.join(reference_dir, "student"))
-    jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+    for exported in ("student", "student_best"):  # the best so far survives the stop
+        resumed = checkpoint.load_variables(str(tmp_path / exported))
+        uninterrupted = checkpoint.load_variables(os.path.join(reference_dir, exported))
+        jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+        assert checkpoint.read_identity(str(tmp_path / exported)) == checkpoint.read_identity(
+            os.path.join(reference_dir, exported)
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
-"""Writes a dataset mokd_jax can load as DIR/train.npz and DIR/test.npz (the `mokd-export`
-command):
+"""Writes a dataset mokd_jax can load as DIR/train.npz and DIR/test.npz (the
+`mokd-export-npz` command):
 
-    mokd-export --dataset=digits --out=/tmp/digits_npz
+    mokd-export-npz --dataset=digits --out=/tmp/digits_npz
     mokd-train --config=configs/default.py \\
         --config.dataset=npz --config.data_dir=/tmp/digits_npz
 
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """The `mokd-export` entry point."""
+    """The `mokd-export-npz` entry point."""
     cli.run(main, define_flags)
 
 
