@@ -1,10 +1,13 @@
 """Tests for mokd_jax.convert and scripts/convert_teacher.py: PyTorch teachers in Flax.
 
-The torch reference models are written here with torch.nn (torchvision and timm cannot be
-installed beside the pinned CPU torch), using the real libraries' module names so that their
-state-dict keys are the real ones. Parity runs small but structurally faithful models at
-32x32 (resnet18 and mobilenet_v2 themselves; a shrunk bottleneck ResNet, a 2-block DeiT
-and a shrunk RegNetY, each with every kind of block); the full-size key layouts of every
+The torch reference models are written with torch.nn (torchvision and timm cannot be
+installed beside the pinned CPU torch; RepDistiller and mdistiller are not packages), using
+the real libraries' module names so that their state-dict keys are the real ones: the
+torchvision / timm ones here, the ResNet and the RepDistiller / mdistiller ones in
+`torch_zoo.py`. Parity runs small but structurally faithful models at 32x32 (resnet18,
+mobilenet_v2, vgg13, mobile_half, the ShuffleNets and mobilenet_v1 themselves; a shrunk
+bottleneck ResNet of either layout, a shrunk CIFAR ResNet and WRN, a 2-block DeiT and a
+shrunk RegNetY, each with every kind of block); the full-size key layouts of every
 convertible arch are checked shape for shape on torch's meta device, which allocates nothing.
 
 Parity tolerance, rtol = atol / max|logits| = 1e-4: both sides compute in float32 with
@@ -28,38 +31,19 @@ from safetensors import numpy as safetensors_numpy
 from mokd_jax import checkpoint, convert, models
 from mokd_jax.errors import InputError
 from mokd_jax.models.regnet import RegNet
-from mokd_jax.models.resnet import BOTTLENECK, ResNet
+from mokd_jax.models.resnet import BOTTLENECK, ResNet, cifar_resnet, wide_resnet
 from mokd_jax.models.vit import VisionTransformer
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+import torch_zoo  # noqa: E402  (needs torch)
+from torch_zoo import BasicBlock, TorchResNet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4
 
 
 # --- torch reference models (torchvision's and timm's module names) ----------------------
-
-
-class BasicBlock(nn.Module):
-    """torchvision.models.resnet.BasicBlock."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
@@ -84,41 +68,6 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
-
-
-class TorchResNet(nn.Module):
-    """torchvision.models.resnet.ResNet, with the stem and stage widths as arguments
-    (torchvision's are 64 and (64, 128, 256, 512)) so that tests can shrink it."""
-
-    def __init__(self, block, layers, num_classes, widths=(64, 128, 256, 512), stem=64):
-        super().__init__()
-        self.inplanes = stem
-        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        for stage, (blocks, width) in enumerate(zip(layers, widths, strict=True), start=1):
-            stride = 1 if stage == 1 else 2
-            setattr(self, f"layer{stage}", self._make_layer(block, width, blocks, stride))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
-
-    def _make_layer(self, block, planes, blocks, stride):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 TORCH_RESNETS = {  # torchvision's builders
@@ -404,6 +353,29 @@ FULL_SIZE = {
     **dict.fromkeys(("deit_tiny", "vit_tiny"), functools.partial(TorchViT, dim=192, num_heads=3)),
     **dict.fromkeys(("deit_small", "vit_small"), functools.partial(TorchViT, dim=384, num_heads=6)),
     "regnety_160": lambda num_classes: TorchRegNet(num_classes, *REGNETY_160),
+    # RepDistiller's CIFAR zoo (its `model_dict` names on the right) and mdistiller's
+    # ImageNet MobileNetV1.
+    **{
+        arch: functools.partial(torch_zoo.repdistiller_resnet, depth, filters)
+        for arch, depth, filters in [
+            ("resnet20", 20, (16, 16, 32, 64)),
+            ("resnet32", 32, (16, 16, 32, 64)),
+            ("resnet56", 56, (16, 16, 32, 64)),
+            ("resnet110", 110, (16, 16, 32, 64)),
+            ("resnet8x4", 8, (32, 64, 128, 256)),
+            ("resnet32x4", 32, (32, 64, 128, 256)),
+        ]
+    },
+    "resnet50_cifar": functools.partial(torch_zoo.TorchResNetV2, (3, 4, 6, 3)),  # ResNet50
+    "wrn_16_2": lambda num_classes: torch_zoo.TorchWideResNet(16, num_classes, 2),
+    "wrn_40_1": lambda num_classes: torch_zoo.TorchWideResNet(40, num_classes, 1),
+    "wrn_40_2": lambda num_classes: torch_zoo.TorchWideResNet(40, num_classes, 2),
+    "vgg8": functools.partial(torch_zoo.TorchVGG, torch_zoo.VGG_CFG["S"]),
+    "vgg13": functools.partial(torch_zoo.TorchVGG, torch_zoo.VGG_CFG["B"]),
+    "mobile_half": torch_zoo.TorchCifarMobileNetV2,
+    "shufflenet_v1": torch_zoo.TorchShuffleV1,  # ShuffleV1
+    "shufflenet_v2": torch_zoo.TorchShuffleV2,  # ShuffleV2
+    "mobilenet_v1": torch_zoo.TorchMobileNetV1,
 }
 
 # Parity models: (arch whose layout converts them, torch model, Flax module, image size).
@@ -412,6 +384,16 @@ FULL_SIZE = {
 SMALL_RESNET = {"widths": (8, 16, 24, 32), "stem": 16}
 SMALL_VIT = {"depth": 2, "image_size": 32}
 SMALL_REGNET = {"widths": (16, 32, 48, 64), "depths": (1, 2, 1, 1)}
+
+
+def full_size_at_10_classes(arch):
+    """A parity case of the full-size model (cheap at 32 px)."""
+    return arch, FULL_SIZE[arch](10), models.get(arch, 10), 32
+
+
+# resnet8x4's shape of stages (a stem narrower than stage 1: a stride-1 projection) at
+# depth 14 (two blocks a stage).
+SMALL_CIFAR_RESNET = (14, (8, 16, 24, 32))
 PARITY = {
     "resnet18": lambda: ("resnet18", torch_resnet("resnet18"), models.get("resnet18", 10), 32),
     "bottleneck resnet": lambda: (
@@ -438,6 +420,35 @@ PARITY = {
         VisionTransformer(10, embed_dim=48, num_heads=3, patch_size=8, **SMALL_VIT),
         32,
     ),
+    "cifar resnet, shrunk": lambda: (
+        "resnet8x4",
+        torch_zoo.repdistiller_resnet(*SMALL_CIFAR_RESNET, 10),
+        cifar_resnet(*SMALL_CIFAR_RESNET, 10),
+        32,
+    ),
+    "cifar resnet50, shrunk": lambda: (
+        "resnet50_cifar",
+        torch_zoo.TorchResNetV2((1, 2, 1, 1), 10, SMALL_RESNET["widths"], SMALL_RESNET["stem"]),
+        ResNet(
+            10,
+            stage_sizes=(1, 2, 1, 1),
+            block=BOTTLENECK,
+            widths=SMALL_RESNET["widths"],
+            stem_width=SMALL_RESNET["stem"],
+            imagenet_stem=False,
+        ),
+        32,
+    ),
+    "wrn_16_1": lambda: (
+        "wrn_40_2",
+        torch_zoo.TorchWideResNet(16, 10, 1),
+        wide_resnet(16, 1, 10),
+        32,
+    ),
+    **{
+        arch: functools.partial(full_size_at_10_classes, arch)
+        for arch in ("vgg13", "mobile_half", "shufflenet_v1", "shufflenet_v2", "mobilenet_v1")
+    },
     "regnety, shrunk": lambda: (
         "regnety_160",
         TorchRegNet(10, **SMALL_REGNET, group_size=8, stem=16),
