@@ -353,29 +353,7 @@ FULL_SIZE = {
     **dict.fromkeys(("deit_tiny", "vit_tiny"), functools.partial(TorchViT, dim=192, num_heads=3)),
     **dict.fromkeys(("deit_small", "vit_small"), functools.partial(TorchViT, dim=384, num_heads=6)),
     "regnety_160": lambda num_classes: TorchRegNet(num_classes, *REGNETY_160),
-    # RepDistiller's CIFAR zoo (its `model_dict` names on the right) and mdistiller's
-    # ImageNet MobileNetV1.
-    **{
-        arch: functools.partial(torch_zoo.repdistiller_resnet, depth, filters)
-        for arch, depth, filters in [
-            ("resnet20", 20, (16, 16, 32, 64)),
-            ("resnet32", 32, (16, 16, 32, 64)),
-            ("resnet56", 56, (16, 16, 32, 64)),
-            ("resnet110", 110, (16, 16, 32, 64)),
-            ("resnet8x4", 8, (32, 64, 128, 256)),
-            ("resnet32x4", 32, (32, 64, 128, 256)),
-        ]
-    },
-    "resnet50_cifar": functools.partial(torch_zoo.TorchResNetV2, (3, 4, 6, 3)),  # ResNet50
-    "wrn_16_2": lambda num_classes: torch_zoo.TorchWideResNet(16, num_classes, 2),
-    "wrn_40_1": lambda num_classes: torch_zoo.TorchWideResNet(40, num_classes, 1),
-    "wrn_40_2": lambda num_classes: torch_zoo.TorchWideResNet(40, num_classes, 2),
-    "vgg8": functools.partial(torch_zoo.TorchVGG, torch_zoo.VGG_CFG["S"]),
-    "vgg13": functools.partial(torch_zoo.TorchVGG, torch_zoo.VGG_CFG["B"]),
-    "mobile_half": torch_zoo.TorchCifarMobileNetV2,
-    "shufflenet_v1": torch_zoo.TorchShuffleV1,  # ShuffleV1
-    "shufflenet_v2": torch_zoo.TorchShuffleV2,  # ShuffleV2
-    "mobilenet_v1": torch_zoo.TorchMobileNetV1,
+    **torch_zoo.REFERENCES,  # RepDistiller's CIFAR zoo, mdistiller's MobileNetV1
 }
 
 # Parity models: (arch whose layout converts them, torch model, Flax module, image size).
@@ -538,6 +516,46 @@ def test_a_state_dict_of_another_model_is_refused(resnet18, arch, edit, message)
     with pytest.raises(InputError, match=message) as error:
         convert.convert(arch, state_dict)
     assert arch in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "source, arch, message",
+    [
+        # 9 blocks a stage read as 18
+        ("resnet56", "resnet110", r"the state dict has no 'layer\d\.(9|1\d)\..*missing keys"),
+        # twice as wide
+        ("wrn_40_2", "wrn_40_1", r"'block1\.layer\.0\.conv1\.weight'=\(32, 16, 3, 3\).*\(16, 16"),
+        # a ShuffleNetV2 DownBlock begins with a depthwise conv, a V1 unit with a conv1x1
+        ("shufflenet_v2", "shufflenet_v1", r"'layer1\.0\.conv1\.weight'=\(24, 1, 3, 3\)"),
+        # RepDistiller's MobileNetV2 read as torchvision's
+        ("mobile_half", "mobilenet_v2", r"no classifier weight 'classifier\.1\.weight'"),
+    ],
+)
+def test_a_cifar_state_dict_of_another_model_is_refused(source, arch, message):
+    state_dict = numpy_state_dict(FULL_SIZE[source](100))
+    with pytest.raises(InputError, match=message) as error:
+        convert.convert(arch, state_dict)
+    assert arch in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_repdistiller_training_checkpoint_is_read(tmp_path):
+    """RepDistiller's and mdistiller's teacher checkpoints (`cifar_teachers`, `ckpt.pth`)
+    hold the state dict under 'model' beside the epoch, the accuracy and the optimizer's
+    state; `torch.load(weights_only=True)` reads them and `unwrap` finds the weights."""
+    model = randomized(FULL_SIZE["resnet20"](100))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model(torch.zeros(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer's state
+    path = str(tmp_path / "ckpt.pth")
+    checkpoint_content = {"epoch": 240, "best_acc": torch.tensor(69.06)}
+    checkpoint_content |= {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    torch.save(checkpoint_content, path)
+    state_dict = convert.read_state_dict(path)
+    assert state_dict.keys() == model.state_dict().keys()
+    variables = convert.convert("resnet20", state_dict)[0]
+    np.testing.assert_array_equal(
+        variables["params"]["fc"]["kernel"], model.fc.weight.detach().numpy().T
+    )
 
 
 def test_unknown_arch_lists_the_convertible_ones():

@@ -15,6 +15,8 @@ imported here):
 Forward passes return logits only (the references' feature lists are left out).
 """
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional
@@ -434,6 +436,34 @@ class TorchMobileNetV1(nn.Module):
 
     def forward(self, x):
         return self.fc(self.model(x).mean((2, 3)))
+
+
+# The full-size reference of every RepDistiller CIFAR model (RepDistiller's `model_dict`
+# name in the comment where it differs) and of mdistiller's MobileNetV1, by mokd_jax name:
+# num_classes -> torch model.
+REFERENCES = {
+    **{
+        arch: functools.partial(repdistiller_resnet, depth, filters)
+        for arch, depth, filters in [
+            ("resnet20", 20, (16, 16, 32, 64)),
+            ("resnet32", 32, (16, 16, 32, 64)),
+            ("resnet56", 56, (16, 16, 32, 64)),
+            ("resnet110", 110, (16, 16, 32, 64)),
+            ("resnet8x4", 8, (32, 64, 128, 256)),
+            ("resnet32x4", 32, (32, 64, 128, 256)),
+        ]
+    },
+    "resnet50_cifar": functools.partial(TorchResNetV2, (3, 4, 6, 3)),  # ResNet50
+    "wrn_16_2": lambda num_classes: TorchWideResNet(16, num_classes, 2),
+    "wrn_40_1": lambda num_classes: TorchWideResNet(40, num_classes, 1),
+    "wrn_40_2": lambda num_classes: TorchWideResNet(40, num_classes, 2),
+    "vgg8": functools.partial(TorchVGG, VGG_CFG["S"]),
+    "vgg13": functools.partial(TorchVGG, VGG_CFG["B"]),
+    "mobile_half": TorchCifarMobileNetV2,
+    "shufflenet_v1": TorchShuffleV1,  # ShuffleV1
+    "shufflenet_v2": TorchShuffleV2,  # ShuffleV2
+    "mobilenet_v1": TorchMobileNetV1,
+}
 
 
 def param_count(model):
