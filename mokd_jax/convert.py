@@ -2,8 +2,11 @@
 
 Convertible (`NAMES`): torchvision's resnet18/34/50/101 and mobilenet_v2, timm's DeiT / ViT
 (deit_tiny, deit_small and their aliases vit_tiny, vit_small; fused qkv) and regnety_160
-(timm's, as DeiT's teacher). Every convertible model names its Flax variables after the
-torch keys (see each model module's docstring), so one generic rule set converts them all:
+(timm's, as DeiT's teacher), mdistiller's ImageNet mobilenet_v1, and every model of the
+RepDistiller / mdistiller CIFAR zoo (`models.CIFAR_NAMES`: the teachers of their released
+`cifar_teachers` checkpoints and the students). Every convertible model names its Flax
+variables after the torch keys (see each model module's docstring), so one generic rule set
+converts them all:
   * the torch key of a Flax variable is its module path with its family's `Renames`
     applied (`layer1_0/downsample_conv` -> `layer1.0.downsample.0`), then its leaf name
     (`_TORCH_LEAF`: kernel and scale -> weight, mean -> running_mean, var -> running_var);
@@ -48,12 +51,66 @@ Path = tuple[str, ...]  # (collection, module, ..., leaf name), as flatten_dict 
 # applied in order to the '/'-joined module path, whose '/' then become '.'.
 Renames = tuple[tuple[str, str], ...]
 
-# torchvision's ResNet: `layer{s}_{b}` is the Sequential's `layer{s}.{b}`, and the shortcut's
-# conv and BN are the `downsample` Sequential's items 0 and 1.
+# `layer{s}_{b}` is block b of the Sequential `layer{s}` (torchvision's ResNets,
+# RepDistiller's ResNets and ShuffleNets).
+_LAYER_SEQUENTIALS: Renames = ((r"^layer(\d+)_(\d+)", r"layer\1/\2"),)
+# torchvision's ResNet, and RepDistiller's CIFAR ResNets (resnet.py) which name alike: the
+# shortcut's conv and BN are the `downsample` Sequential's items 0 and 1.
 _TORCHVISION_RESNET: Renames = (
-    (r"^layer(\d+)_(\d+)", r"layer\1/\2"),
+    *_LAYER_SEQUENTIALS,
     (r"/downsample_conv$", "/downsample/0"),
     (r"/downsample_bn$", "/downsample/1"),
+)
+# RepDistiller's CIFAR ResNet50 (resnetv2.py): the shortcut Sequential is `shortcut`, the
+# head `linear`.
+_REPDISTILLER_RESNET_V2: Renames = (
+    *_LAYER_SEQUENTIALS,
+    (r"/downsample_conv$", "/shortcut/0"),
+    (r"/downsample_bn$", "/shortcut/1"),
+    (r"^fc$", "linear"),
+)
+# RepDistiller's WRN (wrn.py): block b of stage s is `block{s}.layer.{b}` (a NetworkBlock's
+# Sequential), its projection `convShortcut`.
+_REPDISTILLER_WRN: Renames = (
+    (r"^block(\d+)_(\d+)", r"block\1/layer/\2"),
+    (r"/conv_shortcut$", "/convShortcut"),
+)
+# RepDistiller's VGG (vgg.py): layer i of block j is conv `block{j}.{3i}` and BN
+# `block{j}.{3i + 1}` (conv, BN, relu per layer); vgg8 and vgg13 have at most two layers a
+# block.
+_REPDISTILLER_VGG: Renames = (
+    (r"^block(\d+)_0/conv$", r"block\1/0"),
+    (r"^block(\d+)_0/bn$", r"block\1/1"),
+    (r"^block(\d+)_1/conv$", r"block\1/3"),
+    (r"^block(\d+)_1/bn$", r"block\1/4"),
+)
+# RepDistiller's CIFAR MobileNetV2 (mobilenetv2.py): block b of group s is `blocks.{s}.{b}`,
+# its units items of its `conv` Sequential (expand conv 0, BN 1; depthwise 3, 4; project 6,
+# 7; relus between); the stem and last conv1x1 are Sequentials conv 0, BN 1; the classifier
+# is item 0 of the `classifier` Sequential.
+_REPDISTILLER_MOBILENET_V2: Renames = (
+    (r"^blocks_(\d+)_(\d+)", r"blocks/\1/\2"),
+    (r"/expand/conv$", "/conv/0"),
+    (r"/expand/bn$", "/conv/1"),
+    (r"/depthwise/conv$", "/conv/3"),
+    (r"/depthwise/bn$", "/conv/4"),
+    (r"/project/conv$", "/conv/6"),
+    (r"/project/bn$", "/conv/7"),
+    (r"^(conv\d)/conv$", r"\1/0"),
+    (r"^(conv\d)/bn$", r"\1/1"),
+    (r"^classifier$", "classifier/0"),
+)
+# mdistiller's ImageNet MobileNetV1: `model_{i}` is the Sequential's `model.{i}`; the stem
+# is a Sequential conv 0, BN 1; a depthwise-separable block is one Sequential (depthwise
+# conv 0, BN 1, pointwise conv 3, BN 4; relus between).
+_MDISTILLER_MOBILENET_V1: Renames = (
+    (r"^model_(\d+)", r"model/\1"),
+    (r"/depthwise/conv$", "/0"),
+    (r"/depthwise/bn$", "/1"),
+    (r"/pointwise/conv$", "/3"),
+    (r"/pointwise/bn$", "/4"),
+    (r"/conv$", "/0"),
+    (r"/bn$", "/1"),
 )
 # torchvision's MobileNetV2: `features_{i}` is `features.{i}`; a block's units are items of
 # its `conv` Sequential (expand 0, depthwise 1, project conv 2 and BN 3), numbered from the
@@ -88,6 +145,16 @@ LAYOUTS: dict[str, Renames] = {
     "resnet50": _TORCHVISION_RESNET,
     "resnet101": _TORCHVISION_RESNET,
     "mobilenet_v2": _TORCHVISION_MOBILENET_V2,
+    "mobilenet_v1": _MDISTILLER_MOBILENET_V1,
+    **dict.fromkeys(
+        ("resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4"),
+        _TORCHVISION_RESNET,
+    ),
+    "resnet50_cifar": _REPDISTILLER_RESNET_V2,
+    **dict.fromkeys(("wrn_16_2", "wrn_40_1", "wrn_40_2"), _REPDISTILLER_WRN),
+    **dict.fromkeys(("vgg8", "vgg13"), _REPDISTILLER_VGG),
+    "mobile_half": _REPDISTILLER_MOBILENET_V2,
+    **dict.fromkeys(("shufflenet_v1", "shufflenet_v2"), _LAYER_SEQUENTIALS),
     "deit_tiny": _TIMM_VIT,
     "deit_small": _TIMM_VIT,
     "vit_tiny": _TIMM_VIT,

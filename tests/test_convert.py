@@ -1,11 +1,14 @@
 """Tests for mokd_jax.convert and scripts/convert_teacher.py: PyTorch teachers in Flax.
 
-The torch reference models are in tests/torch_references.py (torch.nn under torchvision's
-and timm's module names, so that their state-dict keys are the real ones). Parity runs small
-but structurally faithful models at 32x32 (resnet18 and mobilenet_v2 themselves; a shrunk
-bottleneck ResNet, a 2-block DeiT and a shrunk RegNetY, each with every kind of block); the
-full-size key layouts of every convertible arch are checked shape for shape on torch's meta
-device, which allocates nothing.
+The torch reference models are written with torch.nn (torchvision and timm cannot be
+installed beside the pinned CPU torch; RepDistiller and mdistiller are not packages), using
+the real libraries' module names so that their state-dict keys are the real ones: the
+torchvision / timm ones in `torch_references.py`, the RepDistiller / mdistiller ones in
+`torch_zoo.py`. Parity runs small but structurally faithful models at 32x32 (resnet18,
+mobilenet_v2, vgg13, mobile_half, the ShuffleNets and mobilenet_v1 themselves; a shrunk
+bottleneck ResNet of either layout, a shrunk CIFAR ResNet and WRN, a 2-block DeiT and a
+shrunk RegNetY, each with every kind of block); the full-size key layouts of every
+convertible arch are checked shape for shape on torch's meta device, which allocates nothing.
 
 Parity tolerance, rtol = atol / max|logits| = 1e-4: both sides compute in float32 with
 different summation orders (oneDNN vs XLA); the differences measured here stay under 1e-6
@@ -28,10 +31,11 @@ from safetensors import numpy as safetensors_numpy
 from mokd_jax import checkpoint, convert, models, normalization
 from mokd_jax.errors import InputError
 from mokd_jax.models.regnet import RegNet
-from mokd_jax.models.resnet import BOTTLENECK, ResNet
+from mokd_jax.models.resnet import BOTTLENECK, ResNet, cifar_resnet, wide_resnet
 from mokd_jax.models.vit import VisionTransformer
 
 torch = pytest.importorskip("torch")
+import torch_zoo  # noqa: E402  (needs torch)
 from torch_references import (  # noqa: E402  (needs torch)
     TORCH_RESNETS,
     Bottleneck,
@@ -86,6 +90,7 @@ FULL_SIZE = {
     **dict.fromkeys(("deit_tiny", "vit_tiny"), functools.partial(TorchViT, dim=192, num_heads=3)),
     **dict.fromkeys(("deit_small", "vit_small"), functools.partial(TorchViT, dim=384, num_heads=6)),
     "regnety_160": lambda num_classes: TorchRegNet(num_classes, *REGNETY_160),
+    **torch_zoo.REFERENCES,  # RepDistiller's CIFAR zoo, mdistiller's MobileNetV1
 }
 
 # Parity models: (arch whose layout converts them, torch model, Flax module, image size).
@@ -94,6 +99,16 @@ FULL_SIZE = {
 SMALL_RESNET = {"widths": (8, 16, 24, 32), "stem": 16}
 SMALL_VIT = {"depth": 2, "image_size": 32}
 SMALL_REGNET = {"widths": (16, 32, 48, 64), "depths": (1, 2, 1, 1)}
+
+
+def full_size_at_10_classes(arch):
+    """A parity case of the full-size model (cheap at 32 px)."""
+    return arch, FULL_SIZE[arch](10), models.get(arch, 10), 32
+
+
+# resnet8x4's shape of stages (a stem narrower than stage 1: a stride-1 projection) at
+# depth 14 (two blocks a stage).
+SMALL_CIFAR_RESNET = (14, (8, 16, 24, 32))
 PARITY = {
     "resnet18": lambda: ("resnet18", torch_resnet("resnet18"), models.get("resnet18", 10), 32),
     "bottleneck resnet": lambda: (
@@ -120,6 +135,35 @@ PARITY = {
         VisionTransformer(10, embed_dim=48, num_heads=3, patch_size=8, **SMALL_VIT),
         32,
     ),
+    "cifar resnet, shrunk": lambda: (
+        "resnet8x4",
+        torch_zoo.repdistiller_resnet(*SMALL_CIFAR_RESNET, 10),
+        cifar_resnet(*SMALL_CIFAR_RESNET, 10),
+        32,
+    ),
+    "cifar resnet50, shrunk": lambda: (
+        "resnet50_cifar",
+        torch_zoo.TorchResNetV2((1, 2, 1, 1), 10, SMALL_RESNET["widths"], SMALL_RESNET["stem"]),
+        ResNet(
+            10,
+            stage_sizes=(1, 2, 1, 1),
+            block=BOTTLENECK,
+            widths=SMALL_RESNET["widths"],
+            stem_width=SMALL_RESNET["stem"],
+            imagenet_stem=False,
+        ),
+        32,
+    ),
+    "wrn_16_1": lambda: (
+        "wrn_40_2",
+        torch_zoo.TorchWideResNet(16, 10, 1),
+        wide_resnet(16, 1, 10),
+        32,
+    ),
+    **{
+        arch: functools.partial(full_size_at_10_classes, arch)
+        for arch in ("vgg13", "mobile_half", "shufflenet_v1", "shufflenet_v2", "mobilenet_v1")
+    },
     "regnety, shrunk": lambda: (
         "regnety_160",
         TorchRegNet(10, **SMALL_REGNET, group_size=8, stem=16),
@@ -223,6 +267,46 @@ def test_a_state_dict_of_another_model_is_refused(resnet18, arch, edit, message)
     with pytest.raises(InputError, match=message) as error:
         convert.convert(arch, state_dict)
     assert arch in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "source, arch, message",
+    [
+        # 9 blocks a stage read as 18
+        ("resnet56", "resnet110", r"the state dict has no 'layer\d\.(9|1\d)\..*missing keys"),
+        # twice as wide
+        ("wrn_40_2", "wrn_40_1", r"'block1\.layer\.0\.conv1\.weight'=\(32, 16, 3, 3\).*\(16, 16"),
+        # a ShuffleNetV2 DownBlock begins with a depthwise conv, a V1 unit with a conv1x1
+        ("shufflenet_v2", "shufflenet_v1", r"'layer1\.0\.conv1\.weight'=\(24, 1, 3, 3\)"),
+        # RepDistiller's MobileNetV2 read as torchvision's
+        ("mobile_half", "mobilenet_v2", r"no classifier weight 'classifier\.1\.weight'"),
+    ],
+)
+def test_a_cifar_state_dict_of_another_model_is_refused(source, arch, message):
+    state_dict = numpy_state_dict(FULL_SIZE[source](100))
+    with pytest.raises(InputError, match=message) as error:
+        convert.convert(arch, state_dict)
+    assert arch in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_repdistiller_training_checkpoint_is_read(tmp_path):
+    """RepDistiller's and mdistiller's teacher checkpoints (`cifar_teachers`, `ckpt.pth`)
+    hold the state dict under 'model' beside the epoch, the accuracy and the optimizer's
+    state; `torch.load(weights_only=True)` reads them and `unwrap` finds the weights."""
+    model = randomized(FULL_SIZE["resnet20"](100))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model(torch.zeros(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer's state
+    path = str(tmp_path / "ckpt.pth")
+    checkpoint_content = {"epoch": 240, "best_acc": torch.tensor(69.06)}
+    checkpoint_content |= {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    torch.save(checkpoint_content, path)
+    state_dict = convert.read_state_dict(path)
+    assert state_dict.keys() == model.state_dict().keys()
+    variables = convert.convert("resnet20", state_dict)[0]
+    np.testing.assert_array_equal(
+        variables["params"]["fc"]["kernel"], model.fc.weight.detach().numpy().T
+    )
 
 
 def test_unknown_arch_lists_the_convertible_ones():

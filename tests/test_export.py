@@ -1,8 +1,8 @@
 """mokd_jax.export (`mokd-export`) and convert.to_torch: exported networks as PyTorch
 safetensors in the torchvision / timm key layout, the exact inverse of mokd-convert.
 
-The torch reference models are those of tests/test_convert.py (the real libraries' module
-names, so the real state-dict keys)."""
+The torch reference models are those of tests/torch_references.py (the real libraries'
+module names, so the real state-dict keys)."""
 
 import functools
 import json
@@ -14,16 +14,8 @@ import numpy as np
 import optax
 import pytest
 from safetensors import numpy as safetensors_numpy
-from test_convert import (
-    PARITY,
-    RTOL,
-    SMALL_RESNET,
-    Bottleneck,
-    TorchResNet,
-    abstract_variables,
-    numpy_state_dict,
-    randomized,
-)
+from test_convert import PARITY, RTOL, SMALL_RESNET, abstract_variables
+from torch_references import Bottleneck, TorchResNet, numpy_state_dict, randomized
 
 from mokd_jax import checkpoint, convert, export, normalization, state, steps
 from mokd_jax.errors import InputError

@@ -1,6 +1,7 @@
-"""Tests for the model zoo beyond the ResNets: MobileNetV1/V2, the CIFAR VGGs, ViT/DeiT and
-RegNetY-16GF (sizes against the reference figures, feature taps, parameter names, init),
-and the computation dtype of every model family.
+"""Tests for the model zoo beyond the ResNets: MobileNetV1/V2, the CIFAR zoo (VGGs,
+mobile_half, ShuffleNets, the CIFAR ResNet50), ViT/DeiT and RegNetY-16GF (sizes against the
+reference figures, feature taps, parameter names, init), and the computation dtype of every
+model family.
 
 Big models are only traced (`jax.eval_shape`); real forwards run on small inputs: a ViT at
 32 px and a scaled-down RegNetY (the BatchNorm-mode test of every family is in
@@ -106,7 +107,63 @@ def test_vgg_param_counts_match_repdistiller(name, cfg, size, millions):
     assert count / 1e6 == pytest.approx(millions, abs=0.006)
 
 
+# The CIFAR-100 sizes of the CRD/DKD zoo's models, each counted from RepDistiller's
+# definition (tests/torch_zoo.py; the CRD paper's tables round them to 0.47M, 1.74M, 23.71M,
+# 0.57M, 0.81M, 0.95M and 1.36M).
+CIFAR_ZOO_SIZES = {
+    "resnet32": 472_756,
+    "resnet110": 1_736_564,
+    "resnet50_cifar": 23_705_252,
+    "wrn_40_1": 569_780,
+    "mobile_half": 812_836,
+    "shufflenet_v1": 949_258,
+    "shufflenet_v2": 1_355_528,
+}
+
+
+@pytest.mark.parametrize(("name", "size"), CIFAR_ZOO_SIZES.items())
+def test_cifar_zoo_param_counts_equal_repdistillers(name, size):
+    """Exactly the reference's parameters (its trainable tensors, BatchNorm statistics
+    aside), counted on torch's meta device: nothing is allocated."""
+    torch = pytest.importorskip("torch")
+    import torch_zoo
+
+    with torch.device("meta"):
+        reference = torch_zoo.param_count(torch_zoo.REFERENCES[name](100))
+    assert _count(_abstract_init(_model(name, 100), 32)["params"]) == size == reference
+
+
+def test_cifar100_pairs_use_the_cifar_zoo():
+    """Every model of the CIFAR-100 benchmark is a RepDistiller model, so that a converted
+    teacher gets CIFAR-100's input statistics."""
+    from configs import cifar100
+
+    assert {model for pair in cifar100.PAIRS.values() for model in pair} <= set(models.CIFAR_NAMES)
+
+
 # ------------------------------------------------------------------------ taps
+
+
+@pytest.mark.parametrize(
+    ("name", "taps", "width"),
+    [
+        ("resnet50_cifar", ((32, 256), (16, 512), (8, 1024), (4, 2048)), 2048),
+        ("mobile_half", ((16, 12), (8, 16), (4, 48), (2, 160)), 1280),
+        ("shufflenet_v1", ((16, 240), (8, 480), (4, 960)), 960),
+        ("shufflenet_v2", ((16, 116), (8, 232), (4, 464)), 1024),
+    ],
+)
+def test_cifar_zoo_taps_at_32px(name, taps, width):
+    """A CIFAR stem keeps 32 px (the ResNet50) or halves it once (mobile_half); the taps are
+    RepDistiller's stage features."""
+    model = _model(name)
+    logits, features = _abstract_apply(model, _abstract_init(model, 32), 32)
+    assert set(features) == {f"stage{i}" for i in range(1, len(taps) + 1)} | {"pooled"}
+    for stage, (side, channels) in enumerate(taps, start=1):
+        assert features[f"stage{stage}"].shape == (2, side, side, channels)
+    assert model.feature_width == width
+    assert features["pooled"].shape == (2, width)
+    assert logits.shape == (2, 10)
 
 
 @pytest.mark.parametrize(
@@ -311,6 +368,10 @@ def test_mobilenet_v1_keeps_torch_default_init():
         ("wrn_16_2", 32, 3),
         ("mobilenet_v1", 32, 3),
         ("mobilenet_v2", 32, 3),
+        ("resnet50_cifar", 32, 3),
+        ("mobile_half", 32, 3),
+        ("shufflenet_v1", 32, 3),
+        ("shufflenet_v2", 32, 3),
         ("vgg8", 32, 3),
         ("vit_tiny", 32, 3),
         ("regnety_160", 32, 3),

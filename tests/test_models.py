@@ -78,6 +78,9 @@ _SMALL_REGNET = RegNet(10, widths=(16, 32), depths=(1, 2), group_width=8, stem_w
         pytest.param("vgg8", (4, 32, 32, 3), marks=pytest.mark.slow),
         pytest.param("mobilenet_v1", (4, 32, 32, 3), marks=pytest.mark.slow),
         pytest.param("mobilenet_v2", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param("mobile_half", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param("shufflenet_v1", (4, 32, 32, 3), marks=pytest.mark.slow),
+        pytest.param("shufflenet_v2", (4, 32, 32, 3), marks=pytest.mark.slow),
         pytest.param(_SMALL_REGNET, (4, 16, 16, 3), id="regnet_small", marks=pytest.mark.slow),
     ],
 )

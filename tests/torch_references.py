@@ -11,7 +11,7 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
-    """torchvision.models.resnet.BasicBlock."""
+    """torchvision.models.resnet.BasicBlock, also RepDistiller's resnet.py BasicBlock."""
 
     expansion = 1
 
@@ -57,15 +57,21 @@ class Bottleneck(nn.Module):
 
 class TorchResNet(nn.Module):
     """torchvision.models.resnet.ResNet, with the stem and stage widths as arguments
-    (torchvision's are 64 and (64, 128, 256, 512)) so that tests can shrink it."""
+    (torchvision's are 64 and (64, 128, 256, 512)) so that tests can shrink it. `cifar`:
+    RepDistiller's resnet.py ResNet instead (conv3x3 stride-1 stem, no max-pool; its
+    AvgPool2d(8) is the global pool at 32 px)."""
 
-    def __init__(self, block, layers, num_classes, widths=(64, 128, 256, 512), stem=64):
+    def __init__(
+        self, block, layers, num_classes, widths=(64, 128, 256, 512), stem=64, cifar=False
+    ):
         super().__init__()
         self.inplanes = stem
-        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        kernel, stride = (3, 1) if cifar else (7, 2)
+        self.conv1 = nn.Conv2d(3, stem, kernel, stride, kernel // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
+        self.stages = len(layers)
         for stage, (blocks, width) in enumerate(zip(layers, widths, strict=True), start=1):
             stride = 1 if stage == 1 else 2
             setattr(self, f"layer{stage}", self._make_layer(block, width, blocks, stride))
@@ -86,7 +92,8 @@ class TorchResNet(nn.Module):
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in range(1, self.stages + 1):
+            x = getattr(self, f"layer{stage}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 

@@ -10,9 +10,17 @@ from flax.typing import Dtype
 from mokd_jax.checks import check_choice, check_int
 from mokd_jax.models.cnn import ConvNet
 from mokd_jax.models.layers import DTYPES, computation_dtype
-from mokd_jax.models.mobilenet import MobileNetV1, MobileNetV2
+from mokd_jax.models.mobilenet import CifarMobileNetV2, MobileNetV1, MobileNetV2
 from mokd_jax.models.regnet import RegNet
-from mokd_jax.models.resnet import BASIC, BOTTLENECK, ResNet, cifar_resnet, wide_resnet
+from mokd_jax.models.resnet import (
+    BASIC,
+    BOTTLENECK,
+    ResNet,
+    cifar_resnet,
+    cifar_resnet50,
+    wide_resnet,
+)
+from mokd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from mokd_jax.models.vgg import CFG_B, CFG_S, VGG
 from mokd_jax.models.vit import VisionTransformer
 
@@ -37,15 +45,23 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     # torchvision's MobileNetV2.
     "mobilenet_v1": MobileNetV1,
     "mobilenet_v2": MobileNetV2,
-    # The CIFAR teachers and students of the CRD/DKD model zoo (RepDistiller).
+    # The CIFAR teachers and students of the CRD/DKD model zoo (RepDistiller); the names
+    # with a suffix are the CIFAR variants of models whose plain name is the ImageNet one.
     "resnet20": functools.partial(cifar_resnet, 20, (16, 16, 32, 64)),
+    "resnet32": functools.partial(cifar_resnet, 32, (16, 16, 32, 64)),
     "resnet56": functools.partial(cifar_resnet, 56, (16, 16, 32, 64)),
+    "resnet110": functools.partial(cifar_resnet, 110, (16, 16, 32, 64)),
     "resnet8x4": functools.partial(cifar_resnet, 8, (32, 64, 128, 256)),
     "resnet32x4": functools.partial(cifar_resnet, 32, (32, 64, 128, 256)),
+    "resnet50_cifar": cifar_resnet50,
     "wrn_16_2": functools.partial(wide_resnet, 16, 2),
+    "wrn_40_1": functools.partial(wide_resnet, 40, 1),
     "wrn_40_2": functools.partial(wide_resnet, 40, 2),
     "vgg8": functools.partial(VGG, cfg=CFG_S),
     "vgg13": functools.partial(VGG, cfg=CFG_B),
+    "mobile_half": functools.partial(CifarMobileNetV2, width_mult=0.5),
+    "shufflenet_v1": ShuffleNetV1,
+    "shufflenet_v2": ShuffleNetV2,
     # DeiT's students (224 px unless `image_size` is overridden) and its RegNetY teacher.
     "vit_tiny": _VIT_TINY,
     "deit_tiny": _VIT_TINY,
@@ -58,13 +74,20 @@ NAMES = tuple(_MODELS)
 # expect CIFAR-100's input statistics (`mokd_jax.normalization.CIFAR100`).
 CIFAR_NAMES = (
     "resnet20",
+    "resnet32",
     "resnet56",
+    "resnet110",
     "resnet8x4",
     "resnet32x4",
+    "resnet50_cifar",
     "wrn_16_2",
+    "wrn_40_1",
     "wrn_40_2",
     "vgg8",
     "vgg13",
+    "mobile_half",
+    "shufflenet_v1",
+    "shufflenet_v2",
 )
 
 

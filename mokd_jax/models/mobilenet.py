@@ -1,4 +1,5 @@
-"""MobileNets: the ImageNet MobileNetV1 of the KD literature and torchvision's MobileNetV2.
+"""MobileNets: the ImageNet MobileNetV1 of the KD literature, torchvision's MobileNetV2 and
+RepDistiller's CIFAR MobileNetV2 (`mobile_half`).
 
 `MobileNetV1` is mdistiller's `models/imagenet/mobilenetv1.py`, the student of its ImageNet
 ResNet-50 -> MobileNetV1 pair: a conv3x3/2 -> BN -> relu stem of 32 channels, 13
@@ -12,7 +13,16 @@ each with BN, relu6 after the first two; identity shortcut where stride 1 and th
 stays), conv1x1 to 1280, global average pool, dropout 0.2, fc; torchvision's init:
 kaiming-normal (fan_out) convs, BN 1/0, fc normal(0, 0.01) with zero bias.
 
-Both follow the model contract of `cnn.ConvNet`; images are NHWC. The taps `stage1` ..
+`CifarMobileNetV2` is RepDistiller's `models/mobilenetv2.py` (`mobile_half`: expansion 6,
+width 0.5), the MobileNetV2 student of the CRD/DKD CIFAR-100 benchmark. It differs from
+torchvision's where CIFAR needs it and where RepDistiller chose otherwise: relu, not relu6;
+the second setting row at stride 1 (32 px input ends at 2x2); an expand conv in every block,
+also at expansion 1; widths int(c * 0.5) but the last conv1x1 stays at 1280; no dropout;
+RepDistiller's init (conv normal(0, sqrt(2 / (k * k * out))), BN 1/0, fc normal(0, 0.01)
+with zero bias). Its taps `stage1` .. `stage4` are RepDistiller's f1 .. f4 (after blocks[1],
+[2], [4] and [6]: 16, 8, 4 and 2 px at 32 px input), before the conv1x1 to 1280.
+
+All follow the model contract of `cnn.ConvNet`; images are NHWC. The taps `stage1` ..
 `stage4` are the outputs at strides 4, 8, 16 and 32 (mdistiller's four MobileNetV1
 features, after their relu; for MobileNetV2 the same strides, the last one after the
 conv1x1 to 1280). Every conv pads k//2 on each side as torch does (`layers.conv`).
@@ -38,7 +48,16 @@ num_batches_tracked has no counterpart):
       /project/conv, /project/bn              <- features.1.conv.1, .conv.2
     features_18/conv, features_18/bn          <- features.18.0, features.18.1
     classifier                                <- classifier.1
+  CifarMobileNetV2 (RepDistiller):
+    conv1/conv, conv1/bn                      <- conv1.0, conv1.1
+    blocks_{s}_{b}/expand/conv, /expand/bn    <- blocks.{s}.{b}.conv.0, .conv.1
+    blocks_{s}_{b}/depthwise/conv, /.../bn    <- blocks.{s}.{b}.conv.3, .conv.4
+    blocks_{s}_{b}/project/conv, /.../bn      <- blocks.{s}.{b}.conv.6, .conv.7
+    conv2/conv, conv2/bn                      <- conv2.0, conv2.1
+    classifier                                <- classifier.0
 """
+
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -69,6 +88,11 @@ _V2_SETTING = (
     (6, 96, 3, 1),
     (6, 160, 3, 2),
     (6, 320, 1, 1),
+)
+# RepDistiller's interverted_residual_setting at T = 6: torchvision's but for the second
+# row's stride, 1 on CIFAR.
+_CIFAR_V2_SETTING = tuple(
+    (t, c, n, 1 if row == 1 else s) for row, (t, c, n, s) in enumerate(_V2_SETTING)
 )
 
 
@@ -134,27 +158,34 @@ class MobileNetV1(StagedClassifier):
 
 
 class InvertedResidual(nn.Module):
-    """[expand conv1x1 -> BN -> relu6 when `expansion` > 1] -> depthwise conv3x3 (strided)
-    -> BN -> relu6 -> project conv1x1 -> BN, plus the input where stride 1 and the width
-    stays (torchvision's `use_res_connect`)."""
+    """[expand conv1x1 -> BN -> `activation`] -> depthwise conv3x3 (strided) -> BN ->
+    `activation` -> project conv1x1 -> BN, plus the input where stride 1 and the width stays
+    (torchvision's `use_res_connect`). The expand conv is left out at expansion 1 unless
+    `always_expand` (torchvision leaves it out, RepDistiller keeps it)."""
 
     in_width: int
     width: int
     stride: int
     expansion: int
     dtype: Dtype = jnp.float32
+    activation: Callable[[jax.Array], jax.Array] = nn.relu6
+    always_expand: bool = False
+
+    @property
+    def expands(self) -> bool:
+        return self.always_expand or self.expansion != 1
 
     def setup(self):
         hidden = self.in_width * self.expansion
-        if self.expansion != 1:
-            self.expand = ConvBN(hidden, 1, activation=nn.relu6, dtype=self.dtype)
+        if self.expands:
+            self.expand = ConvBN(hidden, 1, activation=self.activation, dtype=self.dtype)
         self.depthwise = ConvBN(
-            hidden, 3, self.stride, groups=hidden, activation=nn.relu6, dtype=self.dtype
+            hidden, 3, self.stride, groups=hidden, activation=self.activation, dtype=self.dtype
         )
         self.project = ConvBN(self.width, 1, activation=None, dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = self.expand(x, train) if self.expansion != 1 else x
+        y = self.expand(x, train) if self.expands else x
         y = self.project(self.depthwise(y, train), train)
         return x + y if self.stride == 1 and self.in_width == self.width else y
 
@@ -214,4 +245,58 @@ class MobileNetV2(StagedClassifier):
     def encode(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         x, features = self._run_stages(images, train)
         features["pooled"] = self.dropout(jnp.mean(x, axis=(1, 2)), deterministic=not train)
+        return features
+
+
+class CifarMobileNetV2(StagedClassifier):
+    """RepDistiller's CIFAR MobileNetV2 (see the module docstring); `mobile_half` is width
+    0.5. Its AvgPool2d(2) is the global average pool at 32 px input."""
+
+    num_classes: int
+    width_mult: float = 0.5
+    dtype: Dtype = jnp.float32
+    head_name = "classifier"
+
+    def setup(self):
+        in_width = int(32 * self.width_mult)
+        self.conv1 = ConvBN(in_width, 3, 2, dtype=self.dtype)
+        groups = []
+        for index, (expansion, width, blocks, first_stride) in enumerate(_CIFAR_V2_SETTING):
+            width = int(width * self.width_mult)
+            group = []
+            for block in range(blocks):
+                group.append(
+                    InvertedResidual(
+                        in_width,
+                        width,
+                        first_stride if block == 0 else 1,
+                        expansion,
+                        self.dtype,
+                        activation=nn.relu,
+                        always_expand=True,
+                        name=f"blocks_{index}_{block}",
+                    )
+                )
+                in_width = width
+            groups.append(group)
+        # RepDistiller's taps f1 .. f4: after blocks[1], [2], [4] and [6].
+        self.stages = [
+            groups[0] + groups[1],
+            groups[2],
+            groups[3] + groups[4],
+            groups[5] + groups[6],
+        ]
+        self.conv2 = ConvBN(self.feature_width, 1, dtype=self.dtype)
+        self.classifier = nn.Dense(
+            self.num_classes, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype
+        )
+
+    @property
+    def feature_width(self) -> int:
+        """Width of features['pooled']: 1280, widened only above width 1 (RepDistiller)."""
+        return max(1280, int(1280 * self.width_mult))
+
+    def encode(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        x, features = self._run_stages(self.conv1(images, train), train)
+        features["pooled"] = jnp.mean(self.conv2(x, train), axis=(1, 2))
         return features

@@ -1,4 +1,6 @@
-"""ResNets: torchvision's ImageNet ResNets and the CIFAR ResNets / WRNs of the CRD/DKD zoo.
+"""ResNets: torchvision's ImageNet ResNets and the CIFAR ResNets / WRNs of the CRD/DKD zoo
+(RepDistiller's `resnet.py` basic-block ResNets, its `resnetv2.py` bottleneck ResNet50 and
+its `wrn.py` wide ResNets).
 
 Two block implementations, each shared by every depth:
   `ResidualBlock` (post-activation; `BASIC` for resnet18/34 and the CIFAR ResNets,
@@ -26,6 +28,10 @@ running_var; torch's num_batches_tracked has no counterpart):
     layer{s}_{b}/downsample_conv     <- layer{s}.{b}.downsample.0
     layer{s}_{b}/downsample_bn       <- layer{s}.{b}.downsample.1
     fc                               <- fc
+  CIFAR ResNet50 (RepDistiller `models/resnetv2.py`; `cifar_resnet50`): the same, but its
+  shortcut Sequential is `shortcut` and its head `linear`:
+    layer{s}_{b}/downsample_conv     <- layer{s}.{b}.shortcut.0   (and _bn <- .shortcut.1)
+    fc                               <- linear
   WideResNet (RepDistiller `models/wrn.py`):
     conv1                            <- conv1
     block{s}_{b}/bn{i}, /conv{i}     <- block{s}.layer.{b}.bn{i}, .conv{i}   (i = 1, 2)
@@ -187,6 +193,16 @@ def cifar_resnet(
         stem_width=num_filters[0],
         imagenet_stem=False,
         dtype=dtype,
+    )
+
+
+def cifar_resnet50(num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
+    """RepDistiller's CIFAR `ResNet50` (resnetv2.py): torchvision's bottleneck ResNet-50 with
+    a conv3x3 stride-1 stem of 64 channels and no max-pool (23.7M parameters at 100
+    classes), so that a 32x32 image ends at 4x4. Its state-dict keys differ from
+    torchvision's only by name (`shortcut`, `linear`), which the converter's layout maps."""
+    return ResNet(
+        num_classes, stage_sizes=(3, 4, 6, 3), block=BOTTLENECK, imagenet_stem=False, dtype=dtype
     )
 
 
