@@ -20,7 +20,16 @@ import ml_collections
 from absl import app, flags, logging
 from etils import epath
 
-from mokd_jax import checkpoint, cli, config_files, models, normalization, parallel, train
+from mokd_jax import (
+    checkpoint,
+    cli,
+    config_files,
+    identities,
+    models,
+    normalization,
+    parallel,
+    train,
+)
 from mokd_jax.errors import InputError, invalid
 from mokd_jax.evaluation import make_evaluator
 
@@ -81,7 +90,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, directory: str) -> di
         name, num_classes=classes, dtype=config.dtype, image_size=dataset.image_shape[0]
     )
     variables = checkpoint.load_variables(directory)
-    mismatch = train.shape_mismatch(variables, model, dataset.image_shape)
+    mismatch = identities.shape_mismatch(variables, model, dataset.image_shape)
     if mismatch is not None:
         raise invalid(
             "checkpoint_dir",

@@ -24,7 +24,10 @@ COMMANDS = {
         {"teacher", "student", "image_size", "batch_size", "steps", "num_classes"}
         | {"modes", "dtype", "json"},
     ),
-    "mokd-convert": ("mokd_jax.convert_teacher", {"arch", "input", "output", "overwrite"}),
+    "mokd-convert": (
+        "mokd_jax.convert_teacher",
+        {"arch", "input", "output", "overwrite", "input_normalization"},
+    ),
     "mokd-evaluate": ("mokd_jax.evaluate", {"config", "checkpoint_dir", "output"}),
     "mokd-export": ("mokd_jax.export", {"checkpoint_dir", "output", "overwrite"}),
     "mokd-export-npz": ("mokd_jax.data.export_npz", {"dataset", "data_dir", "out"}),

@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from mokd_jax import checkpoint, data, loop, normalization, parallel, state, train
+from mokd_jax import checkpoint, data, identities, loop, normalization, parallel, state, train
 from mokd_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,10 +115,10 @@ def test_a_restored_teacher_at_chance_level_is_warned_about(tmp_path, monkeypatc
     Slow: it compiles the teacher's evaluation (about 15 s on 2 shared cores)."""
     config = default.get_config("smoke")
     dataset = train.load_dataset(config)
-    model = train.dataset_model(config, "teacher", dataset)
+    model = identities.dataset_model(config, "teacher", dataset)
     variables = state.init_model(model, dataset.image_shape, jax.random.key(0))
     directory = str(tmp_path / "untrained")
-    identity = train.exported_identity(
+    identity = identities.exported_identity(
         config.teacher.model, dataset.num_classes, normalization.UNIT
     )
     checkpoint.export_variables(directory, variables, identity, step=0)
@@ -337,34 +337,3 @@ def test_statistics_that_do_not_fit_the_images_are_refused(tmp_path):
     with pytest.raises(InputError, match="student.input_normalization='imagenet'.*1-channel"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
-
-
-def test_the_student_fingerprint_holds_both_networks_statistics():
-    config = default.get_config("smoke")
-    config.student.input_normalization = "0.4/0.3"
-    fingerprint = train.student_fingerprint(
-        config, data.load("digits"), teacher_input=normalization.CIFAR100
-    )
-    assert fingerprint["teacher_input"] == normalization.CIFAR100._asdict()
-    assert fingerprint["student_input"] == {"mean": (0.4,), "std": (0.3,)}
-
-
-def test_a_streamed_dataset_resumes_only_on_the_process_count_that_wrote_it(tmp_path, monkeypatch):
-    """Each process streams its own TFDS shard: another count would repeat or skip examples
-    of the epoch in progress, so the checkpoint is refused; the in-memory datasets draw the
-    same global batches on any count and keep no process count in their fingerprint."""
-    import tensorflow_datasets as tfds
-
-    config = default.get_config("smoke")
-    assert "process_count" not in train.data_fingerprint(config, data.load("digits"))
-    config.dataset = "cifar10"
-    with tfds.testing.mock_data(num_examples=4):
-        dataset = data.load("cifar10")
-    manager = checkpoint.open_manager(str(tmp_path), 1, 1)
-    with monkeypatch.context() as patched:
-        patched.setattr(jax, "process_count", lambda: 2)
-        written_by_two = train.data_fingerprint(config, dataset)
-    checkpoint.save(manager, 1, {"x": np.zeros(1)}, written_by_two, force=True)
-    manager.wait_until_finished()
-    with pytest.raises(InputError, match="different configuration \\(process_count: 2 -> 1\\)"):
-        checkpoint.restore_latest(manager, None, train.data_fingerprint(config, dataset))
