@@ -52,12 +52,14 @@ def default_workdir(config_flag_value: str) -> str:
 
 def format_summary(summary: dict) -> str:
     teacher, student = summary["teacher"], summary["student"]
+    best = student["best"]
     return (
         f"method {summary['method']} on {summary['dataset']}: "
         f"teacher {teacher['model']} ({teacher['parameters']:,} params) "
         f"test accuracy {teacher['test_accuracy']:.2%}; "
         f"student {student['model']} ({student['parameters']:,} params) "
-        f"test accuracy {student['test_accuracy']:.2%}; {summary['wall_time_s']:.0f} s"
+        f"test accuracy {student['test_accuracy']:.2%} (best {best['test_accuracy']:.2%} at "
+        f"step {best['step']}); {summary['wall_time_s']:.0f} s"
     )
 
 

@@ -46,7 +46,7 @@ def test_evaluates_with_the_model_and_input_statistics_of_the_identity(tmp_path)
     "fields, message",
     [
         ({"num_classes": 12}, "for the 10 classes of digits; it holds a cnn_small for 12"),
-        ({"inputs": None}, "input_normalization=None.*must record its input normalisation"),
+        ({"inputs": None}, "input_normalization=None.*must record the input statistics"),
         ({"claimed_model": "resnet18"}, "variables of a resnet18 .* has shape"),
         ({"claimed_model": "nope"}, "whose identity names its model .* model='nope'"),
     ],
