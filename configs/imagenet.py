@@ -2,19 +2,34 @@
 
 Command (prepare the data first, docs/usage.md "Data"; convert the teacher,
 docs/usage.md "Teachers"):
-    python -m mokd_jax.main --config=configs/imagenet.py[:PAIR] --config.data_dir=DIR \
+    python -m mokd_jax.main --config=configs/imagenet.py[:PAIR[,METHOD]] --config.data_dir=DIR \
         --config.teacher.checkpoint_dir=TEACHER_DIR [--workdir=runs/imagenet]
 
 PAIR (default resnet34_resnet18):
-    resnet34_resnet18     torchvision recipe: SGD lr 0.1 per 256 images, momentum 0.9,
-                          wd 1e-4, 100 epochs, lr x0.1 at epochs 30, 60 and 90; batch 256.
-    resnet50_mobilenet_v1 the same recipe.
+    resnet34_resnet18     mdistiller's recipe (configs/imagenet/r34_r18/*.yaml SOLVER):
+                          batch 512, SGD lr 0.2, momentum 0.9, wd 1e-4, 100 epochs, lr x0.1
+                          at epochs 30, 60 and 90 (torchvision's lr 0.1 per 256 images).
+    resnet50_mobilenet_v1 the same recipe (configs/imagenet/r50_mv1/*.yaml).
     regnety160_deit_tiny, regnety160_deit_small
                           DeiT recipe: AdamW lr 1e-3 at batch 1024, wd 0.05, 300 epochs,
                           5 warm-up epochs then cosine, RandAugment (m9, n2), Mixup 0.8,
                           CutMix 1.0, label smoothing 0.1.
-Append ',smoke' (or use 'smoke' alone) for a few steps of tiny models at 32 px: what the
-tests run under tfds.testing.mock_data.
+Append ',smoke' (e.g. 'resnet34_resnet18,kd,smoke', or 'smoke' alone) for a few steps of
+tiny models at 32 px: what the tests run under tfds.testing.mock_data.
+
+Methods (`PAIR,METHOD`; default mokd; `mokd_jax.recipes`), with the reference values
+(mdistiller, github.com/megvii-research/mdistiller, paths relative to its root):
+    kd    T 1, CE 0.5, KD 0.5          configs/imagenet/r34_r18/kd.yaml, r50_mv1/kd.yaml
+    dkd   CE 1.0, alpha 1.0, T 1, warm-up 1 epoch (no warm-up: `dkd_warmup_steps`), beta
+          0.5 (R34 -> R18) / 2.0 (R50 -> MV1)  configs/imagenet/r34_r18/dkd.yaml,
+          r50_mv1/dkd.yaml; alpha: engine/cfg.py
+    dot   the KD recipe with DOT delta 0.09  configs/imagenet/r34_r18/dot.yaml, r50_mv1/dot.yaml
+    mokd  (and every other aggregator) the KD recipe's losses plus the feature loss
+The DeiT pairs have no mdistiller recipe: kd is DeiT's soft distillation (facebookresearch/
+deit main.py: --distillation-alpha 0.5, --distillation-tau 1.0, i.e. CE 0.5 / KD 0.5 at
+T 1; DeiT divides its KL by the class count as well and distills through a distillation
+token, we distill the class token's logits), dkd takes the R34 -> R18 values and dot SGD
+at lr 0.2 per 512 images with delta 0.09: ours, not published.
 
 Hardware and time: ResNet-34 -> ResNet-18, 100 epochs = 500k steps of batch 256; plan on a
 TPU v4-32 / 8 GPUs for about a day (measure a step with mokd-benchmark first). The
@@ -40,14 +55,36 @@ PAIRS = {
     "regnety160_deit_tiny": ("regnety_160", "deit_tiny"),
     "regnety160_deit_small": ("regnety_160", "deit_small"),
 }
+DKD_BETA = {  # mdistiller configs/imagenet/<pair>/dkd.yaml DKD.BETA
+    "resnet34_resnet18": 0.5,  # r34_r18/dkd.yaml
+    "resnet50_mobilenet_v1": 2.0,  # r50_mv1/dkd.yaml
+    "regnety160_deit_tiny": 0.5,  # none published: r34_r18's
+    "regnety160_deit_small": 0.5,  # none published: r34_r18's
+}
+
+
+def set_recipes(config: ml_collections.ConfigDict, pair: str) -> None:
+    """The methods' reference values for the pair (sources in the module docstring)."""
+    recipes = config.recipes
+    # mdistiller's kd.yaml KD section; DeiT's soft distillation (main.py) has the same values.
+    recipes.kd.update(temperature=1.0, task_weight=0.5, logit_weight=0.5)
+    recipes.dkd.update(
+        temperature=1.0,
+        task_weight=1.0,
+        alpha=1.0,
+        beta=DKD_BETA[pair],
+        warmup_steps=config_helpers.dkd_warmup_steps(1, config.student.steps_per_epoch),
+    )
+    recipes.dot.update(delta=0.09, learning_rate=0.2 * config.batch_size / 512)
 
 
 def torchvision_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -> None:
-    config.batch_size = 256
+    """mdistiller's ImageNet SOLVER (configs/imagenet/r34_r18/kd.yaml, r50_mv1/kd.yaml)."""
+    config.batch_size = 512
     steps_per_epoch = TRAIN_EXAMPLES // config.batch_size
     recipe = dict(
         optimizer="sgd",
-        learning_rate=0.1 * config.batch_size / 256,
+        learning_rate=0.2,
         weight_decay=1e-4,
         steps_per_epoch=steps_per_epoch,
         epochs=100,
@@ -77,7 +114,7 @@ def deit_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    pair, smoke = config_helpers.split_arg(arg, tuple(PAIRS))
+    pair, method, smoke = config_helpers.split_arg(arg, tuple(PAIRS))
     teacher, student = PAIRS[pair]
     config = config_helpers.base_config()
     config.dataset = "imagenet2012"
@@ -88,6 +125,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         deit_recipe(config, teacher, student)
     else:
         torchvision_recipe(config, teacher, student)
+    set_recipes(config, pair)
+    config_helpers.select_method(config, method)
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     if smoke:

@@ -8,7 +8,9 @@
 `--config=default`). The teacher is trained once, with the base configuration and its
 seed, in WORKDIR/teacher (or taken from --config.teacher.checkpoint_dir). Each (method,
 seed) run is a full `train.train_and_evaluate` in WORKDIR/<method>/seed<k> with the
-method's preset (METHODS) applied and `seed` = k, which changes the student's
+method's recipe applied (`mokd_jax.recipes`: the config's reference values for that method,
+e.g. DKD's beta for the pair; they win over --config.* flags for the same fields; change a
+recipe with --config.recipes.*) and `seed` = k, which changes the student's
 initialisation, the projector and the data order; the teacher stays valid because a
 teacher checkpoint is matched on model and class count only. A rerun resumes each run from
 its checkpoints.
@@ -38,43 +40,14 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mokd_jax import aggregation, cli, config_files, config_helpers, parallel, train
+from mokd_jax import cli, config_files, config_helpers, parallel, recipes, train
 from mokd_jax.config_checks import check_config
 from mokd_jax.errors import InputError, invalid
 from mokd_jax.plots import read_scalars
 
-BASELINES: dict[str, dict[str, Any]] = {
-    # Task cross-entropy only: the distillation gradient gets weight 0, so the teacher's
-    # signal never reaches the student (the teacher still runs, for the logged diagnostics).
-    "ce": {"aggregator": "sum", "aggregation.sum.weights": (1.0, 0.0)},
-    # Hinton KD: CE + T^2-scaled KL of the logits, summed with unit weights, no feature loss.
-    "kd": {
-        "aggregator": "sum",
-        "aggregation.sum.weights": (1.0, 1.0),
-        "distill.feature_weight": 0.0,
-    },
-    # Hinton KD plus the projector's feature loss, summed with unit weights.
-    "kd_feature": {"aggregator": "sum", "aggregation.sum.weights": (1.0, 1.0)},
-    # Decoupled KD (Zhao et al. 2022) in place of Hinton KD, summed, no feature loss.
-    "dkd": {
-        "aggregator": "sum",
-        "aggregation.sum.weights": (1.0, 1.0),
-        "distill.logit_loss": "dkd",
-        "distill.feature_weight": 0.0,
-    },
-    # Distillation-oriented trainer (Zhao et al. 2023) with the default distillation. Its two
-    # momenta replace SGD's, so it runs on SGD, at the DOT paper's CIFAR learning rate.
-    "dot": {"aggregator": "dot", "student.optimizer": "sgd", "student.learning_rate": 0.05},
-}
-"""The baselines, as config overrides; a preset's fields win over --config.* flags for the
-same fields. The sums assume the K = 2 objective vector [task, distill]: a config with
-another K fails the `aggregation.sum.weights` check, naming the method."""
-
-METHODS: dict[str, dict[str, Any]] = {
-    **{name: {"aggregator": name} for name in aggregation.NAMES},
-    **BASELINES,
-}
-"""Every method: each aggregator with the default distillation, then the baselines."""
+METHODS = recipes.METHODS
+"""Every method `--methods` takes: the baselines (ce, kd, kd_feature, dkd, dot), then every
+aggregator on the KD recipe's losses (`mokd_jax.recipes`)."""
 
 TABLE_HEADER = (
     "| method | seeds | student test accuracy (%), mean ± std | steps/s | "
@@ -112,28 +85,27 @@ class Row:
 # ----------------------------------------------------------------------------- methods
 
 
-def method_overrides(method: str) -> dict[str, Any]:
-    """The config overrides (dotted field -> value) of `method`; InputError if unknown."""
-    if method not in METHODS:
-        raise invalid("methods", method, f"one of {', '.join(METHODS)}")
-    return METHODS[method]
-
-
 def method_config(
     base: ml_collections.ConfigDict, method: str, seed: int
 ) -> ml_collections.ConfigDict:
-    """A copy of `base` with `method`'s preset and `seed`, checked as a run would check it.
+    """A copy of `base` with `method`'s recipe (`recipes.method_overrides` of the reference
+    values in `base.recipes`) and `seed`, checked as a run would check it.
 
-    Checked here, before any training, so that a preset naming a config field or an
+    Checked here, before any training, so that a recipe naming a config field or an
     aggregator this version does not have stops the comparison at once, with the method
     named, instead of after the runs before it.
     """
-    overrides = {**method_overrides(method), "seed": seed}
+    if method not in METHODS:
+        raise invalid("methods", method, f"one of {', '.join(METHODS)}")
+    if "recipes" not in base:
+        allowed = "a config with a `recipes` section (config_helpers.base_config() has one)"
+        raise invalid("methods", method, allowed)
     try:
+        overrides = {**recipes.method_overrides(base.recipes, method), "seed": seed}
         config = config_helpers.with_overrides(base, overrides)
         check_config(config)
     except InputError as error:
-        raise invalid("methods", method, f"its preset gives {error}") from error
+        raise invalid("methods", method, f"its recipe gives {error}") from error
     return config
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from mokd_jax import aggregation
+from mokd_jax import aggregation, recipes
 from mokd_jax.errors import invalid
 
 
@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.distill = ml_collections.ConfigDict()
     config.distill.temperature = 4.0
+    config.distill.task_weight = 1.0  # the task cross-entropy's weight in the loss vector
     config.distill.logit_weight = 1.0
     config.distill.feature_weight = 1.0
     config.distill.objectives = "merged"  # [task, distill]; "separate": [task, logit, feature]
@@ -88,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.projector = ml_collections.ConfigDict()
     config.projector.width_multiplier = 2
     config.projector.orthogonal_init = False
+
+    # Reference values per method (`mokd_jax.recipes`): what `select_method` and mokd-compare
+    # set for `kd`, `dkd`, `dot`, `mokd`, ...; the CIFAR-100 and ImageNet configs give theirs.
+    config.recipes = recipes.recipes_section()
 
     config.aggregator = "mokd"
     config.granularity = "global"  # or "per_layer": every parameter leaf weighted on its own
@@ -102,17 +107,45 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def split_arg(arg: str | None, pairs: tuple[str, ...]) -> tuple[str, bool]:
-    """A config arg 'PAIR', 'smoke' or 'PAIR,smoke' -> (pair, smoke); no pair: pairs[0]."""
+def split_arg(arg: str | None, pairs: tuple[str, ...]) -> tuple[str, str, bool]:
+    """A config arg of comma-separated parts, at most one pair, one method and 'smoke'
+    ('PAIR,METHOD', 'PAIR,METHOD,smoke', 'METHOD', 'smoke', ...) -> (pair, method, smoke);
+    no pair: pairs[0], no method: 'mokd'."""
     parts = [part for part in (arg or "").split(",") if part]
-    smoke = "smoke" in parts
-    named = [part for part in parts if part != "smoke"]
-    if len(named) > 1 or (named and named[0] not in pairs):
+    named = [part for part in parts if part in pairs]
+    methods = [part for part in parts if part in recipes.METHODS]
+    smoke = parts.count("smoke")
+    if (
+        len(named) > 1
+        or len(methods) > 1
+        or smoke > 1
+        or len(parts) != len(named) + len(methods) + smoke
+    ):
         raise ValueError(
-            f"config arg={arg!r} is not allowed: use one of {', '.join(pairs)}, "
-            "optionally followed by ',smoke' (or 'smoke' alone)"
+            f"config arg={arg!r} is not allowed: use one of {', '.join(pairs)}, optionally "
+            f"followed by a method ({', '.join(recipes.METHODS)}) and ',smoke' "
+            "(or 'smoke' alone)"
         )
-    return (named[0] if named else pairs[0]), smoke
+    return (named[0] if named else pairs[0]), (methods[0] if methods else "mokd"), bool(smoke)
+
+
+def select_method(config: ml_collections.ConfigDict, method: str) -> None:
+    """Sets the fields that select `method` with the reference values in `config.recipes`
+    (`mokd_jax.recipes.method_overrides`)."""
+    config.update_from_flattened_dict(recipes.method_overrides(config.recipes, method))
+
+
+def dkd_warmup_steps(warmup_epochs: int, steps_per_epoch: int) -> int:
+    """The length of our linear DKD warm-up that stands for the reference's `warmup_epochs`.
+
+    mdistiller scales DKD by min(epoch / warmup, 1) with epochs counted from 1: a staircase
+    that is 1/warmup in the first epoch and full from epoch `warmup` on (so warm-up 1, its
+    ImageNet value, is no warm-up at all). Our warm-up is a linear ramp over steps
+    (`objectives.logit_distillation`); over (warmup - 1) epochs it reaches the full loss at
+    the same epoch as the staircase, with the same total weight by then ((warmup + 1) / 2
+    epochs' worth), and equals it exactly for warmup 1.
+    """
+    return max(warmup_epochs - 1, 0) * steps_per_epoch
 
 
 def set_phase(

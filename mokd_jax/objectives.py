@@ -126,15 +126,18 @@ def loss_vector(
 ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
     """The objectives named by `OBJECTIVES[distill.objectives]`, and their parts for logging.
 
-    merged: [task, logit_weight * logit + feature_weight * feature];
-    separate: [task, logit_weight * logit, feature_weight * feature].
+    merged: [task_weight * task, logit_weight * logit + feature_weight * feature];
+    separate: [task_weight * task, logit_weight * logit, feature_weight * feature].
+    The weights are the recipe's (KD's CE 0.1 / KD 0.9 on CIFAR-100): inside the loss
+    vector, so that the plain recipe's update is the unweighted sum of its gradients
+    (`mokd`'s default rescale gives its step that norm). The parts are unweighted.
     """
     task = cross_entropy(student_logits, labels)
     logit = logit_distillation(student_logits, teacher_logits, labels, step, distill)
     feature = feature_distance(projected_student, teacher_target)
     weighted = (distill.logit_weight * logit, distill.feature_weight * feature)
     if distill.objectives == "merged":
-        losses = jnp.stack([task, weighted[0] + weighted[1]])
+        losses = jnp.stack([distill.task_weight * task, weighted[0] + weighted[1]])
     else:
-        losses = jnp.stack([task, *weighted])
-    return losses, {"kd_logit": logit, "kd_feature": feature}
+        losses = jnp.stack([distill.task_weight * task, *weighted])
+    return losses, {"cross_entropy": task, "kd_logit": logit, "kd_feature": feature}

@@ -15,7 +15,9 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_steps import run_one_step
 
+from configs import default
 from mokd_jax import aggregation
 from mokd_jax.aggregation import linear, projection
 from mokd_jax.errors import InputError
@@ -124,12 +126,13 @@ def ref_mgda(rows, losses, normalization):
     return ref_min_norm(scaled @ scaled.T) @ scaled
 
 
-def ref_mokd(rows, losses, rescale="mean_norm", max_norm=10.0):
+def ref_mokd(rows, losses, rescale="sum_norm", max_norm=10.0):
     logs = rows / losses[:, None]
     pi = ref_min_norm(logs @ logs.T)
     d = pi @ logs
-    if rescale == "mean_norm":
-        d *= np.linalg.norm(rows.mean(0)) / np.linalg.norm(d)
+    if rescale in ("sum_norm", "mean_norm"):
+        plain = rows.sum(0) if rescale == "sum_norm" else rows.mean(0)
+        d *= np.linalg.norm(plain) / np.linalg.norm(d)
     elif rescale == "loss":
         d *= pi @ losses
     if max_norm is not None and np.linalg.norm(d) > max_norm:
@@ -363,7 +366,13 @@ def test_mgda_matches_reference(normalization, num_objectives):
 
 @pytest.mark.parametrize(
     "hparams",
-    [{}, {"rescale": "loss"}, {"rescale": "none", "max_norm": None}, {"max_norm": 0.1}],
+    [
+        {},
+        {"rescale": "mean_norm"},
+        {"rescale": "loss"},
+        {"rescale": "none", "max_norm": None},
+        {"max_norm": 0.1},
+    ],
 )
 @pytest.mark.parametrize("num_objectives", [2, 3])
 def test_mokd_matches_reference(hparams, num_objectives):
@@ -431,10 +440,29 @@ def test_edge_cases_give_finite_updates(name, num_objectives, case):
             assert d @ rows[0] / (np.linalg.norm(d) * np.linalg.norm(rows[0])) > 1 - 1e-6
 
 
-def test_mokd_falls_back_to_the_mean_when_one_gradient_is_zero():
+@pytest.mark.parametrize("num_objectives", [2, 3])
+def test_mokd_step_has_the_norm_of_the_weighted_sum_of_the_raw_gradients(num_objectives):
+    """The default rescale: ||d|| = ||sum_k w_k grad L_k|| for the recipe's weights w (KD's
+    CE 0.1 / KD 0.9), which the loss vector carries: its rows are w_k grad L_k, its losses
+    w_k L_k. 'mean_norm' keeps 1/K of that: the step the default used to take."""
+    weights = np.array([0.1, 0.9, 0.5][:num_objectives])
+    for seed in range(5):
+        raw_rows, raw_losses = random_rows(seed, num_objectives, spread=2.0)
+        rows, losses = weights[:, None] * raw_rows, weights * raw_losses
+        plain = np.linalg.norm(weights @ raw_rows)
+        d, _ = aggregate("mokd", rows, losses, max_norm=None)
+        np.testing.assert_allclose(np.linalg.norm(d), plain, rtol=1e-5)
+        d_mean, _ = aggregate("mokd", rows, losses, max_norm=None, rescale="mean_norm")
+        np.testing.assert_allclose(np.linalg.norm(d_mean), plain / num_objectives, rtol=1e-5)
+
+
+def test_mokd_falls_back_to_the_mean_direction_when_one_gradient_is_zero():
+    """Along the mean of the log-gradients, i.e. g_0 here, at the plain update's norm."""
     rows = edge_case("zero", 2)
     for losses in ([1.0, 1.0], [2.0, 0.0]):
         d, _ = aggregate("mokd", rows, np.array(losses))
+        assert relative_error(d, rows.sum(0)) < 1e-6
+        d, _ = aggregate("mokd", rows, np.array(losses), rescale="mean_norm")
         assert relative_error(d, rows.mean(0)) < 1e-6
     # Plain MGDA keeps its textbook answer: 0 is in the convex hull, so d = 0.
     d, _ = aggregate("mgda", rows, np.array([1.0, 1.0]))
@@ -535,3 +563,33 @@ def test_chains_with_sgd_under_jit(name):
     combined, _ = aggregator.update(grads, aggregator.init(params), params, losses=losses)
     np.testing.assert_allclose(to_rows(new_params), -0.1 * to_rows(combined), rtol=1e-5)
     assert aggregation.weights(opt_state).shape == (2,)
+
+
+# ---------------------------------------------------------------- through the trainer's step
+
+
+def student_step_norm(aggregator: str, **mokd_hparams) -> float:
+    """||change of the student's parameters|| after one trainer step from one fixed state and
+    batch, on the KD recipe's losses (CE 0.1 / KD 0.9) with plain SGD and no weight decay:
+    lr x the norm of the aggregated update (momentum does not act on the first step)."""
+    config = default.get_config("smoke")
+    config.aggregator = aggregator
+    config.distill.update(task_weight=0.1, logit_weight=0.9)
+    config.aggregation.mokd.update(max_norm=None, **mokd_hparams)
+    config.student.update(
+        optimizer="sgd", weight_decay=0.0, schedule="step", warmup_steps=0, learning_rate=0.1
+    )
+    before, after, _ = run_one_step(config)
+    deltas = jax.tree.map(np.subtract, after.params["student"], before.params["student"])
+    return float(np.sqrt(sum(np.sum(np.square(d)) for d in jax.tree.leaves(deltas))))
+
+
+def test_mokd_step_in_the_trainer_has_the_norm_of_the_kd_recipes_step():
+    """The same learning rate moves the student as far under mokd as under the summed KD
+    recipe; the 'mean_norm' rescale moves it half as far (K = 2)."""
+    summed = student_step_norm("sum")
+    assert summed > 0
+    np.testing.assert_allclose(student_step_norm("mokd"), summed, rtol=1e-4)
+    np.testing.assert_allclose(
+        student_step_norm("mokd", rescale="mean_norm"), summed / 2, rtol=1e-4
+    )

@@ -81,17 +81,18 @@ def mgda(num_objectives: int, normalization: str = "none", iterations: int = 100
     return stateless(num_objectives, weights)
 
 
-_RESCALES = ("mean_norm", "loss", "none")
+_RESCALES = ("sum_norm", "mean_norm", "loss", "none")
 
 
 def _rescale_factor(
     rescale: str, gram: jax.Array, coefficients: jax.Array, pi: jax.Array, losses: jax.Array
 ) -> jax.Array:
-    """The scalar multiplying d = J^T coefficients; see `mokd` for the three choices."""
-    if rescale == "mean_norm":
-        mean = jnp.full_like(coefficients, 1.0 / coefficients.shape[0])
+    """The scalar multiplying d = J^T coefficients; see `mokd` for the choices."""
+    if rescale in ("sum_norm", "mean_norm"):
+        share = 1.0 if rescale == "sum_norm" else 1.0 / coefficients.shape[0]
+        plain = jnp.full_like(coefficients, share)
         length, floor = _length_and_floor(gram, coefficients)
-        return safe_divide(combination_norm(gram, mean), length, 0.0, floor=floor)
+        return safe_divide(combination_norm(gram, plain), length, 0.0, floor=floor)
     if rescale == "loss":
         return dot(pi, jnp.maximum(losses, 0.0))
     return jnp.ones((), jnp.float32)
@@ -99,7 +100,7 @@ def _rescale_factor(
 
 def mokd(
     num_objectives: int,
-    rescale: str = "mean_norm",
+    rescale: str = "sum_norm",
     max_norm: float | None = 10.0,
     iterations: int = 100,
 ) -> Weighting:
@@ -111,10 +112,14 @@ def mokd(
        0 < pi_1 < 1 (K = 2), <d, h_1> = <d, h_2> = ||d||^2 >= 0: to first order no objective
        gets worse and both log-losses fall at the same rate.
     3. Scale (the paper leaves it open), `rescale`:
-       - 'mean_norm' (default): ||d|| = ||(1/K) sum_k g_k||, the norm of the plain mean
-         gradient, so learning rates and schedules tuned for the plain KD recipe carry over
-         and the step still shrinks as the raw gradients do. This ties the magnitude (not
-         the direction) back to the raw loss scales.
+       - 'sum_norm' (default): ||d|| = ||sum_k g_k||, the norm of the plain recipe's update.
+         The objective weights of a recipe (KD's CE 0.1 / KD 0.9) are inside the losses
+         (`objectives.loss_vector`) and the plain recipe sums them, so sum_k g_k is exactly
+         the update the KD baseline takes: a learning rate (and weight decay) tuned for it
+         carries over, and the step still shrinks as the raw gradients do. This ties the
+         magnitude (not the direction) back to the raw loss scales.
+       - 'mean_norm': ||d|| = ||(1/K) sum_k g_k||, the mean gradient's norm: 1/K of the
+         plain recipe's step, so it needs K times its learning rate to match it.
        - 'loss': d * sum_k pi_k L_k, i.e. sum_k pi_k (L_bar / L_k) g_k with
          L_bar = sum_k pi_k L_k: the natural scale of a gradient of the losses themselves.
        - 'none': the log-gradient step as is; its norm ~ 1/L grows as the losses fall, so
@@ -122,6 +127,10 @@ def mokd(
     4. Clip d to global norm `max_norm` (None: no clip), a guard against the rare step where
        a small loss makes a log-gradient huge. The clip covers d, the shared part only:
        non-shared leaves get their own objective's raw gradient, untouched.
+
+    Under `granularity='per_layer'` every step above runs on each shared leaf alone: each
+    leaf's d gets the norm of that leaf's plain update (so the whole update has the plain
+    update's global norm too), and the clip at `max_norm` is per leaf, not global.
 
     Edge case (docs/method.md: fall back to the mean): when the min-norm point vanishes, because
     one gradient is exactly zero or the gradients exactly cancel, pi falls back to uniform,
