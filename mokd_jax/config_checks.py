@@ -55,6 +55,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_choice("distill.objectives", config.distill.objectives, tuple(OBJECTIVES))
     check_choice("distill.logit_loss", config.distill.logit_loss, LOGIT_LOSSES)
     check_positive("distill.temperature", config.distill.temperature)
+    for field in ("task_weight", "logit_weight", "feature_weight"):
+        check_nonnegative(f"distill.{field}", config.distill[field])
     check_int("projector.width_multiplier", config.projector.width_multiplier, 1)
     spec = aggregation.spec(config.aggregator)
     if spec.owns_momentum and config.student.optimizer != "sgd":

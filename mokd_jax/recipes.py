@@ -39,7 +39,9 @@ BASELINES = ("ce", "kd", "kd_feature", "dkd", "dot")
 METHODS = (*BASELINES, *(name for name in aggregation.NAMES if name not in BASELINES))
 """Every method a config or `mokd-compare` can select: the baselines, then the aggregators."""
 
-SUMMED = {"aggregator": "sum", "aggregation.sum.weights": (1.0, 1.0)}
+SUMMED_BASELINES = ("ce", "kd", "kd_feature", "dkd")
+"""The baselines that add their objectives with `aggregation.sum.weights` (the others name
+their aggregator)."""
 
 
 def recipes_section() -> ml_collections.ConfigDict:
@@ -64,25 +66,19 @@ def recipes_section() -> ml_collections.ConfigDict:
     return recipes
 
 
-def kd_losses(recipes: ml_collections.ConfigDict, feature_weight: float) -> dict[str, Any]:
-    """The KD recipe's loss vector: [task_weight CE, logit_weight KD + feature_weight feature]."""
+def distill_fields(recipes: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
+    """The `distill` fields of `method`: DKD's loss for dkd, else KD's, and the feature loss
+    for kd_feature and the aggregators only. Every method sets every recipe field (DKD's
+    alpha, beta and warm-up too, inert under KD), so that a method's config does not depend
+    on the method the config selected before."""
+    logit = recipes.dkd if method == "dkd" else recipes.kd
+    with_features = method == "kd_feature" or method not in BASELINES
     return {
-        "distill.logit_loss": "kd",
-        "distill.temperature": recipes.kd.temperature,
-        "distill.task_weight": recipes.kd.task_weight,
-        "distill.logit_weight": recipes.kd.logit_weight,
-        "distill.feature_weight": feature_weight,
-    }
-
-
-def dkd_losses(recipes: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The DKD recipe's loss vector: [task_weight CE, warm-up (alpha TCKD + beta NCKD)]."""
-    return {
-        "distill.logit_loss": "dkd",
-        "distill.temperature": recipes.dkd.temperature,
-        "distill.task_weight": recipes.dkd.task_weight,
-        "distill.logit_weight": 1.0,
-        "distill.feature_weight": 0.0,
+        "distill.logit_loss": "dkd" if method == "dkd" else "kd",
+        "distill.temperature": logit.temperature,
+        "distill.task_weight": 1.0 if method == "ce" else logit.task_weight,
+        "distill.logit_weight": 1.0 if method == "dkd" else recipes.kd.logit_weight,
+        "distill.feature_weight": recipes.feature_weight if with_features else 0.0,
         "distill.dkd_alpha": recipes.dkd.alpha,
         "distill.dkd_beta": recipes.dkd.beta,
         "distill.dkd_warmup_steps": recipes.dkd.warmup_steps,
@@ -92,28 +88,16 @@ def dkd_losses(recipes: ml_collections.ConfigDict) -> dict[str, Any]:
 def method_overrides(recipes: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
     """The config fields (dotted name -> value) that select `method` with the reference values
     of `recipes`; InputError for an unknown method."""
-    if method == "ce":
-        unit_task = {"distill.task_weight": 1.0}
-        return {
-            **kd_losses(recipes, 0.0),
-            **unit_task,
-            **SUMMED,
-            "aggregation.sum.weights": (1.0, 0.0),
-        }
-    if method == "kd":
-        return {**kd_losses(recipes, 0.0), **SUMMED}
-    if method == "kd_feature":
-        return {**kd_losses(recipes, recipes.feature_weight), **SUMMED}
-    if method == "dkd":
-        return {**dkd_losses(recipes), **SUMMED}
+    if method not in METHODS:
+        raise invalid("method", method, f"one of {', '.join(METHODS)}")
+    overrides = {
+        **distill_fields(recipes, method),
+        "aggregator": "sum" if method in SUMMED_BASELINES else method,
+        "aggregation.sum.weights": (1.0, 0.0) if method == "ce" else (1.0, 1.0),
+        "aggregation.dot.delta": recipes.dot.delta,
+    }
     if method == "dot":
-        return {
-            **kd_losses(recipes, 0.0),
-            "aggregator": "dot",
-            "aggregation.dot.delta": recipes.dot.delta,
-            "student.optimizer": "sgd",
-            "student.learning_rate": recipes.dot.learning_rate,
-        }
-    if method in METHODS:
-        return {**kd_losses(recipes, recipes.feature_weight), "aggregator": method}
-    raise invalid("method", method, f"one of {', '.join(METHODS)}")
+        overrides.update(
+            {"student.optimizer": "sgd", "student.learning_rate": recipes.dot.learning_rate}
+        )
+    return overrides

@@ -25,6 +25,7 @@ BAD_FIELDS = [
     ("distill.objectives", "both"),
     ("distill.logit_loss", "mse"),
     ("distill.temperature", 0.0),
+    ("distill.task_weight", -0.1),
     ("projector.width_multiplier", 0),
     ("aggregator", "nope"),
     ("granularity", "per_block"),

@@ -48,8 +48,9 @@ def test_a_value_naming_no_config_lists_the_bundled_ones(tmp_path, monkeypatch, 
 def test_load_from_another_directory_equals_the_config_module(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert config_files.load("imagenet:smoke").to_dict() == imagenet.get_config("smoke").to_dict()
-    by_path = config_files.load(os.path.join(CONFIGS, "cifar100.py") + ":vgg13_vgg8")
-    assert by_path.to_dict() == cifar100.get_config("vgg13_vgg8").to_dict()
+    by_path = config_files.load(os.path.join(CONFIGS, "cifar100.py") + ":vgg13_vgg8,dkd")
+    assert by_path.to_dict() == cifar100.get_config("vgg13_vgg8,dkd").to_dict()
+    assert by_path.distill.dkd_beta == 6.0
     assert config_files.load("default").is_locked  # as --config gives it
 
 

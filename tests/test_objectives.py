@@ -63,7 +63,8 @@ def test_hinton_kd_is_zero_for_equal_logits_and_positive_otherwise():
 
 def distill_config(**overrides):
     config = ml_collections.ConfigDict(
-        {"temperature": 4.0, "logit_weight": 1.0, "feature_weight": 0.5, "objectives": "merged",
+        {"temperature": 4.0, "task_weight": 1.0, "logit_weight": 1.0, "feature_weight": 0.5,
+         "objectives": "merged",
          "logit_loss": "kd", "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup_steps": 10}
     )  # fmt: skip
     config.update(overrides)
@@ -83,6 +84,27 @@ def test_objective_vectors_merged_and_separate():
         float(merged[1]), float(parts["kd_logit"] + 0.5 * parts["kd_feature"]), rtol=1e-6
     )
     np.testing.assert_allclose(np.asarray(separate[1:]).sum(), float(merged[1]), rtol=1e-6)
+    np.testing.assert_allclose(float(merged[0]), float(parts["cross_entropy"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("objectives_kind", ["merged", "separate"])
+def test_task_and_logit_weights_scale_their_objectives_and_leave_the_parts_raw(objectives_kind):
+    """KD's CE 0.1 / KD 0.9: the loss vector carries the weights, the logged parts do not."""
+    rng = np.random.default_rng(3)
+    logits, teacher = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
+    projected, target = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+    args = (logits, teacher, jnp.array([0, 1, 2, 0]), projected, target, jnp.array(0))
+    unit, parts = objectives.loss_vector(*args, distill_config(objectives=objectives_kind))
+    weighted, weighted_parts = objectives.loss_vector(
+        *args, distill_config(objectives=objectives_kind, task_weight=0.1, logit_weight=0.9)
+    )
+    np.testing.assert_allclose(float(weighted[0]), 0.1 * float(unit[0]), rtol=1e-6)
+    logit_row = float(weighted[1]) - (
+        0.5 * float(parts["kd_feature"]) if objectives_kind == "merged" else 0.0
+    )
+    np.testing.assert_allclose(logit_row, 0.9 * float(parts["kd_logit"]), rtol=1e-5)
+    for name in parts:
+        np.testing.assert_allclose(float(weighted_parts[name]), float(parts[name]), rtol=1e-6)
 
 
 def test_dkd_warms_up_linearly():

@@ -1,5 +1,5 @@
 """The diagnostics plot on a real smoke run, and mokd_jax.compare (`mokd-compare`): its
-maths, its report, its presets, and one end-to-end comparison that shares one teacher."""
+maths, its report, its methods' recipes, and one end-to-end comparison that shares one teacher."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from configs import default
+from configs import cifar100, default
 from mokd_jax import compare, plots
 from mokd_jax.errors import InputError
 
@@ -114,7 +114,7 @@ def test_markdown_table_formats_percent_and_missing_values():
     assert lines[3] == "| mokd | 1 | 95.00 | n/a | 0.500 | 0.250 |"
 
 
-def test_method_config_applies_the_preset_and_seed_to_a_copy():
+def test_method_config_applies_the_recipe_and_seed_to_a_copy():
     base = default.get_config("smoke")
     config = compare.method_config(base, "kd", 3)
     assert config.aggregator == "sum" and tuple(config.aggregation.sum.weights) == (1.0, 1.0)
@@ -123,31 +123,41 @@ def test_method_config_applies_the_preset_and_seed_to_a_copy():
     assert compare.method_config(base, "pcgrad", 0).aggregator == "pcgrad"
 
 
+@pytest.mark.parametrize("method", compare.METHODS)
+def test_each_method_runs_the_recipe_its_config_arg_selects(method):
+    """mokd-compare on a pair's config runs every method as `PAIR,METHOD` would (e.g. dkd
+    with the pair's beta 2.0, not the base config's), whatever method the base selected."""
+    base = cifar100.get_config("resnet56_resnet20,dkd,smoke")
+    expected = cifar100.get_config(f"resnet56_resnet20,{method},smoke")
+    expected.seed = 4
+    assert compare.method_config(base, method, 4).to_dict() == expected.to_dict()
+
+
 def test_unknown_method_is_one_clear_error():
     with pytest.raises(InputError, match=r"^methods='nope' is not allowed: one of .*kd_feature"):
         compare.method_config(default.get_config("smoke"), "nope", 0)
 
 
+def test_a_config_without_recipes_is_one_clear_error():
+    base = default.get_config("smoke")
+    del base["recipes"]
+    with pytest.raises(InputError, match=r"^methods='kd' is not allowed: .*`recipes` section"):
+        compare.method_config(base, "kd", 0)
+
+
 @pytest.mark.parametrize(
-    "preset, named",
+    "recipe, named",
     [({"distill.not_yet": 1.0}, "distill.not_yet"), ({"aggregator": "not_yet"}, "not_yet")],
 )
-def test_preset_the_config_cannot_take_names_the_method(monkeypatch, preset, named):
-    monkeypatch.setitem(compare.METHODS, "future", preset)
-    with pytest.raises(InputError, match=rf"^methods='future' is not allowed: .*{named}"):
-        compare.method_config(default.get_config("smoke"), "future", 0)
+def test_recipe_the_config_cannot_take_names_the_method(monkeypatch, recipe, named):
+    monkeypatch.setattr(compare.recipes, "method_overrides", lambda recipes, method: recipe)
+    with pytest.raises(InputError, match=rf"^methods='kd' is not allowed: .*{named}"):
+        compare.method_config(default.get_config("smoke"), "kd", 0)
 
 
-@pytest.mark.parametrize("method", list(compare.METHODS))
-def test_every_preset_builds_or_fails_naming_itself(method):
-    """dkd and dot need fields that may not exist yet: they must fail loudly, not vanish."""
-    try:
-        config = compare.method_config(default.get_config("smoke"), method, 1)
-    except InputError as error:
-        assert str(error).startswith(f"methods={method!r} is not allowed:")
-        assert "\n" not in str(error)
-    else:
-        assert config.seed == 1
+@pytest.mark.parametrize("method", compare.METHODS)
+def test_every_method_builds_on_the_digits_config(method):
+    assert compare.method_config(default.get_config("smoke"), method, 1).seed == 1
 
 
 @pytest.mark.slow
