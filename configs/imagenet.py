@@ -31,7 +31,7 @@ T 1; DeiT divides its KL by the class count as well and distills through a disti
 token, we distill the class token's logits), dkd takes the R34 -> R18 values and dot SGD
 at lr 0.2 per 512 images with delta 0.09: ours, not published.
 
-Hardware and time: ResNet-34 -> ResNet-18, 100 epochs = 500k steps of batch 256; plan on a
+Hardware and time: ResNet-34 -> ResNet-18, 100 epochs = 250k steps of batch 512; plan on a
 TPU v4-32 / 8 GPUs for about a day (measure a step with mokd-benchmark first). The
 DeiT pairs are 300 epochs at batch 1024 with a RegNetY-16GF teacher forward per step:
 several days on 8 A100-class GPUs. Without `teacher.checkpoint_dir` the teacher is trained
@@ -78,7 +78,7 @@ def set_recipes(config: ml_collections.ConfigDict, pair: str) -> None:
     recipes.dot.update(delta=0.09, learning_rate=0.2 * config.batch_size / 512)
 
 
-def torchvision_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -> None:
+def mdistiller_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -> None:
     """mdistiller's ImageNet SOLVER (configs/imagenet/r34_r18/kd.yaml, r50_mv1/kd.yaml)."""
     config.batch_size = 512
     steps_per_epoch = TRAIN_EXAMPLES // config.batch_size
@@ -124,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if pair.startswith("regnety160"):
         deit_recipe(config, teacher, student)
     else:
-        torchvision_recipe(config, teacher, student)
+        mdistiller_recipe(config, teacher, student)
     set_recipes(config, pair)
     config_helpers.select_method(config, method)
     config.log_every_steps = 100
