@@ -26,6 +26,8 @@ BAD_FIELDS = [
     ("distill.logit_loss", "mse"),
     ("distill.temperature", 0.0),
     ("projector.width_multiplier", 0),
+    ("projector.taps", "stage3"),
+    ("projector.orthogonal_init", True),  # replaced by projector.orthogonal
     ("aggregator", "nope"),
     ("granularity", "per_block"),
     ("aggregation.mokd.max_norm", -1.0),
