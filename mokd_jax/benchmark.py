@@ -198,14 +198,7 @@ def build_mode(
     else:
         tx = optimizers.student_optimizer(config)
         step = steps.make_distill_step(config, nets, tx)
-    create = functools.partial(
-        state_lib.create_student_state,
-        nets.student,
-        nets.projector,
-        image_shape,
-        nets.teacher.feature_width,
-        tx,
-    )
+    create = functools.partial(state_lib.create_student_state, nets, image_shape, tx)
     return step, jax.jit(create)(key), (teacher_variables,)
 
 

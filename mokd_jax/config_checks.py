@@ -11,6 +11,7 @@ from mokd_jax.checks import check_choice, check_int, check_nonnegative, check_po
 from mokd_jax.errors import invalid
 from mokd_jax.objectives import LOGIT_LOSSES, OBJECTIVES
 from mokd_jax.optimizers import OPTIMIZERS, SCHEDULES, make_aggregator
+from mokd_jax.taps import TAP_SETS
 
 
 def check_schedule(name: str, section: ml_collections.ConfigDict) -> None:
@@ -40,6 +41,19 @@ def check_phase(name: str, section: ml_collections.ConfigDict) -> None:
     normalization.parse(f"{name}.input_normalization", section.input_normalization)
 
 
+def check_projector(section: ml_collections.ConfigDict) -> None:
+    """The projector section: its taps, its width and the removed init-only option."""
+    if "orthogonal_init" in section:
+        raise invalid(
+            "projector.orthogonal_init",
+            section.orthogonal_init,
+            "no longer a field: projector.orthogonal=True keeps the student lifts orthogonal "
+            "throughout training",
+        )
+    check_choice("projector.taps", section.taps, TAP_SETS)
+    check_int("projector.width_multiplier", section.width_multiplier, 1)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises InputError for a numeric or named field outside what is allowed."""
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
@@ -57,7 +71,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_positive("distill.temperature", config.distill.temperature)
     for field in ("task_weight", "logit_weight", "feature_weight"):
         check_nonnegative(f"distill.{field}", config.distill[field])
-    check_int("projector.width_multiplier", config.projector.width_multiplier, 1)
+    check_projector(config.projector)
     spec = aggregation.spec(config.aggregator)
     if spec.owns_momentum and config.student.optimizer != "sgd":
         raise invalid(

@@ -87,8 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.distill.dkd_warmup_steps = 100
 
     config.projector = ml_collections.ConfigDict()
-    config.projector.width_multiplier = 2
-    config.projector.orthogonal_init = False
+    # Which features are distilled, one projector each (`mokd_jax.taps`): "multi_scale"
+    # (pooled + second-to-last stage for CNNs, class token + mean patch token for ViTs),
+    # or "pooled" (the classifier's input alone).
+    config.projector.taps = "multi_scale"
+    config.projector.width_multiplier = 2  # each tap's D = multiplier x its teacher width
+    config.projector.orthogonal = False  # the student lifts kept orthogonal while training
 
     # Reference values per method (`mokd_jax.recipes`): what `select_method` and mokd-compare
     # set for `kd`, `dkd`, `dot`, `mokd`, ...; the CIFAR-100 and ImageNet configs give theirs.

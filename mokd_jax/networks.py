@@ -2,7 +2,7 @@
 
 `build_networks` turns a config (model names, compute dtype, projector section, seed) and
 the data's class count and image size into the teacher, the student and the student's
-`SubspaceProjector` onto a subspace of the teacher's feature width.
+`TapProjectors`: one subspace projector per tap of `projector.taps` (`mokd_jax.taps`).
 """
 
 from typing import NamedTuple
@@ -12,16 +12,18 @@ from flax import linen as nn
 
 from mokd_jax import models
 from mokd_jax.normalization import Normalization
-from mokd_jax.subspace import SubspaceProjector
+from mokd_jax.subspace import TapProjectors
 
 
 class Networks(NamedTuple):
-    """The modules of a distillation and each network's input statistics (teacher and
-    student may have been trained on differently normalised inputs)."""
+    """The modules of a distillation, the tap set the projectors compare, and each
+    network's input statistics (teacher and student may have been trained on differently
+    normalised inputs)."""
 
     teacher: nn.Module
     student: nn.Module
-    projector: SubspaceProjector
+    projector: TapProjectors
+    taps: str
     teacher_input: Normalization
     student_input: Normalization
 
@@ -35,11 +37,12 @@ def build_model(
     )
 
 
-def build_projector(config: ml_collections.ConfigDict, teacher_width: int) -> SubspaceProjector:
-    """The projector into a subspace `projector.width_multiplier` times the teacher's width."""
-    return SubspaceProjector(
-        width=config.projector.width_multiplier * teacher_width,
-        orthogonal_init=config.projector.orthogonal_init,
+def build_projector(config: ml_collections.ConfigDict) -> TapProjectors:
+    """The projectors of the taps, each into a subspace `projector.width_multiplier` times
+    its teacher tap's width (the widths are read when the state is initialised)."""
+    return TapProjectors(
+        width_multiplier=config.projector.width_multiplier,
+        orthogonal=config.projector.orthogonal,
         seed=config.seed,
     )
 
@@ -56,5 +59,7 @@ def build_networks(
     through its own input statistics."""
     teacher = build_model(config, "teacher", num_classes, image_size)
     student = build_model(config, "student", num_classes, image_size)
-    projector = build_projector(config, teacher.feature_width)
-    return Networks(teacher, student, projector, teacher_input, student_input)
+    projector = build_projector(config)
+    return Networks(
+        teacher, student, projector, config.projector.taps, teacher_input, student_input
+    )

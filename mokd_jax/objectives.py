@@ -5,7 +5,7 @@ so every objective here is a pure function of logits/features that returns a sca
 over the batch. One definition serves training and evaluation.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,13 @@ def feature_distance(projected_student: jax.Array, teacher_target: jax.Array) ->
     The mean runs over samples and dimensions, so the loss does not grow with the width D.
     """
     return optax.huber_loss(projected_student, teacher_target, delta=1.0).mean()
+
+
+def mean_feature_distance(projections: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """The feature loss over the taps: the mean of each tap's `feature_distance` over
+    `(projected_student, teacher_target)` pairs, so that it keeps the single projector's
+    scale (and `distill.feature_weight` its meaning) whatever the number of taps."""
+    return jnp.mean(jnp.stack([feature_distance(*pair) for pair in projections]))
 
 
 def decoupled_kd(
@@ -119,12 +126,12 @@ def loss_vector(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
     labels: jax.Array,
-    projected_student: jax.Array,
-    teacher_target: jax.Array,
+    projections: Sequence[tuple[jax.Array, jax.Array]],
     step: jax.Array,
     distill: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
-    """The objectives named by `OBJECTIVES[distill.objectives]`, and their parts for logging.
+    """The objectives named by `OBJECTIVES[distill.objectives]`, and their parts for logging;
+    `feature` is the mean over the taps' `(projected_student, teacher_target)` pairs.
 
     merged: [task_weight * task, logit_weight * logit + feature_weight * feature];
     separate: [task_weight * task, logit_weight * logit, feature_weight * feature].
@@ -134,7 +141,7 @@ def loss_vector(
     """
     task = cross_entropy(student_logits, labels)
     logit = logit_distillation(student_logits, teacher_logits, labels, step, distill)
-    feature = feature_distance(projected_student, teacher_target)
+    feature = mean_feature_distance(projections)
     weighted = (distill.logit_weight * logit, distill.feature_weight * feature)
     if distill.objectives == "merged":
         losses = jnp.stack([distill.task_weight * task, weighted[0] + weighted[1]])

@@ -1,8 +1,9 @@
 """The training state and how it is created (pure: no I/O, jittable).
 
 The teacher's state holds its parameters; the student's holds the student's and its
-projector's (`params = {'student': ..., 'projector': ...}`), both differentiated, with the
-projector's fixed teacher lift in `constants`.
+projectors' (`params = {'student': ..., 'projector': {'tap0': ..., ...}}`), both
+differentiated, with each projector's fixed teacher lift in `constants`
+(`{'tap0': {'teacher_lift': ...}, ...}`).
 """
 
 from collections.abc import Mapping
@@ -13,11 +14,14 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mokd_jax.networks import Networks
+from mokd_jax.taps import example_taps
+
 
 class TrainState(struct.PyTreeNode):
     """Everything a step changes. `params` are the differentiated variables; for the
     student they are {'student': ..., 'projector': ...}. `constants` holds non-trainable
-    variables (the projector's fixed teacher lift)."""
+    variables (the projectors' fixed teacher lifts)."""
 
     step: jax.Array
     params: Any
@@ -42,11 +46,15 @@ def create_teacher_state(model, image_shape, tx, key) -> TrainState:
     )
 
 
-def create_student_state(student, projector, image_shape, teacher_width, tx, key) -> TrainState:
+def create_student_state(networks: Networks, image_shape, tx, key) -> TrainState:
+    """The student's variables and its projectors' for the networks' tap set, whose widths
+    are read from both networks' taps on images of `image_shape` (traced, not computed)."""
     student_key, projector_key = jax.random.split(key)
-    variables = init_model(student, image_shape, student_key)
-    projector_variables = projector.init(
-        projector_key, jnp.zeros((1, student.feature_width)), jnp.zeros((1, teacher_width))
+    variables = init_model(networks.student, image_shape, student_key)
+    projector_variables = networks.projector.init(
+        projector_key,
+        example_taps(networks.student, image_shape, networks.taps),
+        example_taps(networks.teacher, image_shape, networks.taps),
     )
     params = {"student": variables["params"], "projector": projector_variables["params"]}
     return TrainState(
@@ -59,7 +67,7 @@ def create_student_state(student, projector, image_shape, teacher_width, tx, key
 
 
 def shared_mask(params: Mapping[str, Any]) -> dict:
-    """The student's parameters take part in the aggregation; the projector's do not."""
+    """The student's parameters take part in the aggregation; the projectors' do not."""
     return {
         "student": jax.tree.map(lambda _: True, params["student"]),
         "projector": jax.tree.map(lambda _: False, params["projector"]),

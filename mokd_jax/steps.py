@@ -5,7 +5,7 @@ library user, the benchmark and the tests call directly. The data flow of one di
 step (docs/architecture.md):
 
     batch -> teacher forward (eval mode, its variables passed in as an argument)
-          -> student forward + projector (one forward pass)
+          -> student forward (one pass, its taps) + one projector per tap
           -> losses [task, distill]
           -> per-objective gradients J: the pullback of each unit row, leading axis K
           -> optax.chain(aggregator, optimizer) turns J into one update
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mokd_jax import aggregation, normalization
+from mokd_jax import aggregation, normalization, taps
 from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix
 from mokd_jax.data.mixing import mixup_cutmix
 from mokd_jax.networks import Networks
@@ -122,13 +122,14 @@ def student_functions(
     distill: ml_collections.ConfigDict,
 ) -> tuple[Callable, Callable]:
     """The teacher's forward pass (eval mode, on variables passed in, not differentiated),
-    then the student's in two differentiable halves, split at its pooled features (the
-    representation where the classifier and the projector branch off):
+    then the student's in two differentiable halves, split at its taps (`mokd_jax.taps`:
+    `pooled` first, the representation where the classifier and the projectors branch
+    off, then the other taps of `networks.taps`, all from the same forward pass):
 
-    encode(student_params) -> (pooled, new batch_stats), in train mode;
-    head_objectives(params, pooled) -> (losses [K], (loss parts, logits)).
+    encode(student_params) -> (taps, new batch_stats), in train mode;
+    head_objectives(params, taps) -> (losses [K], (loss parts, logits)).
     """
-    student, projector = networks.student, networks.projector
+    student = networks.student
     teacher_logits, teacher_features = networks.teacher.apply(
         teacher_variables,
         normalization.apply(networks.teacher_input, images),
@@ -136,8 +137,7 @@ def student_functions(
         return_features=True,
     )
     student_inputs = normalization.apply(networks.student_input, images)
-    # The projector and the losses run in float32 whatever the models' compute dtype.
-    teacher_pooled = teacher_features["pooled"].astype(jnp.float32)
+    teacher_taps = taps.select(teacher_features, networks.taps)
 
     def encode(student_params):
         features, updates = student.apply(
@@ -148,17 +148,18 @@ def student_functions(
             mutable=["batch_stats"],
             rngs=dropout_rngs(state.step),
         )
-        return features["pooled"].astype(jnp.float32), updates["batch_stats"]
+        return taps.select(features, networks.taps), updates["batch_stats"]
 
-    def head_objectives(params, pooled):
+    def head_objectives(params, student_taps):
+        pooled = student_taps[0]
         logits = student.apply({"params": params["student"]}, pooled, method="classify")
-        projected, target = projector.apply(
+        projections = networks.projector.apply(
             {"params": params["projector"], "constants": state.constants},
-            pooled,
-            teacher_pooled,
+            student_taps,
+            teacher_taps,
         )
         losses, parts = loss_vector(
-            logits, teacher_logits, labels, projected, target, state.step, distill
+            logits, teacher_logits, labels, projections, state.step, distill
         )
         return losses, (parts, logits)
 
@@ -170,8 +171,8 @@ def joined_objectives(encode: Callable, head_objectives: Callable) -> Callable:
     single `jax.vjp` differentiates: params -> (losses, (loss parts, logits, batch_stats))."""
 
     def objectives(params):
-        pooled, batch_stats = encode(params["student"])
-        losses, (parts, logits) = head_objectives(params, pooled)
+        student_taps, batch_stats = encode(params["student"])
+        losses, (parts, logits) = head_objectives(params, student_taps)
         return losses, (parts, logits, batch_stats)
 
     return objectives
@@ -197,16 +198,20 @@ def row_gradients(objectives: Callable, params, rows_for: Callable):
 def representation_gradients(encode, head_objectives, params, combine):
     """Gradients for a representation method (GradDrop), as one row [1, ...].
 
-    Two pullbacks instead of one: the head's (classifier, projector and losses, from the
-    pooled features) gives every objective's gradient for the parameters after the
-    representation and for the representation itself; `combine` merges the latter, and the
-    encoder's pullback carries the merged representation gradient into the encoder.
+    Two pullbacks instead of one: the head's (classifier, projectors and losses, from the
+    student's taps) gives every objective's gradient for the parameters after the
+    representation and for each tap; `combine` merges the objectives' gradients at the
+    representation, the pooled features (the first tap), while the other taps' gradients
+    (the feature losses of the earlier scales) are summed over the objectives, as the
+    ordinary pullback would; the encoder's pullback carries both into the encoder.
     """
-    pooled, encoder_pullback, batch_stats = jax.vjp(encode, params["student"], has_aux=True)
-    losses, head_pullback, (parts, logits) = jax.vjp(head_objectives, params, pooled, has_aux=True)
-    parameter_rows, representation_rows = jax.vmap(head_pullback)(jnp.eye(losses.shape[0]))
-    combined, kept = combine(representation_rows)
-    (encoder_gradient,) = encoder_pullback(combined)
+    student_taps, encoder_pullback, batch_stats = jax.vjp(encode, params["student"], has_aux=True)
+    losses, head_pullback, (parts, logits) = jax.vjp(
+        head_objectives, params, student_taps, has_aux=True
+    )
+    parameter_rows, tap_rows = jax.vmap(head_pullback)(jnp.eye(losses.shape[0]))
+    combined, kept = combine(tap_rows[0])
+    (encoder_gradient,) = encoder_pullback((combined, *(rows.sum(0) for rows in tap_rows[1:])))
     gradient = jax.tree.map(lambda rows: rows.sum(0), parameter_rows)
     gradient["student"] = jax.tree.map(jnp.add, gradient["student"], encoder_gradient)
     rows = jax.tree.map(lambda leaf: leaf[None], gradient)

@@ -252,14 +252,7 @@ def distill_student(config, workdir, dataset, teacher_variables, teacher_input, 
         student_input=student_input,
     )
     tx = student_optimizer(config)
-    create = functools.partial(
-        create_student_state,
-        networks.student,
-        networks.projector,
-        dataset.image_shape,
-        networks.teacher.feature_width,
-        tx,
-    )
+    create = functools.partial(create_student_state, networks, dataset.image_shape, tx)
     fingerprint = student_fingerprint(config, dataset, teacher_input)
     manager = open_phase_manager(config, workdir, "student")
     state, shardings = initial_state(

@@ -45,10 +45,7 @@ def run_distillation(mesh, aggregator="mokd", fsdp_min_size=2**18, guard=False):
         mesh,
         fsdp_min_size,
     )
-    create = functools.partial(
-        state_lib.create_student_state,
-        nets.student, nets.projector, dataset.image_shape, nets.teacher.feature_width, tx,
-    )  # fmt: skip
+    create = functools.partial(state_lib.create_student_state, nets, dataset.image_shape, tx)
     abstract = jax.eval_shape(create, jax.random.key(0))
     shardings = parallel.tree_shardings(mesh, abstract, fsdp_min_size)
     state = jax.jit(create, out_shardings=shardings)(jax.random.key(1))

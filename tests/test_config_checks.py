@@ -27,6 +27,8 @@ BAD_FIELDS = [
     ("distill.temperature", 0.0),
     ("distill.task_weight", -0.1),
     ("projector.width_multiplier", 0),
+    ("projector.taps", "stage3"),
+    ("projector.orthogonal_init", True),  # replaced by projector.orthogonal
     ("aggregator", "nope"),
     ("granularity", "per_block"),
     ("aggregation.mokd.max_norm", -1.0),

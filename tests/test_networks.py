@@ -1,21 +1,37 @@
-"""mokd_jax.networks: one function builds teacher, student and projector from a config."""
+"""mokd_jax.networks: one function builds teacher, student and projectors from a config."""
 
+import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 from configs import default
-from mokd_jax import networks, normalization
+from mokd_jax import networks, normalization, state
 
 INPUTS = dict(teacher_input=normalization.IMAGENET, student_input=normalization.UNIT)
 
 
 @pytest.mark.parametrize("multiplier", [1, 3])
-def test_projector_width_is_a_multiple_of_the_teachers_feature_width(multiplier):
+def test_each_taps_projector_is_a_multiple_of_its_teacher_taps_width(multiplier):
+    """Digits: cnn_large (stages 32, 64, 96) teaches cnn_small (16, 32, 48); the multi-scale
+    taps are the pooled features and the pooled second stage."""
     config = default.get_config()
     config.projector.width_multiplier = multiplier
     nets = networks.build_networks(config, 10, 8, **INPUTS)
-    assert nets.projector.width == multiplier * nets.teacher.feature_width
-    assert nets.projector.seed == config.seed
+    assert (nets.taps, nets.projector.seed) == ("multi_scale", config.seed)
+    params = state.create_student_state(nets, (8, 8, 1), optax.sgd(0.1), jax.random.key(0)).params
+    kernels = {
+        name: tap["lift_student"]["kernel"].shape for name, tap in params["projector"].items()
+    }
+    assert kernels == {"tap0": (48, multiplier * 96), "tap1": (32, multiplier * 64)}
+
+
+def test_the_pooled_tap_set_is_one_projector():
+    config = default.get_config()
+    config.projector.taps = "pooled"
+    nets = networks.build_networks(config, 10, 8, **INPUTS)
+    params = state.create_student_state(nets, (8, 8, 1), optax.sgd(0.1), jax.random.key(0)).params
+    assert list(params["projector"]) == ["tap0"]
 
 
 def test_models_follow_the_config_names_classes_and_dtype():

@@ -76,7 +76,7 @@ def test_objective_vectors_merged_and_separate():
     logits, teacher = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
     projected, target = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
     labels = jnp.array([0, 1, 2, 0])
-    args = (logits, teacher, labels, projected, target, jnp.array(0))
+    args = (logits, teacher, labels, [(projected, target)], jnp.array(0))
     merged, parts = objectives.loss_vector(*args, distill_config())
     separate, _ = objectives.loss_vector(*args, distill_config(objectives="separate"))
     assert merged.shape == (2,) and separate.shape == (3,)

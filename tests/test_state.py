@@ -32,18 +32,18 @@ def test_teacher_state_starts_at_step_zero_with_its_variables_and_optimizer():
     assert teacher_state.constants == {}
 
 
-def test_student_state_holds_student_and_projector_params_and_the_fixed_lift():
+def test_student_state_holds_student_and_projector_params_and_the_fixed_lifts():
     nets = small_networks()
-    student_state = state.create_student_state(
-        nets.student, nets.projector, (8, 8, 1), nets.teacher.feature_width,
-        optax.adam(1e-3), jax.random.key(0),
-    )  # fmt: skip
+    student_state = state.create_student_state(nets, (8, 8, 1), optax.adam(1e-3), jax.random.key(0))
     assert set(student_state.params) == {"student", "projector"}
-    assert set(student_state.constants) == {"teacher_lift"}
-    lift = student_state.constants["teacher_lift"]
-    assert lift.shape[-1] == nets.teacher.feature_width or lift.shape[0] == (
-        nets.teacher.feature_width
+    variables = state.init_model(nets.student, (8, 8, 1), jax.random.key(0))
+    assert jax.tree.structure(student_state.params["student"]) == jax.tree.structure(
+        variables["params"]
     )
+    # One fixed lift per tap of the default multi-scale set, from its teacher tap's width
+    # (cnn_large: pooled 96, second stage 64) into twice that.
+    lifts = {name: tap["teacher_lift"].shape for name, tap in student_state.constants.items()}
+    assert lifts == {"tap0": (96, 192), "tap1": (64, 128)}
     assert jax.tree.leaves(student_state.batch_stats)  # cnn_small has BatchNorm
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from mokd_jax import aggregation, data, networks, objectives, optimizers, state, steps
+from mokd_jax import aggregation, data, networks, objectives, optimizers, state, steps, subspace
 from mokd_jax.normalization import UNIT, Normalization
 
 
@@ -35,10 +35,7 @@ def step_parts(config) -> StepParts:
         config, dataset.num_classes, images.shape[1], teacher_input=UNIT, student_input=UNIT
     )
     tx = optimizers.student_optimizer(config)
-    create_state = functools.partial(
-        state.create_student_state,
-        nets.student, nets.projector, images.shape[1:], nets.teacher.feature_width, tx,
-    )  # fmt: skip
+    create_state = functools.partial(state.create_student_state, nets, images.shape[1:], tx)
     return StepParts(images, labels, nets, tx, create_state)
 
 
@@ -76,7 +73,7 @@ def test_distill_step_updates_student_and_projector_only():
     for part in ("student", "projector"):
         assert changed(before.params[part], after.params[part]), part
     jax.tree.map(np.testing.assert_array_equal, teacher_before, jax.device_get(teacher_variables))
-    np.testing.assert_array_equal(after.constants["teacher_lift"], before.constants["teacher_lift"])
+    jax.tree.map(np.testing.assert_array_equal, after.constants, before.constants)
     expected = {
         "loss_task", "loss_distill", "loss_kd_logit", "loss_kd_feature", "weight_task",
         "weight_distill", "cos_task_distill", "norm_ratio_distill", "accuracy", "conflict",
@@ -131,8 +128,9 @@ def test_three_objectives_with_dkd_log_every_objective():
 
 def test_representation_path_with_everything_kept_equals_the_plain_sum():
     """GradDrop's two pullbacks (head, then encoder with the combined representation
-    gradient) reproduce the one-pullback gradient of the summed losses when nothing is
-    dropped: the plumbing of `representation_gradients` is exact."""
+    gradient and the other taps' gradients) reproduce the one-pullback gradient of the
+    summed losses when nothing is dropped: the plumbing of `representation_gradients` is
+    exact, the second tap of the default multi-scale set included."""
     config = default.get_config("smoke")
     parts = step_parts(config)
     student_state = parts.create_state(jax.random.key(2))
@@ -142,8 +140,8 @@ def test_representation_path_with_everything_kept_equals_the_plain_sum():
     )  # fmt: skip
 
     def summed(params):
-        pooled, _ = encode(params["student"])
-        return head_objectives(params, pooled)[0].sum()
+        student_taps, _ = encode(params["student"])
+        return head_objectives(params, student_taps)[0].sum()
 
     keep_everything = lambda g: (g.sum(0), jnp.ones(2))  # noqa: E731
     rows, _, _, _ = jax.jit(
@@ -156,6 +154,61 @@ def test_representation_path_with_everything_kept_equals_the_plain_sum():
         lambda row, want: np.testing.assert_allclose(row[0], want, rtol=2e-4, atol=1e-6),
         rows, expected,
     )  # fmt: skip
+
+
+def encoder_gradients_with_the_representation_dropped(tap_set: str) -> dict:
+    """The student's gradient from `representation_gradients` when the combination keeps
+    nothing at the pooled features."""
+    config = default.get_config("smoke")
+    config.projector.taps = tap_set
+    parts = step_parts(config)
+    student_state = parts.create_state(jax.random.key(2))
+    encode, head_objectives = steps.student_functions(
+        student_state, teacher_variables_for(parts), parts.images, parts.labels,
+        networks=parts.networks, distill=config.distill,
+    )  # fmt: skip
+    drop_everything = lambda g: (jnp.zeros_like(g[0]), jnp.zeros(2))  # noqa: E731
+    rows, _, _, _ = jax.jit(
+        lambda params: steps.representation_gradients(
+            encode, head_objectives, params, drop_everything
+        )
+    )(student_state.params)
+    return rows["student"]
+
+
+def test_the_other_taps_reach_the_encoder_past_the_representation():
+    """GradDrop's representation is the pooled features; with several taps, the second
+    tap's feature loss reaches the encoder through the ordinary pullback, so the first stage
+    still learns when everything is dropped at the representation, and only then."""
+    first_stage = lambda gradient: jax.tree.leaves(gradient["stages_0_0"])  # noqa: E731
+    multi_scale = encoder_gradients_with_the_representation_dropped("multi_scale")
+    pooled_only = encoder_gradients_with_the_representation_dropped("pooled")
+    assert max(float(jnp.abs(leaf).max()) for leaf in first_stage(multi_scale)) > 1e-6
+    assert all(not np.any(np.asarray(leaf)) for leaf in first_stage(pooled_only))
+
+
+def test_orthogonal_student_lifts_stay_orthogonal_through_the_trainers_steps():
+    """Three trainer steps with `projector.orthogonal`: every tap's lift has moved and its
+    map still has orthonormal rows (cnn_small's taps, 48 and 32 wide, into 192 and 128)."""
+    config = default.get_config("smoke")
+    config.projector.orthogonal = True
+    config.student.warmup_steps = 0
+    parts = step_parts(config)
+    step = jax.jit(steps.make_distill_step(config, parts.networks, parts.tx))
+    before = parts.create_state(jax.random.key(2))
+    after = before
+    for _ in range(3):
+        after, _ = step(after, teacher_variables_for(parts), parts.images, parts.labels)
+    for name, tap in after.params["projector"].items():
+        kernel = tap["lift_student"]["kernel"]
+        lift = (
+            subspace.OrthogonalDense(kernel.shape[1]).apply(
+                {"params": tap["lift_student"]}, jnp.eye(kernel.shape[0])
+            )
+            - tap["lift_student"]["bias"]
+        )
+        np.testing.assert_allclose(lift @ lift.T, np.eye(kernel.shape[0]), atol=1e-5)
+        assert changed(before.params["projector"][name], tap), name
 
 
 @pytest.mark.slow

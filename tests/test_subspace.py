@@ -1,19 +1,27 @@
-"""mokd_jax.subspace.SubspaceProjector: what its docstring promises.
+"""mokd_jax.subspace: what its docstring promises.
 
 Shapes and per-sample standardisation of both outputs, the teacher lift (a fixed matrix
-with orthonormal rows in the `constants` collection, drawn from `seed`, an isometry), the
-orthogonal student initialisation, determinism, scale invariance, an exact match giving a
-zero feature loss, and where the gradient goes.
+with orthonormal rows in the `constants` collection, drawn from `seed` and the tap, an
+isometry), the student lift kept orthogonal through training (`orthogonal=True`),
+determinism, scale invariance, an exact match giving a zero feature loss, where the
+gradient goes, and one projector per tap (`TapProjectors`).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mokd_jax import objectives
 from mokd_jax.errors import InputError
-from mokd_jax.subspace import SubspaceProjector, standardize
+from mokd_jax.subspace import (
+    OrthogonalDense,
+    SubspaceProjector,
+    TapProjectors,
+    semi_orthogonal,
+    standardize,
+)
 
 BATCH, STUDENT_WIDTH, TEACHER_WIDTH, WIDTH = 5, 6, 4, 8
 
@@ -87,7 +95,7 @@ def test_teacher_lift_depends_on_the_seed_only():
 
 
 def test_init_is_deterministic_per_key():
-    projector = SubspaceProjector(width=WIDTH, orthogonal_init=True)
+    projector = SubspaceProjector(width=WIDTH, orthogonal=True)
     jax.tree.map(np.testing.assert_array_equal, init(projector, 3), init(projector, 3))
     other = init(projector, 4)["params"]["lift_student"]["kernel"]
     assert not np.allclose(init(projector, 3)["params"]["lift_student"]["kernel"], other)
@@ -96,12 +104,69 @@ def test_init_is_deterministic_per_key():
     jax.tree.map(np.testing.assert_array_equal, first, projector.apply(variables, *features(1)))
 
 
-@pytest.mark.parametrize("orthogonal_init", [True, False])
-def test_orthogonal_init_gives_an_orthonormal_student_lift(orthogonal_init):
-    projector = SubspaceProjector(width=WIDTH, orthogonal_init=orthogonal_init)
-    kernel = np.asarray(init(projector)["params"]["lift_student"]["kernel"])  # [d_s, D]
-    orthonormal = np.allclose(kernel @ kernel.T, np.eye(STUDENT_WIDTH), atol=1e-5)
-    assert orthonormal == orthogonal_init  # the default (LeCun normal) is not
+@pytest.mark.parametrize("shape", [(3, 7), (7, 3), (4, 4)])
+def test_semi_orthogonal_gives_orthonormal_rows_or_columns(shape):
+    """Rows when the matrix is wide (the student narrower than the subspace), columns when
+    it is tall; an orthogonal matrix is its own orthonormal factor."""
+    matrix = jax.random.normal(jax.random.key(0), shape)
+    factor = np.asarray(semi_orthogonal(matrix), np.float64)
+    assert factor.shape == shape
+    small = min(shape)
+    gram = factor @ factor.T if shape[0] <= shape[1] else factor.T @ factor
+    np.testing.assert_allclose(gram, np.eye(small), atol=1e-6)
+    np.testing.assert_allclose(semi_orthogonal(jnp.asarray(factor, jnp.float32)), factor, atol=1e-6)
+
+
+def effective_lift(lift_params) -> np.ndarray:
+    """The map an `OrthogonalDense` applies, read off its outputs: the images of the unit
+    vectors minus the bias, [d_s, D]."""
+    kernel = lift_params["kernel"]
+    rows = OrthogonalDense(kernel.shape[1]).apply({"params": lift_params}, jnp.eye(kernel.shape[0]))
+    return np.asarray(rows - lift_params["bias"], np.float64)
+
+
+def trained(projector, steps: int = 20):
+    """The projector's variables after `steps` Adam steps on the feature loss of one
+    batch, and the losses before and after."""
+    variables = init(projector)
+    student, teacher = features(6, batch=16)
+    tx = optax.adam(0.05)
+
+    def loss(params):
+        outputs = projector.apply({**variables, "params": params}, student, teacher)
+        return objectives.feature_distance(*outputs)
+
+    @jax.jit
+    def step(params, opt_state):
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = variables["params"], tx.init(variables["params"])
+    first = float(loss(params))
+    for _ in range(steps):
+        params, opt_state = step(params, opt_state)
+    return {**variables, "params": params}, first, float(loss(params))
+
+
+def test_an_orthogonal_student_lift_stays_orthogonal_through_training():
+    """The lift is a parameterisation, not an init: after 20 Adam steps it has moved, the
+    loss has dropped, and the map applied still has orthonormal rows (W W^T = I)."""
+    projector = SubspaceProjector(width=WIDTH, orthogonal=True)
+    start = effective_lift(init(projector)["params"]["lift_student"])
+    variables, first, last = trained(projector)
+    lift = effective_lift(variables["params"]["lift_student"])
+    np.testing.assert_allclose(start @ start.T, np.eye(STUDENT_WIDTH), atol=1e-5)
+    np.testing.assert_allclose(lift @ lift.T, np.eye(STUDENT_WIDTH), atol=1e-5)
+    assert np.abs(lift - start).max() > 0.1
+    assert last < first
+
+
+def test_a_plain_student_lift_does_not_stay_orthogonal():
+    """Without the parameterisation the trained lift leaves the orthogonal matrices: the
+    Gram check above can fail."""
+    variables, _, _ = trained(SubspaceProjector(width=WIDTH))
+    kernel = np.asarray(variables["params"]["lift_student"]["kernel"])
+    assert not np.allclose(kernel @ kernel.T, np.eye(STUDENT_WIDTH), atol=1e-2)
 
 
 def test_shrinking_the_student_lift_or_the_teacher_features_changes_nothing():
@@ -152,3 +217,35 @@ def test_gradient_reaches_the_student_lift_but_not_the_teacher_lift():
     for leaf in jax.tree.leaves(gradients["params"]):
         assert float(jnp.abs(leaf).max()) > 1e-6
     np.testing.assert_array_equal(gradients["constants"]["teacher_lift"], 0.0)
+
+
+def test_tap_projectors_hold_one_projector_per_tap_at_its_teachers_width():
+    """Each tap gets its own student lift (from its student width) and fixed teacher lift,
+    `width_multiplier` x its teacher tap's width; different taps, different lifts."""
+    student_taps = (jnp.ones((BATCH, 6)), jnp.ones((BATCH, 3)))
+    teacher_taps = (jnp.ones((BATCH, 4)), jnp.ones((BATCH, 4)))
+    projector = TapProjectors(width_multiplier=3, seed=1)
+    variables = projector.init(jax.random.key(0), student_taps, teacher_taps)
+    assert set(variables["params"]) == set(variables["constants"]) == {"tap0", "tap1"}
+    for name, student_width in (("tap0", 6), ("tap1", 3)):
+        assert variables["params"][name]["lift_student"]["kernel"].shape == (student_width, 12)
+        assert variables["constants"][name]["teacher_lift"].shape == (4, 12)
+    lifts = [np.asarray(variables["constants"][name]["teacher_lift"]) for name in ("tap0", "tap1")]
+    assert not np.allclose(*lifts)
+    pairs = projector.apply(variables, student_taps, teacher_taps)
+    assert [tuple(output.shape for output in pair) for pair in pairs] == [((BATCH, 12),) * 2] * 2
+
+
+def test_the_first_tap_is_the_single_projector():
+    """`tap0` of `TapProjectors` is the `SubspaceProjector` of the same seed: the single
+    pooled projector is the one-tap case."""
+    student, teacher = features(7)
+    single = SubspaceProjector(width=2 * TEACHER_WIDTH, seed=3)
+    taps = TapProjectors(width_multiplier=2, seed=3)
+    variables = taps.init(jax.random.key(0), (student,), (teacher,))
+    single_variables = {collection: tree["tap0"] for collection, tree in variables.items()}
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        single.apply(single_variables, student, teacher),
+        taps.apply(variables, (student,), (teacher,))[0],
+    )
