@@ -93,7 +93,7 @@ def test_task_and_logit_weights_scale_their_objectives_and_leave_the_parts_raw(o
     rng = np.random.default_rng(3)
     logits, teacher = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
     projected, target = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
-    args = (logits, teacher, jnp.array([0, 1, 2, 0]), projected, target, jnp.array(0))
+    args = (logits, teacher, jnp.array([0, 1, 2, 0]), [(projected, target)], jnp.array(0))
     unit, parts = objectives.loss_vector(*args, distill_config(objectives=objectives_kind))
     weighted, weighted_parts = objectives.loss_vector(
         *args, distill_config(objectives=objectives_kind, task_weight=0.1, logit_weight=0.9)
