@@ -565,6 +565,35 @@ def test_chains_with_sgd_under_jit(name):
     assert aggregation.weights(opt_state).shape == (2,)
 
 
+def float64_update(name: str, rows: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Two steps of `name` on float64 gradients and losses under x64: the second step's
+    update [17] (a representation method: its combination of the rows as representation
+    gradients [K, 1, 17])."""
+    with jax.enable_x64(True):
+        tree = jax.tree.map(lambda g: g.astype(jnp.float64), to_tree(rows))
+        losses = jnp.asarray(losses, jnp.float64)
+        tx = aggregation.get(name, num_objectives=len(rows))
+        state = tx.init(params_like(tree))
+        spec = aggregation.spec(name)
+        if spec.drive == aggregation.REPRESENTATION:
+            combined, _ = jax.jit(spec.combine_representation)(state, jnp.asarray(rows)[:, None])
+            assert combined.dtype == jnp.float64
+            return np.asarray(combined[0])
+        update = jax.jit(functools.partial(tx.update, losses=losses))
+        for _ in range(2):
+            out, state = update(method_input(name, state, tree, losses), state, params_like(tree))
+        assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(out))
+        return to_rows(out)
+
+
+@pytest.mark.parametrize("name", aggregation.NAMES)
+@pytest.mark.parametrize("num_objectives", [2, 3])
+def test_every_method_runs_on_float64_gradients(name, num_objectives):
+    skip_unless_defined(name, num_objectives)
+    rows, losses = random_rows(4, num_objectives)
+    assert np.all(np.isfinite(float64_update(name, rows, losses)))
+
+
 # ---------------------------------------------------------------- through the trainer's step
 
 

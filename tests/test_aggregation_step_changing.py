@@ -190,7 +190,7 @@ def numpy_graddrop(gradients, uniform, leak=0.0):
 
 def graddrop_uniform(state, shape):
     """The U that `combine_representation` draws from this state."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+    key, _ = graddrop.step_keys(state.key)
     return np.asarray(jax.random.uniform(key, shape), np.float64)
 
 
@@ -235,3 +235,15 @@ def test_graddrop_update_passes_the_gradient_on_and_advances_its_key():
     np.testing.assert_array_equal(np.asarray(tx.init(None).key), np.asarray(state.key))
     with pytest.raises(InputError, match="aggregator.leak=2"):
         aggregation.get("graddrop", leak=2)
+
+
+def test_graddrop_never_carries_on_a_key_it_drew_from():
+    tx = aggregation.get("graddrop", seed=3)
+    state = tx.init(None)
+    drawn, carried = [], [np.asarray(state.key)]
+    for _ in range(4):
+        drawn.append(np.asarray(jax.random.key_data(graddrop.step_keys(state.key)[0])))
+        _, state = tx.update({"w": jnp.ones((1, 4))}, state, losses=jnp.ones(2), kept=jnp.ones(2))
+        carried.append(np.asarray(state.key))
+    keys = {key.tobytes() for key in drawn + carried}
+    assert len(keys) == len(drawn) + len(carried)  # every draw's key is fresh, none carried

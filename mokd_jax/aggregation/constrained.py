@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mokd_jax.aggregation.gram import EPS, clip_weights, combination_norm, dot, safe_divide
+from mokd_jax.aggregation.gram import (
+    EPS,
+    clip_weights,
+    combination_norm,
+    dot,
+    pair_move,
+    safe_divide,
+)
 from mokd_jax.aggregation.transform import Weighting, stateless
 from mokd_jax.checks import check_int, check_positive, check_range
 from mokd_jax.errors import invalid
@@ -81,7 +88,7 @@ def cagrad_simplex_weights(gram: jax.Array, radius: jax.Array, iterations: int) 
         )
         gain = -(linear * step + radius * length_change)
         towards, away = jnp.unravel_index(jnp.argmax(gain), gram.shape)
-        moved = jax.nn.one_hot(towards, num_objectives) - jax.nn.one_hot(away, num_objectives)
+        moved = pair_move(towards, away, weights)
         return weights + step[towards, away] * moved
 
     return jax.lax.fori_loop(0, iterations, best_pair_step, uniform)

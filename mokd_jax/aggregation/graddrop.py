@@ -14,6 +14,9 @@ representations), so a feature's mask is shared by the examples; d keeps the per
 gradients. The trainer pulls d back through the encoder (one more backward) and sums the
 objectives' gradients for the parameters after the representation. The transform itself
 then only hands the resulting gradient on and advances its PRNG key.
+
+Each step splits the state's key in two (`step_keys`): one half draws this step's U, the
+other is carried to the next step, so no key is ever used for a draw and carried on.
 """
 
 from typing import Any, NamedTuple
@@ -37,15 +40,22 @@ class GradDropState(NamedTuple):
     leak: jax.Array
 
 
+def step_keys(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The state's key data -> (this step's key for U, the key carried to the next step):
+    the two halves of one split, never the same key."""
+    draw, carried = jax.random.split(jax.random.wrap_key_data(key_data))
+    return draw, carried
+
+
 def combine_representation(
     state: GradDropState, gradients: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """The GradDrop combination of representation gradients [K, B, ...] -> ([B, ...], the
     kept fraction per objective [K]), with the U drawn from `state`'s key."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+    key, _ = step_keys(state.key)
     summed = gradients.sum(axis=1)  # over the batch
     purity = 0.5 * (1.0 + summed.sum(0) / (jnp.abs(summed).sum(0) + EPS))
-    uniform = jax.random.uniform(key, purity.shape)
+    uniform = jax.random.uniform(key, purity.shape, purity.dtype)
     positive = (purity > uniform) & (summed > 0)
     negative = (purity < uniform) & (summed < 0)
     keep = state.leak + (1.0 - state.leak) * (positive | negative).astype(gradients.dtype)
@@ -69,8 +79,8 @@ def graddrop(
     def update_fn(updates, state, params=None, *, losses=None, kept=None, **extra):
         del params, losses, extra
         gradient = jax.tree.map(lambda leaf: leaf[0], updates)
-        next_key = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.key))[0])
+        _, carried = step_keys(state.key)
         weights = state.weights if kept is None else kept.astype(jnp.float32)
-        return gradient, GradDropState(weights, next_key, state.leak)
+        return gradient, GradDropState(weights, jax.random.key_data(carried), state.leak)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -162,6 +162,16 @@ def conflict_diagnostics(
     return diagnostics
 
 
+def pair_move(towards: jax.Array, away: jax.Array, weights: jax.Array) -> jax.Array:
+    """e_towards - e_away in the dtype of `weights`: the direction of a pairwise step of the
+    simplex solvers (one_hot's default dtype is float64 under x64, which would change a
+    float32 loop carry's type)."""
+    size = weights.shape[0]
+    return jax.nn.one_hot(towards, size, dtype=weights.dtype) - jax.nn.one_hot(
+        away, size, dtype=weights.dtype
+    )
+
+
 def min_norm_weights(gram: jax.Array, iterations: int = 100) -> jax.Array:
     """Weights w on the simplex minimising ||J^T w||^2 = w^T G w (the MGDA sub-problem).
 
@@ -206,10 +216,10 @@ def min_norm_weights(gram: jax.Array, iterations: int = 100) -> jax.Array:
         step = jnp.clip(safe_divide(slope, curvature, room, floor=0.0), 0.0, room)
         gain = step * (2.0 * slope - step * curvature)
         towards, away = jnp.unravel_index(jnp.argmax(gain), gram.shape)
-        moved = jax.nn.one_hot(towards, num_objectives) - jax.nn.one_hot(away, num_objectives)
+        moved = pair_move(towards, away, weights)
         return weights + step[towards, away] * moved
 
-    uniform = jnp.full((num_objectives,), 1.0 / num_objectives, jnp.float32)
+    uniform = jnp.full((num_objectives,), 1.0 / num_objectives, gram.dtype)
     return jax.lax.fori_loop(0, iterations, best_pair_step, uniform)
 
 

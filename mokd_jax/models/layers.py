@@ -92,7 +92,11 @@ def batch_norm(
     name: str | None = None,
 ) -> nn.BatchNorm:
     """torch's BatchNorm2d defaults (torch momentum 0.1 is flax momentum 0.9), scale 1 and
-    bias 0 unless `scale_init` says otherwise."""
+    bias 0 unless `scale_init` says otherwise.
+
+    One difference from torch is kept: the running variance averages the batch's biased
+    variance, where torch averages the unbiased one (x n / (n - 1), n = batch x height x
+    width); it changes only eval-mode statistics, by under 1e-3 relative for n > 1000."""
     return nn.BatchNorm(momentum=0.9, epsilon=1e-5, scale_init=scale_init, dtype=dtype, name=name)
 
 
