@@ -161,6 +161,40 @@ def test_processes_read_disjoint_parts_covering_the_split():
     assert sorted(np.concatenate([first, second])) == list(range(12))
 
 
+def test_repeated_takes_each_example_three_times_and_keeps_the_length():
+    examples = tf.data.Dataset.range(10)
+    copies = list(tfds_pipeline.repeated(examples, 3, 10).as_numpy_iterator())
+    assert copies == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert list(tfds_pipeline.repeated(examples, 1, 10).as_numpy_iterator()) == list(range(10))
+
+
+def test_the_deit_recipe_repeats_each_example_with_its_own_augmentation():
+    """timm's RepeatAugSampler (3 repeats, epoch length kept), on 12 examples labelled by
+    their index: an epoch is 4 distinct examples 3 times each, the copies augmented apart,
+    and the next epoch draws another subset."""
+    with tfds.testing.mock_data(num_examples=12, as_dataset_fn=_sliced_mock(12)):
+        batches = _take(
+            tfds_pipeline.train_batches("cifar100", "", 3, 0, image_size=32, recipe="deit"), 8
+        )
+    images = np.concatenate([images for images, _ in batches])
+    labels = np.concatenate([labels for _, labels in batches])
+    first, second = labels[:12], labels[12:]
+    for epoch in (first, second):
+        values, counts = np.unique(epoch, return_counts=True)
+        assert len(values) == 4 and (counts == 3).all()
+        np.testing.assert_array_equal(epoch, np.repeat(epoch[::3], 3))
+    assert set(first) != set(second)
+    for copy in range(4):
+        copies = images[3 * copy : 3 * copy + 3]
+        assert not np.array_equal(copies[0], copies[1]) and not np.array_equal(copies[1], copies[2])
+
+
+def test_recipes_interpolations_and_repeats():
+    assert tfds_pipeline._RECIPES["standard"].interpolation == "bilinear"
+    assert tfds_pipeline._RECIPES["deit"].interpolation == "bicubic"
+    assert [tfds_pipeline._RECIPES[name].repeats for name in ("standard", "deit")] == [1, 3]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
