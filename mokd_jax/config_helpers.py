@@ -34,6 +34,9 @@ def phase_section(model: str, num_train_steps: int) -> ml_collections.ConfigDict
     section.optimizer = "adamw"
     section.learning_rate = 3e-3
     section.weight_decay = 1e-4
+    # Which parameters decay (`mokd_jax.optimizers.WEIGHT_DECAY_MASKS`): 'all', or 'timm':
+    # not the biases, norm scales, pos_embed and cls_token (the DeiT recipe).
+    section.weight_decay_mask = "all"
     section.warmup_steps = 50
     section.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
     section.decay_boundaries = ()
