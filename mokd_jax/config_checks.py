@@ -51,6 +51,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("mixup_alpha", "cutmix_alpha"):
         check_nonnegative(f"augment.{field}", config.augment[field])
     check_range("augment.label_smoothing", config.augment.label_smoothing, 0, 1, open_high=True)
+    check_range("augment.random_erasing", config.augment.random_erasing, 0, 1)
     check_choice("dtype", config.dtype, models.DTYPES)
     check_int("mesh.fsdp_min_size", config.mesh.fsdp_min_size, 0)
     check_choice("distill.objectives", config.distill.objectives, tuple(OBJECTIVES))
