@@ -3,8 +3,8 @@
 ImageNet does not fit in host memory, so unlike `mokd_jax.data.InMemoryDataset` these
 pipelines read the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3]
 (the jitted step normalises them for each network, `mokd_jax.normalization`) and int32
-labels [B]. RandAugment, the host side of the 'deit' recipe, is in
-`mokd_jax.data.randaugment`.
+labels [B]. The 'deit' recipe's host side (`_RECIPES`): bicubic resizes, RandAugment
+(`mokd_jax.data.randaugment`) and repeated augmentation (`repeated`).
 
 Nothing here downloads. A dataset must already be prepared under `data_dir`:
   - cifar10 / cifar100: `tfds build cifar10 --data_dir=DIR` where the internet is reachable
@@ -18,7 +18,8 @@ An unprepared `data_dir` raises a one-line `InputError` that says this.
 Determinism and resume (`train_batches`): epoch e of host p is a pure function of
 (seed, p, e). Its TFDS file order and its `shuffle` buffer are seeded with values drawn from
 (seed, p, e), and each example's augmentation uses stateless random ops seeded with
-(seed, p, e) folded with the example's position in the epoch. Resuming at step s = e * n + k
+(seed, p, e) folded with the example's position in the epoch (repeated copies of an
+example have positions of their own). Resuming at step s = e * n + k
 (n steps per epoch) rebuilds epoch e and skips its first k * batch_size examples before they
 are decoded, so the batches are bitwise those of an uninterrupted run. The cost: the skipped
 records are still read and shuffled (no JPEG decoding or augmentation), up to one epoch of
