@@ -11,9 +11,12 @@ PAIR (default resnet34_resnet18):
                           at epochs 30, 60 and 90 (torchvision's lr 0.1 per 256 images).
     resnet50_mobilenet_v1 the same recipe (configs/imagenet/r50_mv1/*.yaml).
     regnety160_deit_tiny, regnety160_deit_small
-                          DeiT recipe: AdamW lr 1e-3 at batch 1024, wd 0.05, 300 epochs,
-                          5 warm-up epochs then cosine, RandAugment (m9, n2), Mixup 0.8,
-                          CutMix 1.0, label smoothing 0.1.
+                          DeiT recipe (DeiT's main.py): AdamW lr 1e-3 at batch 1024, wd
+                          0.05 off biases, norms, pos_embed and cls_token, 300 epochs, 5
+                          warm-up epochs then cosine, drop-path 0.1, bicubic
+                          RandomResizedCrop, RandAugment (m9, mstd 0.5, n2), 3x repeated
+                          augmentation, random erasing 0.25, Mixup 0.8, CutMix 1.0, label
+                          smoothing 0.1.
 Append ',smoke' (e.g. 'resnet34_resnet18,kd,smoke', or 'smoke' alone) for a few steps of
 tiny models at 32 px: what the tests run under tfds.testing.mock_data.
 
@@ -107,7 +110,11 @@ def deit_recipe(config: ml_collections.ConfigDict, teacher: str, student: str) -
     )
     config_helpers.set_phase(config.teacher, model=teacher, **recipe)
     config_helpers.set_phase(config.student, model=student, **recipe)
+    # timm's param_groups_weight_decay: no decay on biases, norms, pos_embed, cls_token.
+    config.student.weight_decay_mask = config.teacher.weight_decay_mask = "timm"
+    # Host: bicubic RandomResizedCrop, RandAugment m9-mstd0.5, 3 repeats; device: the rest.
     config.recipe = "deit"
+    config.augment.random_erasing = 0.25
     config.augment.mixup_alpha = 0.8
     config.augment.cutmix_alpha = 1.0
     config.augment.label_smoothing = 0.1

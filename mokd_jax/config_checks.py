@@ -10,7 +10,7 @@ from mokd_jax import aggregation, models, normalization
 from mokd_jax.checks import check_choice, check_int, check_nonnegative, check_positive, check_range
 from mokd_jax.errors import invalid
 from mokd_jax.objectives import LOGIT_LOSSES, OBJECTIVES
-from mokd_jax.optimizers import OPTIMIZERS, SCHEDULES, make_aggregator
+from mokd_jax.optimizers import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MASKS, make_aggregator
 from mokd_jax.taps import TAP_SETS
 
 
@@ -37,6 +37,7 @@ def check_phase(name: str, section: ml_collections.ConfigDict) -> None:
     check_int(f"{name}.steps_per_epoch", section.steps_per_epoch, 0)
     check_positive(f"{name}.learning_rate", section.learning_rate)
     check_choice(f"{name}.optimizer", section.optimizer, OPTIMIZERS)
+    check_choice(f"{name}.weight_decay_mask", section.weight_decay_mask, WEIGHT_DECAY_MASKS)
     check_schedule(name, section)
     normalization.parse(f"{name}.input_normalization", section.input_normalization)
 
@@ -64,6 +65,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("mixup_alpha", "cutmix_alpha"):
         check_nonnegative(f"augment.{field}", config.augment[field])
     check_range("augment.label_smoothing", config.augment.label_smoothing, 0, 1, open_high=True)
+    check_range("augment.random_erasing", config.augment.random_erasing, 0, 1)
     check_choice("dtype", config.dtype, models.DTYPES)
     check_int("mesh.fsdp_min_size", config.mesh.fsdp_min_size, 0)
     check_choice("distill.objectives", config.distill.objectives, tuple(OBJECTIVES))

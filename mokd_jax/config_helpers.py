@@ -34,6 +34,9 @@ def phase_section(model: str, num_train_steps: int) -> ml_collections.ConfigDict
     section.optimizer = "adamw"
     section.learning_rate = 3e-3
     section.weight_decay = 1e-4
+    # Which parameters decay (`mokd_jax.optimizers.WEIGHT_DECAY_MASKS`): 'all', or 'timm':
+    # not the biases, norm scales, pos_embed and cls_token (the DeiT recipe).
+    section.weight_decay_mask = "all"
     section.warmup_steps = 50
     section.schedule = "cosine"  # or "step": x decay_factor at each decay boundary
     section.decay_boundaries = ()
@@ -60,8 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.batch_size = 64  # global: split over every device and process
     config.eval_batch_size = 256
 
-    # Device-side batch mixing (the DeiT recipe: mixup 0.8, cutmix 1.0, smoothing 0.1).
+    # Device-side batch augmentation (the DeiT recipe: random erasing 0.25, then mixup 0.8,
+    # cutmix 1.0, smoothing 0.1; `mokd_jax.data.mixing`).
     config.augment = ml_collections.ConfigDict()
+    config.augment.random_erasing = 0.0  # probability per example (timm's 'pixel' mode)
     config.augment.mixup_alpha = 0.0
     config.augment.cutmix_alpha = 0.0
     config.augment.label_smoothing = 0.0

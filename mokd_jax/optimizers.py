@@ -6,8 +6,16 @@ optimizer then applies. A method that keeps its own momenta and weight decay
 (`AggregatorSpec.owns_momentum`: dot) is followed by plain SGD on the schedule instead, and
 takes the hyperparameters it shares with the optimizer (`from_optimizer`) from the
 student's section.
+
+Weight decay applies to every parameter (`weight_decay_mask` 'all': torchvision's and
+mdistiller's recipes), or, with 'timm', to all but the biases, the norm layers' scales and
+biases and the ViT's position embedding and class token (timm's
+`param_groups_weight_decay`: parameters of one dimension or less, and the names of the
+model's `no_weight_decay()`), as DeiT trains. A method that owns its weight decay (dot)
+decays what it decays itself.
 """
 
+import jax
 import ml_collections
 import optax
 
@@ -17,6 +25,9 @@ from mokd_jax.state import shared_mask
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
+WEIGHT_DECAY_MASKS = ("all", "timm")
+# timm's VisionTransformer.no_weight_decay(): decayed by no recipe that uses the 'timm' mask.
+NO_WEIGHT_DECAY_NAMES = frozenset({"pos_embed", "cls_token"})
 
 
 def learning_rate_schedule(section: ml_collections.ConfigDict) -> optax.Schedule:
@@ -41,14 +52,33 @@ def learning_rate_schedule(section: ml_collections.ConfigDict) -> optax.Schedule
     return optax.join_schedules([warmup, lambda step: decay(step + warmup_steps)], [warmup_steps])
 
 
+def timm_decay_mask(params):
+    """True for the parameters timm decays: more than one dimension, and not named in
+    NO_WEIGHT_DECAY_NAMES (a pytree of bools shaped as `params`)."""
+
+    def decayed(path, leaf) -> bool:
+        name = getattr(path[-1], "key", None)
+        return leaf.ndim > 1 and name not in NO_WEIGHT_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def decay_mask(section: ml_collections.ConfigDict):
+    """optax's `mask` argument for the section's `weight_decay_mask` (None: decay all)."""
+    return timm_decay_mask if section.weight_decay_mask == "timm" else None
+
+
 def make_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD with momentum 0.9 and L2 weight decay, or AdamW, on the schedule above."""
+    """SGD with momentum 0.9 and L2 weight decay, or AdamW, on the schedule above; the
+    decay on the parameters of `decay_mask`."""
     schedule = learning_rate_schedule(section)
+    mask = decay_mask(section)
     if section.optimizer == "sgd":
         return optax.chain(
-            optax.add_decayed_weights(section.weight_decay), optax.sgd(schedule, momentum=0.9)
+            optax.add_decayed_weights(section.weight_decay, mask),
+            optax.sgd(schedule, momentum=0.9),
         )
-    return optax.adamw(schedule, weight_decay=section.weight_decay)
+    return optax.adamw(schedule, weight_decay=section.weight_decay, mask=mask)
 
 
 def aggregator_hparams(config: ml_collections.ConfigDict) -> dict:

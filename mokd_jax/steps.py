@@ -26,7 +26,7 @@ import optax
 
 from mokd_jax import aggregation, normalization, taps
 from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix
-from mokd_jax.data.mixing import mixup_cutmix
+from mokd_jax.data.mixing import mixup_cutmix, random_erasing
 from mokd_jax.networks import Networks
 from mokd_jax.objectives import cross_entropy, hard_labels, loss_vector, objective_names
 from mokd_jax.state import TrainState
@@ -40,14 +40,18 @@ def mix_batch(
     seed: int,
     num_classes: int,
     augment: ml_collections.ConfigDict,
+    erase_statistics: normalization.Normalization,
 ) -> tuple[jax.Array, jax.Array]:
-    """Mixup/CutMix and label smoothing of one batch (float pixels, soft targets [B, C]);
-    the draw is a pure function of (seed, step), so resumed runs mix alike."""
-    key = jax.random.fold_in(jax.random.key(seed), step)
+    """Random erasing, Mixup/CutMix and label smoothing of one batch (float pixels, soft
+    targets [B, C]); the draw is a pure function of (seed, step), so resumed runs mix
+    alike. Erased pixels are noise in `erase_statistics` (`mixing.random_erasing`)."""
+    erase_key, mix_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
+    images = jnp.asarray(images, jnp.float32)
+    images = random_erasing(images, erase_key, augment.random_erasing, erase_statistics)
     return mixup_cutmix(
         images,
         labels,
-        key,
+        mix_key,
         num_classes,
         augment.mixup_alpha,
         augment.cutmix_alpha,
@@ -55,12 +59,23 @@ def mix_batch(
     )
 
 
+_BATCH_AUGMENTATIONS = ("mixup_alpha", "cutmix_alpha", "label_smoothing", "random_erasing")
+
+
 def batch_mixer(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> Callable | None:
-    """`mix_batch` for the config's `augment` section, or None when it is all off."""
+    """`mix_batch` for the config's `augment` section, or None when it is all off; erased
+    pixels are noise in the dataset's standard statistics (timm's ImageNet ones for
+    imagenet2012)."""
     augment = config.augment
-    if not (augment.mixup_alpha or augment.cutmix_alpha or augment.label_smoothing):
+    if not any(augment[field] for field in _BATCH_AUGMENTATIONS):
         return None
-    return functools.partial(mix_batch, seed=seed, num_classes=num_classes, augment=augment)
+    return functools.partial(
+        mix_batch,
+        seed=seed,
+        num_classes=num_classes,
+        augment=augment,
+        erase_statistics=normalization.for_dataset(config.dataset),
+    )
 
 
 def dropout_rngs(step: jax.Array) -> dict[str, jax.Array]:

@@ -1,7 +1,7 @@
 """Tests for the model zoo beyond the ResNets: MobileNetV1/V2, the CIFAR zoo (VGGs,
 mobile_half, ShuffleNets, the CIFAR ResNet50), ViT/DeiT and RegNetY-16GF (sizes against the
-reference figures, feature taps, parameter names, init), and the computation dtype of every
-model family.
+reference figures, feature taps, parameter names, init), DeiT's stochastic depth and
+float32 residual stream, and the computation dtype of every model family.
 
 Big models are only traced (`jax.eval_shape`); real forwards run on small inputs: a ViT at
 32 px and a scaled-down RegNetY (the BatchNorm-mode test of every family is in
@@ -21,6 +21,7 @@ from mokd_jax.models.layers import computation_dtype
 from mokd_jax.models.mobilenet import DepthwiseSeparable
 from mokd_jax.models.regnet import RegNet
 from mokd_jax.models.vgg import CFG_B, CFG_S
+from mokd_jax.models.vit import VisionTransformer, drop_path, drop_path_rates
 
 
 def _count(tree):
@@ -430,3 +431,78 @@ def test_bfloat16_spellings():
 def test_unknown_dtypes_are_input_errors(dtype):
     with pytest.raises(InputError, match=f"dtype={dtype!r} is not allowed: one of 'float32'"):
         models.get("vgg8", 10, dtype=dtype)
+
+
+# ------------------------------------------------------------------------ DeiT's ViT training
+
+
+def _tiny_vit(drop_path_rate=0.0, dtype=jnp.float32):
+    """Two blocks at 16 px (4 patches): stochastic depth and dtypes, fast."""
+    return VisionTransformer(
+        5, embed_dim=16, num_heads=2, depth=2, image_size=16, patch_size=8, dtype=dtype
+    ).clone(drop_path_rate=drop_path_rate)
+
+
+def test_drop_path_rates_rise_linearly_over_the_blocks_as_timms():
+    np.testing.assert_allclose(drop_path_rates(0.1, 12), np.linspace(0, 0.1, 12))
+    assert drop_path_rates(0.1, 1) == [0.0]
+    assert models.get("deit_tiny", 10).drop_path_rate == 0.1
+    assert models.get("deit_small", 10).drop_path_rate == 0.1
+    assert models.get("vit_tiny", 10).drop_path_rate == 0.0
+    assert [block.drop_path_rate for block in _tiny_vit(0.1).bind(_tiny_variables()).blocks] == [
+        0.0,
+        0.1,
+    ]
+
+
+def test_drop_path_drops_whole_examples_and_keeps_the_mean():
+    branch = jnp.ones((20_000, 3, 2))
+    dropped = np.asarray(drop_path(branch, 0.25, jax.random.key(0)))
+    per_example = dropped.reshape(20_000, -1)
+    assert (per_example == per_example[:, :1]).all()  # one draw per example
+    assert set(np.unique(dropped)) == {0.0, np.float32(1 / 0.75)}
+    assert abs((per_example[:, 0] == 0).mean() - 0.25) < 0.01
+    assert abs(dropped.mean() - 1.0) < 0.02
+    assert drop_path(branch, 0.25, None) is branch
+
+
+@functools.cache
+def _tiny_variables():
+    return jax.jit(_tiny_vit().init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_stochastic_depth_only_in_train_mode_with_the_dropout_rng():
+    variables = _tiny_variables()
+    images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+    plain = _tiny_vit().apply(variables, images)
+    model = _tiny_vit(0.9)
+    np.testing.assert_array_equal(model.apply(variables, images), plain)  # evaluation
+
+    def train(seed):
+        return model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(seed)})
+
+    np.testing.assert_array_equal(train(0), train(0))
+    assert not np.allclose(train(0), train(1))
+    assert not np.allclose(train(0), plain)
+    no_drop = _tiny_vit(0.0).apply(variables, images, train=True)  # no rng needed at rate 0
+    np.testing.assert_array_equal(no_drop, plain)
+
+
+def test_bfloat16_vit_keeps_the_residual_stream_and_attention_logits_in_float32():
+    """The blocks' outputs (the residual stream) are float32, and the attention logits'
+    matmul accumulates and returns float32 (torch autocast's float32 softmax input)."""
+    model = _tiny_vit(dtype=jnp.bfloat16)
+    variables = _tiny_variables()
+    images = jnp.zeros((2, 16, 16, 3))
+    _, state = model.apply(
+        variables,
+        images,
+        capture_intermediates=lambda module, method: (
+            (module.name or "").startswith("blocks") and method == "__call__"
+        ),
+    )
+    outputs = jax.tree.leaves(state["intermediates"])
+    assert len(outputs) == 2 and {output.dtype for output in outputs} == {jnp.dtype(jnp.float32)}
+    jaxpr = str(jax.make_jaxpr(model.apply)(variables, images))
+    assert jaxpr.count("preferred_element_type=float32") >= 2  # one logits matmul per block
+    assert "bf16" in jaxpr  # the branches still compute in bfloat16

@@ -1,13 +1,15 @@
 """mokd_jax.optimizers: the schedules and the student's chain (aggregator, optimizer), with
-a method that owns its momenta (dot) driven by its contract, not by its name."""
+a method that owns its momenta (dot) driven by its contract, not by its name; the weight
+decay masks."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
-from mokd_jax import aggregation, optimizers
+from mokd_jax import aggregation, models, optimizers
 
 
 def student_params():
@@ -105,3 +107,45 @@ def test_step_schedule_decays_at_its_boundaries_after_warmup():
     schedule = optimizers.learning_rate_schedule(section)
     rates = [float(schedule(step)) for step in (0, 5, 10, 49, 50, 79, 80, 99)]
     np.testing.assert_allclose(rates, [0, 0.2, 0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def vit_params():
+    """A tiny ViT's parameters: every kind of leaf timm's rule sorts."""
+    model = models.get("vit_tiny", 5, image_size=16).clone(depth=1, patch_size=8)
+    return model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+
+
+def test_timm_mask_spares_biases_norms_pos_embed_and_cls_token(vit_params):
+    mask = flax.traverse_util.flatten_dict(optimizers.timm_decay_mask(vit_params), sep="/")
+    spared = sorted(path for path, decayed in mask.items() if not decayed)
+    assert sorted(path for path, decayed in mask.items() if decayed) == [
+        "blocks_0/attn/proj/kernel",
+        "blocks_0/attn/qkv/kernel",
+        "blocks_0/mlp/fc1/kernel",
+        "blocks_0/mlp/fc2/kernel",
+        "head/kernel",
+        "patch_embed/proj/kernel",
+    ]
+    assert {"cls_token", "pos_embed", "norm/scale", "norm/bias", "blocks_0/norm1/scale"} <= set(
+        spared
+    )
+    assert all(path.endswith(("bias", "scale", "token", "embed")) for path in spared)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_timm_mask_leaves_the_spared_parameters_undecayed(optimizer, vit_params):
+    """Zero gradients: only weight decay moves a parameter, so exactly the decayed ones
+    move (and with 'all', every one: all are made nonzero)."""
+    params = jax.tree.map(lambda leaf: leaf + 1.0, vit_params)
+    section = default.get_config().student
+    section.optimizer, section.weight_decay, section.warmup_steps = optimizer, 0.05, 0
+    moved = {}
+    for mask in optimizers.WEIGHT_DECAY_MASKS:
+        section.weight_decay_mask = mask
+        tx = optimizers.make_optimizer(section)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        moved[mask] = jax.tree.map(lambda update: bool(jnp.any(update != 0)), updates)
+    assert all(jax.tree.leaves(moved["all"]))
+    assert moved["timm"] == optimizers.timm_decay_mask(params)

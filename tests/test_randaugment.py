@@ -1,5 +1,6 @@
 """Tests for mokd_jax.data.randaugment: each op's contract, its magnitude, the ops PIL has
-(timm applies PIL's), and the policy's dtype, shape, determinism and apply rate."""
+(timm applies PIL's), the magnitude noise and fill colour, and the policy's dtype, shape,
+determinism and apply rate."""
 
 import numpy as np
 import pytest
@@ -177,6 +178,41 @@ def test_rand_augment_rejects_a_magnitude_off_timms_scale(magnitude):
         randaugment.rand_augment(tf.constant(_image()), _seed(0), magnitude=magnitude)
 
 
-def test_the_deit_recipe_is_rand_augment_at_magnitude_9():
-    assert tfds_pipeline._RECIPES["deit"] is randaugment.rand_augment
-    assert randaugment.MAGNITUDE == 9
+def test_the_deit_recipe_is_rand_augment_m9_mstd05():
+    assert tfds_pipeline._RECIPES["deit"].augment is randaugment.rand_augment
+    assert (randaugment.MAGNITUDE, randaugment.MAGNITUDE_STD) == (9, 0.5)
+
+
+def _levels(magnitude, magnitude_std, count=2000):
+    return np.array(
+        [randaugment.noisy_level(_seed(index), magnitude, magnitude_std) for index in range(count)]
+    )
+
+
+def test_magnitude_noise_is_timms_gauss_clipped_to_the_scale():
+    # timm: random.gauss(m, 0.5) per op, clipped to [0, 10]; the level is m / 10.
+    levels = _levels(9, 0.5)
+    assert abs(levels.mean() - 0.9) < 0.005 and abs(levels.std() - 0.05) < 0.005
+    assert len(np.unique(levels)) > 1000
+    at_top = _levels(10, 0.5, 400)
+    assert at_top.max() == 1.0 and 0.4 < (at_top == 1.0).mean() < 0.6
+    np.testing.assert_allclose(_levels(9, 0.0, 5), 0.9)
+
+
+@pytest.mark.parametrize("name", ["posterize", "solarize", "solarize_add", "rotate", "color"])
+def test_ops_take_a_tensor_level_as_a_float_one(name):
+    image = _image((12, 10, 3), 0, 256)
+    np.testing.assert_array_equal(
+        _apply(name, image, level=tf.constant(0.7)), _apply(name, image, level=0.7)
+    )
+
+
+@pytest.mark.parametrize("name", ["rotate", "shear_x", "shear_y", "translate_x", "translate_y"])
+def test_geometric_ops_fill_with_timms_mean_pixel(name):
+    # A flat image: every output pixel is the image's grey, the fill, or a blend of both.
+    image = np.full((20, 20, 3), 200, np.uint8)
+    out = _apply(name, image, sign=1.0).reshape(-1, 3).astype(float)
+    fill = np.array(randaugment.FILL)
+    assert (np.abs(out - fill).max(axis=1) == 0).sum() > 20
+    weights = (200.0 - out) / (200.0 - fill)  # the fill's share of each pixel, per channel
+    np.testing.assert_allclose(weights, weights[:, :1].repeat(3, 1), atol=0.03)

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from scipy import stats
 from tensorflow_datasets.testing import mocking
 
+from mokd_jax import normalization
 from mokd_jax.data import mixing, tfds_pipeline
 from mokd_jax.errors import InputError
 
@@ -161,6 +163,40 @@ def test_processes_read_disjoint_parts_covering_the_split():
     assert sorted(np.concatenate([first, second])) == list(range(12))
 
 
+def test_repeated_takes_each_example_three_times_and_keeps_the_length():
+    examples = tf.data.Dataset.range(10)
+    copies = list(tfds_pipeline.repeated(examples, 3, 10).as_numpy_iterator())
+    assert copies == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert list(tfds_pipeline.repeated(examples, 1, 10).as_numpy_iterator()) == list(range(10))
+
+
+def test_the_deit_recipe_repeats_each_example_with_its_own_augmentation():
+    """timm's RepeatAugSampler (3 repeats, epoch length kept), on 12 examples labelled by
+    their index: an epoch is 4 distinct examples 3 times each, the copies augmented apart,
+    and the next epoch draws another subset."""
+    with tfds.testing.mock_data(num_examples=12, as_dataset_fn=_sliced_mock(12)):
+        batches = _take(
+            tfds_pipeline.train_batches("cifar100", "", 3, 0, image_size=32, recipe="deit"), 8
+        )
+    images = np.concatenate([images for images, _ in batches])
+    labels = np.concatenate([labels for _, labels in batches])
+    first, second = labels[:12], labels[12:]
+    for epoch in (first, second):
+        values, counts = np.unique(epoch, return_counts=True)
+        assert len(values) == 4 and (counts == 3).all()
+        np.testing.assert_array_equal(epoch, np.repeat(epoch[::3], 3))
+    assert set(first) != set(second)
+    for copy in range(4):
+        copies = images[3 * copy : 3 * copy + 3]
+        assert not np.array_equal(copies[0], copies[1]) and not np.array_equal(copies[1], copies[2])
+
+
+def test_recipes_interpolations_and_repeats():
+    assert tfds_pipeline._RECIPES["standard"].interpolation == "bilinear"
+    assert tfds_pipeline._RECIPES["deit"].interpolation == "bicubic"
+    assert [tfds_pipeline._RECIPES[name].repeats for name in ("standard", "deit")] == [1, 3]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
@@ -255,3 +291,57 @@ def test_cutmix_only_pastes_a_box_and_weights_labels_by_area():
         box = ~kept[0]
         assert (~kept == box).all()
         np.testing.assert_allclose(targets[0, labels[0]], 1 - box.mean(), rtol=1e-6)
+
+
+# --- Random erasing (timm's RandomErasing, mode 'pixel') ---------------------------------
+
+
+def timm_erase_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int] | None:
+    """timm's RandomErasing box (height, width) in numpy, or None when no try fits."""
+    for _ in range(10):
+        area = height * width * rng.uniform(0.02, 1 / 3)
+        ratio = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3)))
+        box_height, box_width = round(np.sqrt(area * ratio)), round(np.sqrt(area / ratio))
+        if box_width < width and box_height < height:
+            return box_height, box_width
+    return None
+
+
+@functools.cache
+def erased_batch(probability: float, count: int = 2000, size: int = 24):
+    """(images, erased mask [B, H, W]) of a flat grey batch erased on the device."""
+    images = jnp.full((count, size, size, 3), 100.0)
+    erase = jax.jit(mixing.random_erasing, static_argnums=(2, 3))
+    out = np.asarray(erase(images, jax.random.key(0), probability, normalization.IMAGENET))
+    return out, (out != 100.0).any(axis=-1)
+
+
+def test_random_erasing_boxes_follow_timms_distribution():
+    out, erased = erased_batch(1.0)
+    rows, cols = erased.any(axis=2), erased.any(axis=1)
+    heights, widths = rows.sum(axis=1), cols.sum(axis=1)
+    # One rectangle per example: its pixels are exactly the box's rows x columns.
+    np.testing.assert_array_equal(erased.sum(axis=(1, 2)), heights * widths)
+    rng = np.random.default_rng(0)
+    boxes = np.array([timm_erase_box(24, 24, rng) or (0, 0) for _ in range(2000)])
+    fitted = boxes[:, 0] > 0
+    assert abs((heights > 0).mean() - fitted.mean()) < 0.02
+    assert stats.ks_2samp(heights * widths, boxes.prod(axis=1)).pvalue > 0.01
+    ours_ratio = heights[heights > 0] / widths[heights > 0]
+    assert stats.ks_2samp(ours_ratio, boxes[fitted, 0] / boxes[fitted, 1]).pvalue > 0.01
+
+
+def test_random_erasing_writes_standard_normal_noise_after_normalisation():
+    out, erased = erased_batch(1.0)
+    normalised = np.asarray(normalization.apply(normalization.IMAGENET, out))
+    noise = normalised[erased]
+    assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1.0) < 0.01
+    assert abs(stats.kurtosis(noise.ravel())) < 0.05  # normal, not clipped
+    assert (out[~erased] == 100.0).all()
+
+
+def test_random_erasing_applies_with_its_probability():
+    _, erased = erased_batch(0.25)
+    assert abs(erased.any(axis=(1, 2)).mean() - 0.25) < 0.03
+    images = jnp.full((2, 8, 8, 3), 7.0)
+    assert mixing.random_erasing(images, jax.random.key(0), 0.0, normalization.IMAGENET) is images

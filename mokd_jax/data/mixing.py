@@ -1,14 +1,79 @@
-"""Mixup / CutMix with label smoothing, on the device inside the jitted step (DeiT recipe).
+"""Random erasing, then Mixup / CutMix with label smoothing, on the device inside the
+jitted step (DeiT recipe).
 
 Pure jnp, so it runs where the batch already is; the TFDS pipelines (`tfds_pipeline`) do
 the per-example augmentation on the host.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mokd_jax.normalization import Normalization
+
 _CUTMIX_PROB = 0.5  # timm's switch_prob: CutMix or Mixup per batch when both are enabled
+# timm's RandomErasing defaults (DeiT: probability 0.25, mode 'pixel', count 1).
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
+ERASE_TRIES = 10
+
+
+def random_erasing(
+    images: jax.Array, key: jax.Array, probability: float, statistics: Normalization
+) -> jax.Array:
+    """timm's RandomErasing(probability, mode='pixel', max_count=1) of each example of
+    float pixel images [B, H, W, C] (uint8 units, before normalisation).
+
+    Per example, with `probability`: ERASE_TRIES tries of a box of area uniform in
+    ERASE_AREA of the image and aspect ratio log-uniform in [0.3, 1/0.3], sides rounded
+    half to even; the first box strictly smaller than the image is placed uniformly and its
+    pixels replaced by normal noise; no box fits: unchanged.
+
+    timm erases after normalisation with normal(0, 1) values. Here the batch is still in
+    pixel units (each network normalises its own inputs inside the step), so the noise is
+    written as the pixels 255 * (mean + std * z) of `statistics`: a network fed those
+    statistics sees exactly timm's z, unclipped and unrounded (these are float pixels);
+    one fed other statistics sees the same erased pixels, normalised its own way.
+    `probability` is a Python number: 0 returns the images unchanged.
+    """
+    if probability <= 0:
+        return images
+    batch, height, width, _ = images.shape
+    apply_key, area_key, ratio_key, offset_key, noise_key = jax.random.split(key, 5)
+    tries = (batch, ERASE_TRIES)
+    area = (
+        height
+        * width
+        * jax.random.uniform(area_key, tries, minval=ERASE_AREA[0], maxval=ERASE_AREA[1])
+    )
+    ratio = jnp.exp(
+        jax.random.uniform(ratio_key, tries, minval=ERASE_LOG_RATIO[0], maxval=ERASE_LOG_RATIO[1])
+    )
+    box_height = jnp.round(jnp.sqrt(area * ratio))
+    box_width = jnp.round(jnp.sqrt(area / ratio))
+    fits = (box_height < height) & (box_width < width)
+    first = jnp.argmax(fits, axis=1)[:, None]
+    box_height = jnp.take_along_axis(box_height, first, axis=1)[:, 0]
+    box_width = jnp.take_along_axis(box_width, first, axis=1)[:, 0]
+    shares = jax.random.uniform(offset_key, (2, batch))
+    top = jnp.floor(shares[0] * (height - box_height + 1))
+    left = jnp.floor(shares[1] * (width - box_width + 1))
+    rows = jnp.arange(height)[None, :, None]
+    cols = jnp.arange(width)[None, None, :]
+    erased = jax.random.bernoulli(apply_key, probability, (batch,)) & fits.any(axis=1)
+    inside = (
+        erased[:, None, None]
+        & (rows >= top[:, None, None])
+        & (rows < (top + box_height)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + box_width)[:, None, None])
+    )
+    mean = jnp.asarray(statistics.mean, jnp.float32)
+    std = jnp.asarray(statistics.std, jnp.float32)
+    noise = 255.0 * (mean + std * jax.random.normal(noise_key, images.shape))
+    return jnp.where(inside[..., None], noise, images)
 
 
 def mixup_cutmix(

@@ -1,10 +1,13 @@
-"""RandAugment on the host, in TensorFlow: timm's rand-m9-inc1, DeiT's setting.
+"""RandAugment on the host, in TensorFlow: timm's rand-m9-mstd0.5-inc1, DeiT's setting.
 
 All 15 ops of timm's "increasing" list, at magnitude m=9 on its 0..10 scale. Each of the
-N=2 layers draws an op uniformly and applies it with probability 0.5, as timm does; the
-pixels are rounded to integers after each op, as PIL's are. Left out: timm's magnitude
-noise (mstd0.5: m is fixed at 9 here), its random choice of resampling filter (bilinear
-here), and its per-channel fill (one grey, 128).
+N=2 layers draws an op uniformly and applies it with probability 0.5, as timm does, at a
+magnitude drawn from normal(m, 0.5) clipped to [0, 10] (timm's magnitude noise, drawn per
+op as timm's AugmentOp does); the pixels are rounded to integers after each op, as PIL's
+are. The geometric ops fill the uncovered area with timm's `img_mean` for DeiT, the
+ImageNet mean pixel (124, 116, 104). Where we differ: the geometric ops resample
+bilinearly (TensorFlow's projective transform has no bicubic; DeiT's timm asks PIL for
+bicubic).
 
 Every random draw is a stateless op seeded by the caller, so an image's augmentation is a
 pure function of (image, seed): `mokd_jax.data.tfds_pipeline` folds each example's seed
@@ -12,7 +15,8 @@ from (seed, process, epoch, position), which keeps resumed runs bitwise equal.
 
 An op maps float32 pixels [H,W,3] in [0, 255], a random sign (+-1: the direction of the
 ops whose argument timm negates at random; the others ignore it) and the level
-(magnitude / 10, a Python float) to pixels of the same shape, not yet clipped or rounded.
+(magnitude / 10, a float or a scalar tensor) to pixels of the same shape, not yet clipped
+or rounded. timm's int() of an op's argument is a floor here (the arguments are >= 0).
 """
 
 import functools
@@ -23,13 +27,15 @@ import tensorflow as tf
 
 from mokd_jax.checks import check_range
 
-__all__ = ["MAGNITUDE", "MAX_MAGNITUDE", "OPS", "rand_augment"]
+__all__ = ["FILL", "MAGNITUDE", "MAGNITUDE_STD", "MAX_MAGNITUDE", "OPS", "rand_augment"]
 
 MAGNITUDE = 9  # timm's m, DeiT's setting
+MAGNITUDE_STD = 0.5  # timm's mstd, DeiT's setting: the noise on each op's magnitude
 MAX_MAGNITUDE = 10  # the top of timm's scale; the level of an op is magnitude / 10
 _LAYERS = 2
 _PROB = 0.5
-_FILL = 128.0
+# timm's fill for DeiT: img_mean = round(255 * IMAGENET_DEFAULT_MEAN), per channel.
+FILL = (124.0, 116.0, 104.0)
 
 Op = Callable[[tf.Tensor, tf.Tensor, float], tf.Tensor]
 
@@ -44,16 +50,21 @@ def _enhance_factor(sign: tf.Tensor, level: float) -> tf.Tensor:
 
 
 def _transform(image: tf.Tensor, transform: list[float | tf.Tensor]) -> tf.Tensor:
-    """Projective transform mapping output (x, y) to input coordinates, as PIL's AFFINE."""
+    """Projective transform mapping output (x, y) to input coordinates, as PIL's AFFINE,
+    the uncovered area FILL. The op takes one fill value for all channels, so the image is
+    shifted by FILL, transformed with fill 0 and shifted back: bilinear weights sum to 1,
+    so covered pixels are unchanged by the shift and edge pixels blend with FILL."""
+    fill = tf.constant(FILL)
     transform = tf.stack([tf.cast(value, tf.float32) for value in transform + [0.0, 0.0]])
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None],
+    shifted = tf.raw_ops.ImageProjectiveTransformV3(
+        images=(image - fill)[None],
         transforms=transform[None],
         output_shape=tf.shape(image)[:2],
-        fill_value=_FILL,
+        fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
     )[0]
+    return shifted + fill
 
 
 def _auto_contrast(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
@@ -95,17 +106,17 @@ def _rotate(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
 
 def _posterize(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
     """Keeps the top 4 - int(4 * level) bits of each channel (1 at m=9)."""
-    quantum = 2.0 ** (8 - (4 - int(level * 4)))
+    quantum = 2.0 ** (8.0 - (4.0 - tf.floor(level * 4.0)))
     return tf.floor(image / quantum) * quantum
 
 
 def _solarize(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
-    threshold = 256.0 - int(level * 256)
+    threshold = 256.0 - tf.floor(level * 256.0)
     return tf.where(image < threshold, image, 255.0 - image)
 
 
 def _solarize_add(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
-    return tf.where(image < 128.0, tf.minimum(image + int(level * 110), 255.0), image)
+    return tf.where(image < 128.0, tf.minimum(image + tf.floor(level * 110.0), 255.0), image)
 
 
 def _color(image: tf.Tensor, sign: tf.Tensor, level: float) -> tf.Tensor:
@@ -171,16 +182,30 @@ OPS: tuple[Op, ...] = (
 )
 
 
-def rand_augment(image: tf.Tensor, seed: tf.Tensor, magnitude: float = MAGNITUDE) -> tf.Tensor:
-    """RandAugment n=2 at `magnitude` (0..10) on a uint8 image [H,W,3], with the stateless
-    `seed` [2]; pixels are rounded after each op, as in PIL. Returns uint8 [H,W,3]."""
+def noisy_level(seed: tf.Tensor, magnitude: float, magnitude_std: float) -> tf.Tensor:
+    """An op's level: normal(magnitude, magnitude_std) clipped to [0, MAX_MAGNITUDE], over
+    MAX_MAGNITUDE (timm's AugmentOp with magnitude_std > 0; exactly magnitude at std 0)."""
+    noise = magnitude_std * tf.random.stateless_normal([], seed)
+    return tf.clip_by_value(magnitude + noise, 0.0, MAX_MAGNITUDE) / MAX_MAGNITUDE
+
+
+def rand_augment(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    magnitude: float = MAGNITUDE,
+    magnitude_std: float = MAGNITUDE_STD,
+) -> tf.Tensor:
+    """RandAugment n=2 at `magnitude` (0..10) +- `magnitude_std` noise on a uint8 image
+    [H,W,3], with the stateless `seed` [2]; pixels are rounded after each op, as in PIL.
+    Returns uint8 [H,W,3]."""
     check_range("magnitude", magnitude, 0, MAX_MAGNITUDE)
-    level = magnitude / MAX_MAGNITUDE
+    check_range("magnitude_std", magnitude_std, 0, MAX_MAGNITUDE)
     pixels = tf.cast(image, tf.float32)
     for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, _LAYERS)):
-        op_seed, sign_seed, apply_seed = tf.unstack(
-            tf.random.experimental.stateless_split(layer_seed, 3)
+        op_seed, sign_seed, apply_seed, level_seed = tf.unstack(
+            tf.random.experimental.stateless_split(layer_seed, 4)
         )
+        level = noisy_level(level_seed, magnitude, magnitude_std)
         op = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(OPS), dtype=tf.int32)
         sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
         augmented = tf.switch_case(

@@ -3,8 +3,8 @@
 ImageNet does not fit in host memory, so unlike `mokd_jax.data.InMemoryDataset` these
 pipelines read the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3]
 (the jitted step normalises them for each network, `mokd_jax.normalization`) and int32
-labels [B]. RandAugment, the host side of the 'deit' recipe, is in
-`mokd_jax.data.randaugment`.
+labels [B]. The 'deit' recipe's host side (`_RECIPES`): bicubic resizes, RandAugment
+(`mokd_jax.data.randaugment`) and repeated augmentation (`repeated`).
 
 Nothing here downloads. A dataset must already be prepared under `data_dir`:
   - cifar10 / cifar100: `tfds build cifar10 --data_dir=DIR` where the internet is reachable
@@ -18,7 +18,8 @@ An unprepared `data_dir` raises a one-line `InputError` that says this.
 Determinism and resume (`train_batches`): epoch e of host p is a pure function of
 (seed, p, e). Its TFDS file order and its `shuffle` buffer are seeded with values drawn from
 (seed, p, e), and each example's augmentation uses stateless random ops seeded with
-(seed, p, e) folded with the example's position in the epoch. Resuming at step s = e * n + k
+(seed, p, e) folded with the example's position in the epoch (repeated copies of an
+example have positions of their own). Resuming at step s = e * n + k
 (n steps per epoch) rebuilds epoch e and skips its first k * batch_size examples before they
 are decoded, so the batches are bitwise those of an uninterrupted run. The cost: the skipped
 records are still read and shuffled (no JPEG decoding or augmentation), up to one epoch of
@@ -55,9 +56,10 @@ __all__ = [
     "train_batches",
 ]
 
-# A crop/resize turns (encoded image, stateless seed [2], image_size) into uint8 [S,S,3].
-_TrainCrop = Callable[[tf.Tensor, tf.Tensor, int], tf.Tensor]
-_EvalCrop = Callable[[tf.Tensor, int], tf.Tensor]
+# A crop/resize turns (encoded image, stateless seed [2], image_size, interpolation) into
+# uint8 [S,S,3].
+_TrainCrop = Callable[[tf.Tensor, tf.Tensor, int, str], tf.Tensor]
+_EvalCrop = Callable[[tf.Tensor, int, str], tf.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +111,26 @@ _DATASETS: dict[str, _Spec] = {
 }
 NAMES = tuple(_DATASETS)
 
-# Train-time pixel augmentation after the crop, on uint8 [S,S,3] with a stateless seed:
-# 'deit' adds RandAugment n=2, m=9 (`mokd_jax.data.randaugment`). Mixup/CutMix and label
-# smoothing, the rest of DeiT's recipe, run on the device: see
-# `mokd_jax.data.mixing.mixup_cutmix`. DeiT's random erasing is not implemented.
-_RECIPES: dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]] = {
-    "standard": lambda image, seed: image,
-    "deit": randaugment.rand_augment,
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """The host side of a training recipe (the device side: `mokd_jax.data.mixing`)."""
+
+    # Pixel augmentation after the crop, on uint8 [S,S,3] with a stateless seed.
+    augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+    # The resize of the training crop and of the evaluation image (`crops.INTERPOLATIONS`).
+    interpolation: str
+    # Repeated augmentation: each example of an epoch appears `repeats` times, with its own
+    # augmentation each time, and the epoch keeps its length (timm's RepeatAugSampler).
+    repeats: int
+
+
+# 'deit' is DeiT's main.py: RandAugment rand-m9-mstd0.5-inc1 (`mokd_jax.data.randaugment`),
+# bicubic resizes and 3 repeats; Mixup/CutMix, label smoothing and random erasing, the rest
+# of its recipe, run on the device: see `mokd_jax.data.mixing.augment_batch`.
+_RECIPES: dict[str, _Recipe] = {
+    "standard": _Recipe(lambda image, seed: image, "bilinear", 1),
+    "deit": _Recipe(randaugment.rand_augment, "bicubic", 3),
 }
 RECIPES = tuple(_RECIPES)
 
@@ -198,6 +213,23 @@ def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
+def repeated(examples: tf.data.Dataset, repeats: int, length: int) -> tf.data.Dataset:
+    """The first ceil(length / repeats) examples, each `repeats` times in a row, cut to
+    `length`: repeated augmentation with the epoch's length kept.
+
+    timm's RepeatAugSampler does the same over all processes: its copies of an image land
+    on consecutive ranks, so in the same global batch, as here they land in one host's
+    batch (mostly; a copy may spill into the next one).
+    """
+    if repeats == 1:
+        return examples
+    distinct = examples.take(-(-length // repeats))
+    copies = distinct.flat_map(
+        lambda example: tf.data.Dataset.from_tensors(example).repeat(repeats)
+    )
+    return copies.take(length)
+
+
 def _train_epoch(
     read: Callable[[int], tf.data.Dataset],
     preprocess: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
@@ -205,13 +237,15 @@ def _train_epoch(
     batch_size: int,
     seeds: _EpochSeeds,
     first_step: int,
+    repeats: int,
 ) -> tf.data.Dataset:
     """One epoch's batches from `first_step` on (see the module docstring)."""
-    examples = read(seeds.files).shuffle(
-        shuffle_buffer, seed=seeds.shuffle, reshuffle_each_iteration=False
-    )
+    examples = read(seeds.files)
+    length = int(examples.cardinality())
+    examples = examples.shuffle(shuffle_buffer, seed=seeds.shuffle, reshuffle_each_iteration=False)
+    examples = repeated(examples, repeats, length)
     # Enumerated before the skip: an example's augmentation seed is its position in the
-    # epoch, wherever the iterator started.
+    # epoch, wherever the iterator started (so repeated copies are augmented differently).
     examples = examples.enumerate().skip(first_step * batch_size)
 
     def prepare(position: tf.Tensor, example: dict) -> tuple[tf.Tensor, tf.Tensor]:
@@ -250,8 +284,9 @@ def train_batches(
 
     Shuffled per epoch, remainder dropped; the batch at any step is a pure function of
     (seed, process_index, step), so `start_step=s` resumes exactly (module docstring).
-    `batch_size` is per host. `recipe`: 'standard' (crop + flip) or 'deit' (then RandAugment
-    n=2, m=9; the trainer applies `mokd_jax.data.mixing.mixup_cutmix` in its step).
+    `batch_size` is per host. `recipe`: 'standard' (crop + flip) or 'deit' (bicubic crop,
+    flip, RandAugment, 3 repeats: `_RECIPES`; the trainer applies
+    `mokd_jax.data.mixing.augment_batch` in its step).
     Arguments, and that the data is prepared, are checked here, not on the first `next()`.
     """
     spec = _spec(name)
@@ -277,25 +312,35 @@ def train_batches(
             batch_size,
             f"1 to {num_examples}, the number of training examples of this process",
         )
-    augment = _RECIPES[recipe]
+    steps = _RECIPES[recipe]
 
     def preprocess(encoded: tf.Tensor, example_seed: tf.Tensor) -> tf.Tensor:
         crop_seed, augment_seed = tf.unstack(
             tf.random.experimental.stateless_split(example_seed, 2)
         )
-        return augment(spec.train_crop(encoded, crop_seed, image_size), augment_seed)
+        image = spec.train_crop(encoded, crop_seed, image_size, steps.interpolation)
+        return steps.augment(image, augment_seed)
 
     def epoch_batches(epoch: int, first_step: int) -> tf.data.Dataset:
         seeds = _epoch_seeds(seed, process_index, epoch)
-        return _train_epoch(read, preprocess, spec.shuffle_buffer, batch_size, seeds, first_step)
+        return _train_epoch(
+            read, preprocess, spec.shuffle_buffer, batch_size, seeds, first_step, steps.repeats
+        )
 
     return _endless(epoch_batches, num_examples // batch_size, start_step)
 
 
 def eval_batches(
-    name: str, data_dir: str, batch_size: int, *, image_size: int, split: str | None = None
+    name: str,
+    data_dir: str,
+    batch_size: int,
+    *,
+    image_size: int,
+    split: str | None = None,
+    recipe: str = "standard",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(images, labels, mask) batches covering every example of `split` once.
+    """(images, labels, mask) batches covering every example of `split` once, resized with
+    the `recipe`'s interpolation.
 
     `split` defaults to the dataset's evaluation split (ImageNet 'validation', CIFAR
     'test'). As in `mokd_jax.data.eval_batches`, the last batch is padded with zero images
@@ -305,11 +350,13 @@ def eval_batches(
     spec = _spec(name)
     check_int("batch_size", batch_size, 1)
     check_int("image_size", image_size, 1)
+    check_choice("recipe", recipe, RECIPES)
+    interpolation = _RECIPES[recipe].interpolation
     examples = _read(_builder(name, data_dir), data_dir, split or spec.eval_split, None)
     padding = -int(examples.cardinality()) % batch_size
 
     def prepare(example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        image = spec.eval_crop(example["image"], image_size)
+        image = spec.eval_crop(example["image"], image_size, interpolation)
         return image, tf.cast(example["label"], tf.int32), tf.constant(True)
 
     blank = (tf.zeros([image_size, image_size, 3], tf.uint8), tf.constant(0), tf.constant(False))
@@ -373,4 +420,6 @@ class TFDSDataset:
         )
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
-        return eval_batches(self.name, self.data_dir, batch_size, image_size=self.image_size)
+        return eval_batches(
+            self.name, self.data_dir, batch_size, image_size=self.image_size, recipe=self.recipe
+        )

@@ -26,10 +26,12 @@ from mokd_jax.models.vit import VisionTransformer
 
 __all__ = ["CIFAR_NAMES", "DTYPES", "NAMES", "ConvNet", "get"]
 
-# DeiT's ViTs are timm's ViTs (DeiT changed the training, not the architecture), so each
-# DeiT name is an alias of the ViT of the same size.
+# DeiT's ViTs are timm's ViTs (DeiT changed the training, not the architecture): each
+# DeiT name is the ViT of the same size with DeiT's stochastic depth (drop-path 0.1,
+# active in training only; timm's ViTs default to none).
 _VIT_TINY = functools.partial(VisionTransformer, embed_dim=192, num_heads=3)
 _VIT_SMALL = functools.partial(VisionTransformer, embed_dim=384, num_heads=6)
+_DEIT_DROP_PATH = 0.1
 
 # cnn_large (~205k params) teaches cnn_small (~19k, about 10x fewer): fewer channels
 # and one block per stage instead of two.
@@ -64,9 +66,9 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "shufflenet_v2": ShuffleNetV2,
     # DeiT's students (224 px unless `image_size` is overridden) and its RegNetY teacher.
     "vit_tiny": _VIT_TINY,
-    "deit_tiny": _VIT_TINY,
+    "deit_tiny": functools.partial(_VIT_TINY, drop_path_rate=_DEIT_DROP_PATH),
     "vit_small": _VIT_SMALL,
-    "deit_small": _VIT_SMALL,
+    "deit_small": functools.partial(_VIT_SMALL, drop_path_rate=_DEIT_DROP_PATH),
     "regnety_160": RegNet,
 }
 NAMES = tuple(_MODELS)

@@ -16,8 +16,16 @@ Initialisation is timm's (weight_init ''): Linear weights normal(0, 0.02) (timm'
 trunc_normal_(std=.02) truncates at +-2 absolute, i.e. at 100 std: no truncation in
 effect) with zero biases, position embedding normal(0, 0.02), class token normal(0, 1e-6),
 LayerNorm 1/0, and torch's default init for the patch-embedding conv (timm leaves it).
-Attention logits are softmaxed in float32 whatever the computation dtype, as torch's
-autocast does.
+Stochastic depth (timm's drop_path, DeiT's --drop-path 0.1 for DeiT-Ti/S): in train mode,
+block i skips each of its two residual branches for a whole example with probability
+drop_path_rate * i / (depth - 1) (timm's `torch.linspace(0, drop_path_rate, depth)`), and
+scales kept branches by 1 / (1 - rate). Its randomness is the 'dropout' rng stream, which
+the training steps pass per step (`mokd_jax.steps.dropout_rngs`); Flax folds each block's
+path into it, so the blocks draw independently. Evaluation (train=False) never drops.
+
+In bfloat16 the residual stream stays float32 (the branches compute in bfloat16 and are
+added to it in float32) and the attention logits are accumulated and softmaxed in float32,
+as torch's autocast keeps them.
 
 Parameter names map one to one onto timm state-dict keys (`flax path <- timm key`; the
 patch conv kernel HWIO for torch's OIHW, Dense kernels the transpose of torch's weight,
@@ -97,8 +105,10 @@ class Attention(nn.Module):
         head_dim = self.dim // self.num_heads
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        logits = jnp.einsum(
+            "bqhd,bkhd->bhqk", q * head_dim**-0.5, k, preferred_element_type=jnp.float32
+        )
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return self.proj(out.reshape(batch, tokens, self.dim))
 
@@ -118,13 +128,24 @@ class Mlp(nn.Module):
         return self.fc2(nn.gelu(self.fc1(x), approximate=False))
 
 
+def drop_path(branch: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """timm's drop_path: each example's `branch` [B, ...] zeroed with probability `rate`,
+    kept ones scaled by 1 / (1 - rate); the identity where `key` is None (evaluation)."""
+    if key is None or rate == 0.0:
+        return branch
+    keep = jax.random.bernoulli(key, 1.0 - rate, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+    return jnp.where(keep, branch / (1.0 - rate), 0.0).astype(branch.dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + drop_path(attn(norm1(x))), then
+    x + drop_path(mlp(norm2(x))), the residual stream x in float32."""
 
     dim: int
     num_heads: int
     mlp_ratio: float
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
 
     def setup(self):
         self.norm1 = _layer_norm(self.dtype)
@@ -132,9 +153,18 @@ class Block(nn.Module):
         self.norm2 = _layer_norm(self.dtype)
         self.mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def residual(self, x: jax.Array, branch: jax.Array, train: bool) -> jax.Array:
+        key = self.make_rng("dropout") if train and self.drop_path_rate > 0 else None
+        return x + drop_path(branch, self.drop_path_rate, key).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = self.residual(x, self.attn(self.norm1(x)), train)
+        return self.residual(x, self.mlp(self.norm2(x)), train)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """timm's per-block rates: `torch.linspace(0, rate, depth)`, 0 for the first block."""
+    return [rate * index / max(depth - 1, 1) for index in range(depth)]
 
 
 class VisionTransformer(StagedClassifier):
@@ -149,6 +179,7 @@ class VisionTransformer(StagedClassifier):
     image_size: int = 224
     patch_size: int = 16
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
     head_name = "head"
 
     def setup(self):
@@ -163,8 +194,8 @@ class VisionTransformer(StagedClassifier):
         )
         self.pos_embed = self.param("pos_embed", _linear_init, (1, 1 + num_patches, self.embed_dim))
         self.blocks = [
-            Block(self.embed_dim, self.num_heads, self.mlp_ratio, self.dtype)
-            for _ in range(self.depth)
+            Block(self.embed_dim, self.num_heads, self.mlp_ratio, self.dtype, rate)
+            for rate in drop_path_rates(self.drop_path_rate, self.depth)
         ]
         self.norm = _layer_norm(self.dtype)
         self.head = _dense(self.num_classes, self.dtype)
@@ -175,18 +206,17 @@ class VisionTransformer(StagedClassifier):
         return self.embed_dim
 
     def encode(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        """`train` is accepted for the contract; nothing here depends on it."""
+        """`train` switches stochastic depth on (the 'dropout' rng then required)."""
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise invalid(
                 "images",
                 f"{images.shape[1]}x{images.shape[2]} pixels",
                 f"{self.image_size}x{self.image_size}, the model's image_size",
             )
-        x = self.patch_embed(images)
+        x = self.patch_embed(images).astype(jnp.float32)  # the float32 residual stream
         cls_token = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, self.embed_dim))
-        x = jnp.concatenate([cls_token.astype(x.dtype), x], axis=1)
-        x = x + self.pos_embed.astype(x.dtype)
+        x = jnp.concatenate([cls_token, x], axis=1) + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            x = block(x, train)
         tokens = self.norm(x)
         return {"tokens": tokens, "pooled": tokens[:, 0]}
