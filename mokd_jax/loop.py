@@ -80,7 +80,11 @@ def run_phase(
     With an `evaluation`, its `evaluate(step, state)` runs every `every_steps` steps and at
     `num_steps`, after the step and before the checkpoint (so a preemption never skips
     one); its results go to `writer` and the log (`report_evaluation`). It reads the state
-    and changes nothing, so the trajectory is the same with or without it.
+    and changes nothing, so the trajectory is the same with or without it. It first waits
+    for a checkpoint still being written: an evaluation opens an input pipeline and may
+    export the best student, neither of which should race a save in the background (TFDS's
+    mock data, for one, swaps the process's file system while it opens a pipeline); there
+    are a few evaluations per run, so the wait costs little.
     """
     first_step = int(state.step)
     report = periodic_actions.ReportProgress(
@@ -101,6 +105,7 @@ def run_phase(
             logging.info("%s step %d/%d: %s", name, step, num_steps, format_metrics(logged))
             pending = []
         if evaluation is not None and (step % evaluation.every_steps == 0 or step == num_steps):
+            manager.wait_until_finished()
             report_evaluation(writer, name, step, num_steps, evaluation.evaluate(step, state))
         preempted = preemption_noticed(manager, step)
         checkpoint.save(manager, step, state, fingerprint, force=step == num_steps or preempted)

@@ -16,10 +16,8 @@ full models' (the converter maps them with the same rules, `test_convert.py` che
 full-size ones), and the step's arithmetic does not depend on the width. CIFAR shapes:
 32 x 32 images, 100 classes, batch 16 (random pixels and labels).
 
-CE 0.1 / KD 0.9 (mdistiller's CIFAR KD recipe) is written with the config's
-`distill.logit_weight` as 10 x (0.1 CE + 0.9 KD) = CE + 9 KD, at a tenth of the learning
-rate and ten times the weight decay: SGD's update lr (g + wd p) through a linear momentum
-is then the reference's exactly (in real arithmetic; float32 rounds the factors).
+CE 0.1 / KD 0.9 (mdistiller's CIFAR KD recipe) are the config's `distill.task_weight` and
+`distill.logit_weight`, as `mokd_jax.recipes` sets them for `kd`.
 
 Tolerance. The reference runs in float64, so it is the exact step; ours runs in float32.
 30 steps of SGD at lr 0.05 on random labels amplify float32's roundings (about 1.25x a
@@ -186,21 +184,22 @@ def torch_trajectory(student, teacher_logits, batches, recipe):
 
 
 def our_config(recipe: Recipe):
-    """The trainer's config for `recipe`: `sum` of [task, logit_weight x logit] with the
-    task weight folded into the learning rate and weight decay (module docstring)."""
+    """The trainer's config for `recipe`: `sum` of [task_weight x task, logit_weight x
+    logit], the feature loss off."""
     config = config_helpers.base_config()
     config.aggregator = "sum"
     section = config.student
     section.optimizer = "sgd"
-    section.learning_rate = recipe.learning_rate * recipe.task_weight
-    section.weight_decay = recipe.weight_decay / recipe.task_weight
+    section.learning_rate = recipe.learning_rate
+    section.weight_decay = recipe.weight_decay
     section.warmup_steps = 0
     section.schedule = "step"
     section.num_train_steps = STEPS
     distill = config.distill
     distill.logit_loss = recipe.logit_loss
     distill.temperature = recipe.temperature
-    distill.logit_weight = recipe.distill_weight / recipe.task_weight
+    distill.task_weight = recipe.task_weight
+    distill.logit_weight = recipe.distill_weight
     distill.feature_weight = 0.0
     distill.dkd_alpha, distill.dkd_beta = recipe.dkd_alpha, recipe.dkd_beta
     distill.dkd_warmup_steps = recipe.dkd_warmup
@@ -241,7 +240,8 @@ def pair(single_threaded_torch) -> Pair:
     torch_teacher = randomized(torch_zoo.repdistiller_resnet(*TEACHER, CLASSES), seed=1)
     torch_student = randomized(torch_zoo.repdistiller_resnet(*STUDENT, CLASSES), seed=2)
     teacher, student = cifar_resnet(*TEACHER, CLASSES), cifar_resnet(*STUDENT, CLASSES)
-    projector = build_projector(config_helpers.base_config(), teacher.feature_width)
+    base = config_helpers.base_config()
+    projector = build_projector(base)
     rng = np.random.default_rng(0)
     batches = [
         (
@@ -255,7 +255,7 @@ def pair(single_threaded_torch) -> Pair:
         teacher_logits = [exact_teacher(torch_inputs(images)) for images, _ in batches]
     return Pair(
         torch_student,
-        Networks(teacher, student, projector, INPUTS, INPUTS),
+        Networks(teacher, student, projector, base.projector.taps, INPUTS, INPUTS),
         flax_variables(teacher, torch_teacher),
         flax_variables(student, torch_student),
         batches,
@@ -265,9 +265,7 @@ def pair(single_threaded_torch) -> Pair:
 
 def initial_state(pair: Pair, tx):
     """The student state on the converted torch weights (the projector as initialised)."""
-    student, projector = pair.networks.student, pair.networks.projector
-    width = pair.networks.teacher.feature_width
-    state = create_student_state(student, projector, IMAGE_SHAPE, width, tx, jax.random.key(0))
+    state = create_student_state(pair.networks, IMAGE_SHAPE, tx, jax.random.key(0))
     params = {**state.params, "student": pair.student_variables["params"]}
     return state.replace(
         params=params, batch_stats=pair.student_variables["batch_stats"], opt_state=tx.init(params)
@@ -289,7 +287,7 @@ def our_trajectory(pair: Pair, recipe: Recipe):
     losses = []
     for images, labels in pair.batches:
         state, metrics = step(state, pair.teacher_variables, images, labels)
-        losses.append([metrics["loss_task"], metrics["loss_kd_logit"]])
+        losses.append([metrics["loss_cross_entropy"], metrics["loss_kd_logit"]])
     final = {"params": state.params["student"], "batch_stats": state.batch_stats}
     return np.array(losses), final
 
