@@ -613,6 +613,7 @@ def student_step_norm(aggregator: str, **mokd_hparams) -> float:
     return float(np.sqrt(sum(np.sum(np.square(d)) for d in jax.tree.leaves(deltas))))
 
 
+@pytest.mark.slow  # three of the trainer's steps compiled (about 30 s on 2 cores)
 def test_mokd_step_in_the_trainer_has_the_norm_of_the_kd_recipes_step():
     """The same learning rate moves the student as far under mokd as under the summed KD
     recipe; the 'mean_norm' rescale moves it half as far (K = 2)."""

@@ -397,6 +397,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits(name, size
     assert {tap.dtype for tap in features.values()} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.slow  # a ViT and a RegNetY compiled twice, bf16 and f32 (about 10 s each)
 @pytest.mark.parametrize("build", [_vit_tiny_32, _small_regnet], ids=["vit_tiny", "regnet"])
 def test_bfloat16_logits_are_close_to_float32_logits(build):
     """Same float32 variables, bfloat16 compute: bfloat16 rounds each op to ~0.4% (8

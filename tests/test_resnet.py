@@ -252,6 +252,7 @@ def test_strided_convs_pad_like_torch():
         assert not np.allclose(output, _strided_conv(inputs, kernel, "SAME"), atol=1e-3)
 
 
+@pytest.mark.slow  # full-width resnet8x4 and wrn_16_2 initialised (about 12 s)
 def test_init_follows_torch():
     """Kaiming-normal (fan_out, untruncated) convs, BN 1/0, torch's uniform Linear; the
     WRN zeroes its fc bias."""
@@ -281,7 +282,7 @@ def _small_bottleneck_resnet():
 @pytest.mark.parametrize(
     ("build", "size"),
     [
-        (lambda: _init("resnet18", 64), 64),
+        pytest.param(lambda: _init("resnet18", 64), 64, marks=pytest.mark.slow),
         pytest.param(_small_bottleneck_resnet, 32, marks=pytest.mark.slow),
         (lambda: _init("resnet8x4", 32), 32),
         (lambda: _init("wrn_16_2", 32), 32),

@@ -176,6 +176,7 @@ def encoder_gradients_with_the_representation_dropped(tap_set: str) -> dict:
     return rows["student"]
 
 
+@pytest.mark.slow  # two trainer steps compiled, multi-scale and pooled (about 12 s)
 def test_the_other_taps_reach_the_encoder_past_the_representation():
     """GradDrop's representation is the pooled features; with several taps, the second
     tap's feature loss reaches the encoder through the ordinary pullback, so the first stage
@@ -187,6 +188,7 @@ def test_the_other_taps_reach_the_encoder_past_the_representation():
     assert all(not np.any(np.asarray(leaf)) for leaf in first_stage(pooled_only))
 
 
+@pytest.mark.slow  # the trainer's step compiled with orthogonal lifts (about 10 s)
 def test_orthogonal_student_lifts_stay_orthogonal_through_the_trainers_steps():
     """Three trainer steps with `projector.orthogonal`: every tap's lift has moved and its
     map still has orthonormal rows (cnn_small's taps, 48 and 32 wide, into 192 and 128)."""
