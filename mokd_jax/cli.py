@@ -23,6 +23,18 @@ def _exit_zero(parse: Callable[[str], None]) -> Callable[[str], None]:
     return parse_and_exit_zero
 
 
+def define_checkpoint_dir_flag(flag_values: flags.FlagValues) -> None:
+    """--checkpoint_dir, the exported network a command reads (`mokd-evaluate`,
+    `mokd-export`)."""
+    flags.DEFINE_string(
+        "checkpoint_dir",
+        None,
+        "An exported network (WORKDIR/student, student_best, teacher, a converted teacher).",
+        required=True,
+        flag_values=flag_values,
+    )
+
+
 def run(
     main: Callable[[list[str]], None], define_flags: Callable[[flags.FlagValues], None]
 ) -> None:

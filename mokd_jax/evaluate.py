@@ -43,13 +43,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
         "Config file or bundled config name, [:ARG] for get_config(ARG): the dataset.",
         flag_values,
     )
-    flags.DEFINE_string(
-        "checkpoint_dir",
-        None,
-        "An exported network (WORKDIR/student, student_best, teacher, a converted teacher).",
-        required=True,
-        flag_values=flag_values,
-    )
+    cli.define_checkpoint_dir_flag(flag_values)
     flags.DEFINE_string(
         "output", None, "Also write the accuracies here as JSON.", flag_values=flag_values
     )

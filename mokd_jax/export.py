@@ -30,13 +30,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """Defined by `run` only, so that importing this module defines no flag."""
-    flags.DEFINE_string(
-        "checkpoint_dir",
-        None,
-        "An exported network (WORKDIR/student, student_best, teacher, a converted teacher).",
-        required=True,
-        flag_values=flag_values,
-    )
+    cli.define_checkpoint_dir_flag(flag_values)
     flags.DEFINE_string(
         "output", None, "The .safetensors file to write.", required=True, flag_values=flag_values
     )
