@@ -9,7 +9,7 @@ command; the conversion itself is `mokd_jax.convert`):
 anything `torch.save` wrote (a state dict, possibly inside {'state_dict': ...} or
 {'model': ...}, possibly with DataParallel's 'module.' keys; reading it needs torch:
 `pip install "mokd_jax[torch]"`); --arch is the mokd_jax model whose torch counterpart
-wrote it (`mokd_jax.convert.NAMES`); the class count is the classifier's. The checkpoint
+wrote it (`mokd_jax.torch_layouts.NAMES`); the class count is the classifier's. The checkpoint
 records the input statistics the teacher was trained on, which the trainer feeds it with:
 by default its source's (ImageNet's for torchvision and timm, CIFAR-100's for the CIFAR
 models); --input_normalization overrides them for a teacher trained otherwise (a preset
@@ -22,7 +22,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from mokd_jax import cli, convert, normalization
+from mokd_jax import cli, convert, normalization, torch_layouts
 from mokd_jax.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "arch",
         None,
-        f"mokd_jax model: {', '.join(convert.NAMES)}.",
+        f"mokd_jax model: {', '.join(torch_layouts.NAMES)}.",
         required=True,
         flag_values=flag_values,
     )

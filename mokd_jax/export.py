@@ -5,7 +5,7 @@ command):
 
 (or `python -m mokd_jax.export ...`). --checkpoint_dir is any exported network (a run's
 WORKDIR/student, student_best or teacher, a converted teacher) whose model has a torch
-layout (`mokd_jax.convert.NAMES`: torchvision's ResNets and MobileNetV2, timm's DeiT / ViT
+layout (`mokd_jax.torch_layouts.NAMES`: torchvision's ResNets and MobileNetV2, timm's DeiT / ViT
 and RegNetY-160); the file holds the state dict in that library's key layout, the exact
 inverse of `mokd-convert` (`convert.to_torch`), loadable with
 `model.load_state_dict(safetensors.torch.load_file(FILE), strict=True)`. Its metadata
@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from etils import epath
 from safetensors.numpy import save_file
 
-from mokd_jax import checkpoint, cli, convert, normalization
+from mokd_jax import checkpoint, cli, convert, normalization, torch_layouts
 from mokd_jax.errors import InputError, invalid
 
 FLAGS = flags.FLAGS
@@ -65,12 +65,12 @@ def export(directory: str, output: str, overwrite: bool = False) -> dict[str, st
     if identity is None:
         raise invalid("checkpoint_dir", directory, "a directory holding an exported network")
     arch = identity.get("model")
-    if arch not in convert.NAMES:
+    if arch not in torch_layouts.NAMES:
         raise invalid(
             "checkpoint_dir",
             directory,
             f"a network with a PyTorch layout; it holds a {arch!r}, the exportable models are "
-            f"{', '.join(convert.NAMES)}",
+            f"{', '.join(torch_layouts.NAMES)}",
         )
     info = metadata(identity, directory)
     state_dict = convert.to_torch(arch, checkpoint.load_variables(directory))

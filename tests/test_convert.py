@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
-from mokd_jax import checkpoint, convert, models, normalization
+from mokd_jax import checkpoint, convert, models, normalization, torch_layouts
 from mokd_jax.errors import InputError
 from mokd_jax.models.regnet import RegNet
 from mokd_jax.models.resnet import BOTTLENECK, ResNet, cifar_resnet, wide_resnet
@@ -181,7 +181,7 @@ def test_logits_match_torch(name):
 
 
 def test_every_convertible_arch_has_a_reference():
-    assert sorted(FULL_SIZE) == sorted(convert.NAMES)
+    assert sorted(FULL_SIZE) == sorted(torch_layouts.NAMES)
 
 
 def test_regnety_160_widths_are_timms():

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from mokd_jax.data import randaugment, tfds_pipeline
+from mokd_jax.data import randaugment, tfds_specs
 from mokd_jax.errors import InputError
 
 OPS = {op.__name__.lstrip("_"): op for op in randaugment.OPS}
@@ -179,7 +179,7 @@ def test_rand_augment_rejects_a_magnitude_off_timms_scale(magnitude):
 
 
 def test_the_deit_recipe_is_rand_augment_m9_mstd05():
-    assert tfds_pipeline._RECIPES["deit"].augment is randaugment.rand_augment
+    assert tfds_specs.RECIPE_SETTINGS["deit"].augment is randaugment.rand_augment
     assert (randaugment.MAGNITUDE, randaugment.MAGNITUDE_STD) == (9, 0.5)
 
 

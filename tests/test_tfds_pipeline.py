@@ -20,7 +20,7 @@ from scipy import stats
 from tensorflow_datasets.testing import mocking
 
 from mokd_jax import normalization
-from mokd_jax.data import mixing, tfds_pipeline
+from mokd_jax.data import mixing, tfds_pipeline, tfds_specs
 from mokd_jax.errors import InputError
 
 # 10 examples, batches of 4: two steps per epoch, and a last eval batch with 2 of 4 real.
@@ -192,9 +192,9 @@ def test_the_deit_recipe_repeats_each_example_with_its_own_augmentation():
 
 
 def test_recipes_interpolations_and_repeats():
-    assert tfds_pipeline._RECIPES["standard"].interpolation == "bilinear"
-    assert tfds_pipeline._RECIPES["deit"].interpolation == "bicubic"
-    assert [tfds_pipeline._RECIPES[name].repeats for name in ("standard", "deit")] == [1, 3]
+    assert tfds_specs.RECIPE_SETTINGS["standard"].interpolation == "bilinear"
+    assert tfds_specs.RECIPE_SETTINGS["deit"].interpolation == "bicubic"
+    assert [tfds_specs.RECIPE_SETTINGS[name].repeats for name in ("standard", "deit")] == [1, 3]
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 ImageNet does not fit in host memory, so unlike `mokd_jax.data.InMemoryDataset` these
 pipelines read the TFDS files as they go and yield numpy batches: uint8 images [B,H,W,3]
 (the jitted step normalises them for each network, `mokd_jax.normalization`) and int32
-labels [B]. The 'deit' recipe's host side (`_RECIPES`): bicubic resizes, RandAugment
-(`mokd_jax.data.randaugment`) and repeated augmentation (`repeated`).
+labels [B]. The datasets' and recipes' tables are `mokd_jax.data.tfds_specs`; the 'deit'
+recipe's host side: bicubic resizes, RandAugment (`mokd_jax.data.randaugment`) and
+repeated augmentation (`repeated`).
 
 Nothing here downloads. A dataset must already be prepared under `data_dir`:
   - cifar10 / cifar100: `tfds build cifar10 --data_dir=DIR` where the internet is reachable
@@ -43,8 +44,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mokd_jax.checks import check_choice, check_int
-from mokd_jax.data import crops, randaugment
+from mokd_jax.data import tfds_specs
 from mokd_jax.data.batching import process_slice
+from mokd_jax.data.tfds_specs import NAMES, RECIPES
 from mokd_jax.errors import invalid
 
 __all__ = [
@@ -56,91 +58,7 @@ __all__ = [
     "train_batches",
 ]
 
-# A crop/resize turns (encoded image, stateless seed [2], image_size, interpolation) into
-# uint8 [S,S,3].
-_TrainCrop = Callable[[tf.Tensor, tf.Tensor, int, str], tf.Tensor]
-_EvalCrop = Callable[[tf.Tensor, int, str], tf.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """What differs between datasets: splits, shuffle buffer, crops, how to prepare it."""
-
-    train_split: str
-    eval_split: str
-    # Examples held by tf.data's shuffle; the file order is shuffled too, so the mix reaches
-    # beyond the buffer. ImageNet: 10k encoded JPEGs are ~1 GB of host memory. CIFAR: the
-    # whole train split (~130 MB of PNGs), a full shuffle.
-    shuffle_buffer: int
-    train_crop: _TrainCrop
-    eval_crop: _EvalCrop
-    prepare: str
-    image_size: int  # the standard crop side, used when a config leaves image_size at 0
-
-
-def _cifar(name: str) -> _Spec:
-    return _Spec(
-        train_split="train",
-        eval_split="test",
-        shuffle_buffer=50_000,
-        train_crop=crops.cifar_train,
-        eval_crop=crops.cifar_eval,
-        prepare=(
-            f"run `tfds build {name} --data_dir={{data_dir}}` on a machine that reaches the "
-            f"internet (then copy {{data_dir}}/{name} here if that is another one)"
-        ),
-        image_size=32,
-    )
-
-
-_DATASETS: dict[str, _Spec] = {
-    "imagenet2012": _Spec(
-        train_split="train",
-        eval_split="validation",
-        shuffle_buffer=10_000,
-        train_crop=crops.imagenet_train,
-        eval_crop=crops.imagenet_eval,
-        prepare=(
-            "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (image-net.org) in "
-            "{data_dir}/downloads/manual/ and run `tfds build imagenet2012 --data_dir={data_dir}`"
-        ),
-        image_size=224,
-    ),
-    "cifar100": _cifar("cifar100"),
-    "cifar10": _cifar("cifar10"),
-}
-NAMES = tuple(_DATASETS)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Recipe:
-    """The host side of a training recipe (the device side: `mokd_jax.data.mixing`)."""
-
-    # Pixel augmentation after the crop, on uint8 [S,S,3] with a stateless seed.
-    augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-    # The resize of the training crop and of the evaluation image (`crops.INTERPOLATIONS`).
-    interpolation: str
-    # Repeated augmentation: each example of an epoch appears `repeats` times, with its own
-    # augmentation each time, and the epoch keeps its length (timm's RepeatAugSampler).
-    repeats: int
-
-
-# 'deit' is DeiT's main.py: RandAugment rand-m9-mstd0.5-inc1 (`mokd_jax.data.randaugment`),
-# bicubic resizes and 3 repeats; Mixup/CutMix, label smoothing and random erasing, the rest
-# of its recipe, run on the device: see `mokd_jax.data.mixing.augment_batch`.
-_RECIPES: dict[str, _Recipe] = {
-    "standard": _Recipe(lambda image, seed: image, "bilinear", 1),
-    "deit": _Recipe(randaugment.rand_augment, "bicubic", 3),
-}
-RECIPES = tuple(_RECIPES)
-
-
 # --- Reading ---------------------------------------------------------------------------
-
-
-def _spec(name: str) -> _Spec:
-    check_choice("dataset", name, NAMES)
-    return _DATASETS[name]
 
 
 def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -173,7 +91,7 @@ def _read(
         # dataset_builder.download_and_prepare() ..."), never naming the manual download.
         if "could not find data" not in str(error):
             raise
-        prepare = _DATASETS[builder.name].prepare.format(data_dir=data_dir or "DIR")
+        prepare = tfds_specs.DATASETS[builder.name].prepare.format(data_dir=data_dir or "DIR")
         raise invalid(
             "data_dir", data_dir, f"a folder holding the prepared {builder.name}: {prepare}"
         ) from None
@@ -187,7 +105,7 @@ def dataset_info(name: str, data_dir: str = "") -> tuple[int, tuple[int | None, 
     prepared and under `tfds.testing.mock_data`; never from `info.splits`, which mock data and
     unprepared folders leave empty.
     """
-    _spec(name)
+    tfds_specs.spec(name)
     features = _builder(name, data_dir).info.features
     return features["label"].num_classes, tuple(features["image"].shape)
 
@@ -285,11 +203,11 @@ def train_batches(
     Shuffled per epoch, remainder dropped; the batch at any step is a pure function of
     (seed, process_index, step), so `start_step=s` resumes exactly (module docstring).
     `batch_size` is per host. `recipe`: 'standard' (crop + flip) or 'deit' (bicubic crop,
-    flip, RandAugment, 3 repeats: `_RECIPES`; the trainer applies
+    flip, RandAugment, 3 repeats: `tfds_specs.RECIPE_SETTINGS`; the trainer applies
     `mokd_jax.data.mixing.augment_batch` in its step).
     Arguments, and that the data is prepared, are checked here, not on the first `next()`.
     """
-    spec = _spec(name)
+    spec = tfds_specs.spec(name)
     check_choice("recipe", recipe, RECIPES)
     check_int("image_size", image_size, 1)
     check_int("seed", seed, 0)
@@ -312,7 +230,7 @@ def train_batches(
             batch_size,
             f"1 to {num_examples}, the number of training examples of this process",
         )
-    steps = _RECIPES[recipe]
+    steps = tfds_specs.RECIPE_SETTINGS[recipe]
 
     def preprocess(encoded: tf.Tensor, example_seed: tf.Tensor) -> tf.Tensor:
         crop_seed, augment_seed = tf.unstack(
@@ -347,11 +265,11 @@ def eval_batches(
     to `batch_size` so the jitted eval step keeps one shape, and `mask` is False there. Every
     process reads the whole split.
     """
-    spec = _spec(name)
+    spec = tfds_specs.spec(name)
     check_int("batch_size", batch_size, 1)
     check_int("image_size", image_size, 1)
     check_choice("recipe", recipe, RECIPES)
-    interpolation = _RECIPES[recipe].interpolation
+    interpolation = tfds_specs.RECIPE_SETTINGS[recipe].interpolation
     examples = _read(_builder(name, data_dir), data_dir, split or spec.eval_split, None)
     padding = -int(examples.cardinality()) % batch_size
 
@@ -389,7 +307,7 @@ class TFDSDataset:
         if num_classes not in (0, classes):
             raise invalid("num_classes", num_classes, f"0 or {classes}, the classes of {name}")
         check_choice("recipe", recipe, RECIPES)
-        image_size = image_size or _spec(name).image_size
+        image_size = image_size or tfds_specs.spec(name).image_size
         check_int("image_size", image_size, 1)
         return cls(name, data_dir, classes, image_size, recipe)
 
