@@ -58,7 +58,7 @@ def test_sigmoid_focal_loss_matches_torchvision():
     expected = torchvision.ops.sigmoid_focal_loss(
         torch.from_numpy(logits), torch.from_numpy(targets), alpha=0.25, gamma=2.0
     ).numpy()
-    ours = losses.sigmoid_focal_loss(logits, targets)
+    ours = jax.jit(losses.sigmoid_focal_loss)(logits, targets)
     np.testing.assert_allclose(ours, expected, rtol=RTOL, atol=1e-7)
     # The total, as the detection loss sums it, to the same relative tolerance.
     np.testing.assert_allclose(ours.sum(), expected.sum(), rtol=RTOL)

@@ -118,6 +118,9 @@ def retinanet_losses(
     anchors [N, 4] (`anchors.retinanet_anchors`); boxes [B, M, 4], labels [B, M] and
     box_mask [B, M] are a `DetectionBatch`'s. Returns {'classification', 'box'} scalars,
     for the trainer to sum or to keep as separate objectives.
+
+    Every one of the B images counts in the mean, as every target does in torchvision's;
+    a batch's `example_mask` is not consulted (training batches have no padding images).
     """
     check_choice("box_loss", box_loss, BOX_LOSSES)
     _check_shapes(class_logits, box_regression, anchors, boxes, labels, box_mask)
