@@ -5,8 +5,9 @@ Parity: two images of different resized sizes, two levels (8x8 and 4x4 positions
 each, 4 classes), logits spread so that about half the scores pass the 0.05 threshold,
 anchors a jittered grid of overlapping boxes and deltas that push some boxes past the image
 edge. The same detections (boxes to 1e-4 px, scores to 1e-6, labels exact) once with the
-defaults and once with 40 candidates per level and 10 detections per image, so that both
-truncations bite. Rows are compared best first; random float scores have no ties.
+defaults (1000 candidates per level, 100 detections per image; torchvision's model is set
+to 100 from its 300) and once with 40 and 10, so that both truncations bite. Rows are
+compared best first; random float scores have no ties.
 """
 
 import jax

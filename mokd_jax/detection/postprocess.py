@@ -35,7 +35,8 @@ from mokd_jax.checks import check_int, check_range
 from mokd_jax.detection.boxes import decode, pairwise_iou
 from mokd_jax.errors import invalid
 
-# torchvision's RetinaNet defaults.
+# torchvision's RetinaNet defaults, but for the detections kept per image: 100, not 300,
+# since COCO's box AP counts an image's 100 best detections and no more.
 SCORE_THRESHOLD = 0.05
 CANDIDATES_PER_LEVEL = 1000
 NMS_IOU_THRESHOLD = 0.5
