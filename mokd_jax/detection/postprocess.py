@@ -99,7 +99,9 @@ def level_candidates(
     )
 
 
-def class_nms(candidates: Candidates, iou_threshold: float, max_kept: int) -> tuple:
+def class_nms(
+    candidates: Candidates, iou_threshold: float, max_kept: int
+) -> tuple[jax.Array, jax.Array]:
     """Greedy per-class NMS stopped after `max_kept` boxes: (indices [max_kept] into the
     candidates, best first; kept [max_kept] bool, False once no live candidate is left).
     A box is suppressed by a kept box of its class when their IoU exceeds the threshold."""
