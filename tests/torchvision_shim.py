@@ -59,5 +59,7 @@ def import_torchvision() -> types.ModuleType:
     import torchvision
     import torchvision.extension
 
-    torchvision.extension._HAS_OPS = True
+    # `_has_ops` answered False when the extension library failed to load; the operators'
+    # callers look it up at each call, so replacing it here reaches them.
+    torchvision.extension._has_ops = lambda: True
     return torchvision
