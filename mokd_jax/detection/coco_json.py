@@ -127,9 +127,11 @@ def _image_table(coco: dict[str, Any], path: str) -> tuple[np.ndarray, np.ndarra
     images = coco["images"]
     ids = np.array([image["id"] for image in images], np.int64)
     sizes = np.array([(image["height"], image["width"]) for image in images], np.int64)
-    if len(np.unique(ids)) != len(ids):
-        duplicate = int(ids[np.argmax(np.unique(ids, return_counts=True)[1] > 1)])
-        raise invalid(f"{path}: images id", duplicate, "each image id once")
+    distinct, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise invalid(
+            f"{path}: images id", int(distinct[np.argmax(counts > 1)]), "each image id once"
+        )
     if len(sizes) and sizes.min() < 1:
         index = int(np.argmin(sizes.min(axis=1)))
         raise invalid(f"{path}: images[{index}] size", images[index], "width and height >= 1")
@@ -156,14 +158,14 @@ def _bbox_array(annotations: list[dict], path: str) -> np.ndarray:
         bbox = annotation["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4):
             raise invalid(f"{path}: annotations[{index}].bbox", bbox, "[x, y, width, height]")
-    boxes = np.array([annotation["bbox"] for annotation in annotations], np.float32)
+    boxes = np.array([annotation["bbox"] for annotation in annotations], np.float32).reshape(-1, 4)
     finite = np.isfinite(boxes).all(axis=1)
     if not finite.all():
         index = int(np.argmin(finite))
         raise invalid(
             f"{path}: annotations[{index}].bbox", annotations[index]["bbox"], "finite numbers"
         )
-    return boxes.reshape(-1, 4)
+    return boxes
 
 
 def clip_boxes(boxes: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
