@@ -164,9 +164,10 @@ def read_image(path: str, size: Sequence[int]) -> np.ndarray:
     """uint8 [H, W, 3] of an image file, checked against its (height, width) in the JSON."""
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"))
-    if pixels.shape[:2] != tuple(size):
+    expected = tuple(int(side) for side in size)
+    if pixels.shape[:2] != expected:
         raise invalid(
-            f"{path} size", pixels.shape[:2], f"{tuple(size)}, the (height, width) its JSON gives"
+            f"{path} size", pixels.shape[:2], f"{expected}, the (height, width) its JSON gives"
         )
     return pixels
 
