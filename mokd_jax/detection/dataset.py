@@ -41,7 +41,7 @@ from mokd_jax.checks import check_choice, check_int
 from mokd_jax.data.batching import process_slice, train_batches
 from mokd_jax.detection import coco_json, synthetic
 from mokd_jax.detection.batch import DetectionBatch
-from mokd_jax.detection.transforms import Example, Geometry, prepare
+from mokd_jax.detection.transforms import Example, Geometry, pad, prepare
 from mokd_jax.errors import invalid
 
 NAMES = ("shapes", "coco_json", "coco/2017")
@@ -120,12 +120,8 @@ class BatchRow(NamedTuple):
 def blank_row(geometry: Geometry) -> BatchRow:
     """A padding row: a black image without boxes, scale 1 (so that dividing by it is
     harmless), size 0 x 0 and image id -1."""
-    image = np.zeros(geometry.image_shape, np.uint8)
-    boxes = np.zeros((geometry.max_boxes, 4), np.float32)
-    labels = np.zeros(geometry.max_boxes, np.int32)
-    mask = np.zeros(geometry.max_boxes, bool)
-    example = Example(image, boxes, labels, mask, np.float32(1), np.zeros(2, np.int32))
-    return BatchRow(example, -1, False)
+    nothing = pad(np.zeros((0, 0, 3), np.uint8), np.zeros((0, 4)), np.zeros(0), geometry)
+    return BatchRow(Example(*nothing, np.float32(1), np.zeros(2, np.int32)), -1, False)
 
 
 def stack(rows: Sequence[BatchRow]) -> DetectionBatch:
