@@ -66,15 +66,18 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     return tfds.builder(name, data_dir=data_dir or None)
 
 
-def _read(
+def read_encoded(
     builder: tfds.core.DatasetBuilder,
     data_dir: str,
     split: tfds.typing.SplitArg,
     file_seed: int | None,
+    prepare: str,
 ) -> tf.data.Dataset:
     """Raw examples with the image left encoded, so that skipped ones are never decoded.
 
-    `file_seed` None reads the files unshuffled; otherwise it seeds their shuffle.
+    `file_seed` None reads the files unshuffled; otherwise it seeds their shuffle. `prepare`
+    says how to prepare the dataset (with a {data_dir} field), for the error raised when
+    `data_dir` lacks it.
     """
     try:
         return builder.as_dataset(
@@ -91,9 +94,9 @@ def _read(
         # dataset_builder.download_and_prepare() ..."), never naming the manual download.
         if "could not find data" not in str(error):
             raise
-        prepare = tfds_specs.DATASETS[builder.name].prepare.format(data_dir=data_dir or "DIR")
+        how = prepare.format(data_dir=data_dir or "DIR")
         raise invalid(
-            "data_dir", data_dir, f"a folder holding the prepared {builder.name}: {prepare}"
+            "data_dir", data_dir, f"a folder holding the prepared {builder.name}: {how}"
         ) from None
 
 
@@ -110,21 +113,21 @@ def dataset_info(name: str, data_dir: str = "") -> tuple[int, tuple[int | None, 
     return features["label"].num_classes, tuple(features["image"].shape)
 
 
-class _EpochSeeds(NamedTuple):
+class EpochSeeds(NamedTuple):
     files: int  # TFDS file order
     shuffle: int  # tf.data shuffle buffer
     augment: tuple[int, int]  # stateless seed, folded with each example's position
 
 
-def _epoch_seeds(seed: int, process_index: int, epoch: int) -> _EpochSeeds:
+def epoch_seeds(seed: int, process_index: int, epoch: int) -> EpochSeeds:
     """Independent seeds for one host's epoch, a pure function of its arguments."""
     files, shuffle, augment_0, augment_1 = (
         np.random.SeedSequence([seed, process_index, epoch]).generate_state(4).tolist()
     )
-    return _EpochSeeds(files, shuffle, (augment_0, augment_1))
+    return EpochSeeds(files, shuffle, (augment_0, augment_1))
 
 
-def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """Pins tf.data's element order (parallel map and interleave) whatever the defaults."""
     options = tf.data.Options()
     options.deterministic = True
@@ -153,7 +156,7 @@ def _train_epoch(
     preprocess: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     shuffle_buffer: int,
     batch_size: int,
-    seeds: _EpochSeeds,
+    seeds: EpochSeeds,
     first_step: int,
     repeats: int,
 ) -> tf.data.Dataset:
@@ -174,7 +177,7 @@ def _train_epoch(
 
     batches = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     batches = batches.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _deterministic(batches)
+    return deterministic(batches)
 
 
 def _endless(
@@ -221,7 +224,9 @@ def train_batches(
         process_count=process_count,
         drop_remainder=True,
     )
-    read = functools.partial(_read, _builder(name, data_dir), data_dir, split)
+    read = functools.partial(
+        read_encoded, _builder(name, data_dir), data_dir, split, prepare=spec.prepare
+    )
     # TFDS records every split's (and slice's) size as the dataset's cardinality.
     num_examples = int(read(None).cardinality())
     if not 0 < batch_size <= num_examples:
@@ -240,7 +245,7 @@ def train_batches(
         return steps.augment(image, augment_seed)
 
     def epoch_batches(epoch: int, first_step: int) -> tf.data.Dataset:
-        seeds = _epoch_seeds(seed, process_index, epoch)
+        seeds = epoch_seeds(seed, process_index, epoch)
         return _train_epoch(
             read, preprocess, spec.shuffle_buffer, batch_size, seeds, first_step, steps.repeats
         )
@@ -270,7 +275,8 @@ def eval_batches(
     check_int("image_size", image_size, 1)
     check_choice("recipe", recipe, RECIPES)
     interpolation = tfds_specs.RECIPE_SETTINGS[recipe].interpolation
-    examples = _read(_builder(name, data_dir), data_dir, split or spec.eval_split, None)
+    builder = _builder(name, data_dir)
+    examples = read_encoded(builder, data_dir, split or spec.eval_split, None, spec.prepare)
     padding = -int(examples.cardinality()) % batch_size
 
     def prepare(example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -281,7 +287,7 @@ def eval_batches(
     examples = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     examples = examples.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     batches = examples.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    return _deterministic(batches).as_numpy_iterator()
+    return deterministic(batches).as_numpy_iterator()
 
 
 @dataclasses.dataclass(frozen=True)
