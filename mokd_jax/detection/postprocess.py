@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from mokd_jax.checks import check_int, check_range
-from mokd_jax.detection.boxes import decode, pairwise_iou
+from mokd_jax.detection.boxes import clip_to_image, decode, pairwise_iou
 from mokd_jax.errors import invalid
 
 # torchvision's RetinaNet defaults, but for the detections kept per image: 100, not 300,
@@ -59,14 +59,6 @@ class Candidates(NamedTuple):
     scores: jax.Array  # float32 [K], 0 where not alive
     labels: jax.Array  # int32 [K]
     alive: jax.Array  # bool [K]: above the score threshold
-
-
-def clip_to_image(boxes: jax.Array, image_size: jax.Array) -> jax.Array:
-    """`boxes` [..., 4] with x clamped to [0, width] and y to [0, height]; `image_size` is
-    (height, width)."""
-    height, width = image_size[0].astype(boxes.dtype), image_size[1].astype(boxes.dtype)
-    upper = jnp.stack([width, height, width, height])
-    return jnp.clip(boxes, 0.0, upper)
 
 
 def level_candidates(
