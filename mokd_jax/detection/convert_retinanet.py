@@ -113,21 +113,25 @@ def refold_bn_epsilon(variables: dict, source_bn_epsilon: float) -> dict:
     )
 
 
+def abstract_variables(retinanet: RetinaNet) -> dict:
+    """The shapes and dtypes of `retinanet`'s variables, traced without computing."""
+    images = jax.ShapeDtypeStruct((1, _IMAGE_SIZE, _IMAGE_SIZE, 3), jnp.float32)
+    return jax.eval_shape(retinanet.init, jax.random.key(0), images)
+
+
 def to_flax(
     arch: str,
     state_dict: StateDict,
-    retinanet: RetinaNet,
+    abstract: dict,
     source_bn_epsilon: float = TORCH_BN_EPSILON,
 ) -> dict:
-    """The variables of `retinanet` holding torchvision's `arch` state dict (legacy keys
-    read as current ones; `source_bn_epsilon`: the epsilon the source ran its backbone norms
-    with, 0 for torchvision's published v1 COCO weights). `retinanet` may have any backbone
-    whose keys follow torchvision's ResNet layout (the tests use resnet18's)."""
+    """The variables shaped as `abstract` (`abstract_variables` of a RetinaNet) holding
+    torchvision's `arch` state dict, legacy keys read as current ones; `source_bn_epsilon`:
+    the epsilon the source ran its backbone norms with, 0 for torchvision's published v1
+    COCO weights. The RetinaNet may have any backbone keyed as torchvision's ResNets (the
+    tests use resnet18's)."""
     check_nonnegative("source_bn_epsilon", source_bn_epsilon)
-    state_dict = current_keys(arch, state_dict)
-    images = jax.ShapeDtypeStruct((1, _IMAGE_SIZE, _IMAGE_SIZE, 3), jnp.float32)
-    abstract_variables = jax.eval_shape(retinanet.init, jax.random.key(0), images)
-    variables = torch_convert.to_flax(arch, state_dict, abstract_variables)
+    variables = torch_convert.to_flax(arch, current_keys(arch, state_dict), abstract)
     if source_bn_epsilon != TORCH_BN_EPSILON:
         variables = refold_bn_epsilon(variables, source_bn_epsilon)
     return variables
@@ -144,5 +148,6 @@ def convert(
     statistics, by default ImageNet's); `source_bn_epsilon` as for `to_flax`."""
     check_choice("arch", arch, tuple(VARIANTS))
     classes = num_classes(arch, state_dict)  # its key is the same in both layouts
-    variables = to_flax(arch, state_dict, model(arch, classes), source_bn_epsilon)
+    abstract = abstract_variables(model(arch, classes))
+    variables = to_flax(arch, state_dict, abstract, source_bn_epsilon)
     return variables, torch_convert.identity(arch, classes, inputs)
