@@ -13,8 +13,8 @@ Two things a state dict does not say, handled here:
     Conv2dNormActivation (`backbone.fpn.inner_blocks.0.weight`,
     `head.classification_head.conv.2.weight` for the second conv of a relu-interleaved
     Sequential) are read as the current ones (`...inner_blocks.0.0.weight`,
-    `...conv.1.0.weight`), as torchvision's own loading does: the published v1 COCO
-    weights are stored that way.
+    `...conv.1.0.weight`), as torchvision's own loading does for state dicts saved before
+    the change (by their date, its published v1 COCO weights).
   * The epsilon the backbone's norms ran with: torch's default 1e-5, but torchvision runs
     its published v1 COCO weights with 0 (it overwrites FrozenBatchNorm2d's eps when it
     loads them). Our BatchNorms keep 1e-5, so `source_bn_epsilon` is folded into the
@@ -22,7 +22,8 @@ Two things a state dict does not say, handled here:
     exactly.
 
 The class count is the logits conv's outputs / 9 anchors; torchvision's COCO models have 91
-classes, indexed by COCO category id (0 and the unused ids never fire).
+classes, indexed by COCO category id (0 and the ids COCO leaves unused had no examples to
+learn from), not the contiguous indices of a `DetectionBatch`.
 """
 
 import re
@@ -46,7 +47,7 @@ TORCH_BN_EPSILON = 1e-5  # torch's BatchNorm2d / FrozenBatchNorm2d default, and 
 _LOGITS_BIAS = "head.classification_head.cls_logits.bias"
 # Any size gives the variables' shapes; `jax.eval_shape` makes it free.
 _IMAGE_SIZE = 64
-# Legacy key -> current key: (pattern, replacement function).
+# The legacy keys that `current_key` renames.
 _LEGACY_FPN = re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$")
 _LEGACY_HEAD = re.compile(r"^(head\.\w+_head\.conv)\.(\d+)\.(weight|bias)$")
 
@@ -89,14 +90,14 @@ def num_classes(arch: str, state_dict: StateDict) -> int:
     """The class count of the classification head: its logits' bias / NUM_ANCHORS."""
     if _LOGITS_BIAS not in state_dict:
         raise invalid("arch", arch, f"the state dict has no {_LOGITS_BIAS!r} that {arch} needs")
-    outputs = state_dict[_LOGITS_BIAS].shape[0]
-    if outputs % NUM_ANCHORS:
+    shape = np.shape(state_dict[_LOGITS_BIAS])
+    if len(shape) != 1 or shape[0] % NUM_ANCHORS or not shape[0]:
         raise invalid(
             f"state dict key {_LOGITS_BIAS!r}",
-            state_dict[_LOGITS_BIAS].shape,
-            f"{NUM_ANCHORS} anchors x classes outputs",
+            shape,
+            f"one value for each of {NUM_ANCHORS} anchors x classes",
         )
-    return outputs // NUM_ANCHORS
+    return shape[0] // NUM_ANCHORS
 
 
 def refold_bn_epsilon(variables: dict, source_bn_epsilon: float) -> dict:

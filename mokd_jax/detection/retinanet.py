@@ -36,8 +36,9 @@ Choices where torchvision leaves room:
     that every anchor starts at a foreground probability of p and the focal loss is not
     swamped by the easy negatives in the first steps.
 
-Parameter names follow torchvision's state-dict keys where they can (`fpn/inner_blocks_0`
-<- `backbone.fpn.inner_blocks.0.0`, `classification_head/norm_0` <-
+Parameter names follow torchvision's state-dict keys where they can (`body/...` <-
+`backbone.body.*`, the zoo model's own names below; `fpn/inner_blocks_0` <-
+`backbone.fpn.inner_blocks.0.0`; `classification_head/norm_0` <-
 `head.classification_head.conv.0.1`, ...); `mokd_jax.torch_layouts` spells the mapping.
 """
 
