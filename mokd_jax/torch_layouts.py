@@ -107,6 +107,33 @@ _TIMM_REGNET: Renames = (
     (r"^head_fc$", "head/fc"),
 )
 
+
+def _under(prefix: str, renames: Renames) -> Renames:
+    """`renames` for the same model nested at the (already renamed) module path `prefix`:
+    the patterns anchored at the start move behind it."""
+    return tuple(
+        (f"^{prefix}/{pattern[1:]}", f"{prefix}/{replacement}")
+        if pattern.startswith("^")
+        else (pattern, replacement)
+        for pattern, replacement in renames
+    )
+
+
+# torchvision's RetinaNets (`mokd_jax.detection.retinanet`): the backbone `body` is
+# `backbone.body`, keyed below as torchvision's ResNet; the FPN is `backbone.fpn`, whose
+# lateral and output convs are item 0 of a Conv2dNormActivation each, P6 and P7 in
+# `extra_blocks`; each head is `head.{kind}_head`, its conv i and GroupNorm i items 0 and 1
+# of `conv.{i}` (v1 has no norms: its convs carry biases).
+_TORCHVISION_RETINANET: Renames = (
+    (r"^body/", "backbone/body/"),
+    *_under("backbone/body", _TORCHVISION_RESNET),
+    (r"^fpn/(inner|layer)_blocks_(\d+)$", r"backbone/fpn/\1_blocks/\2/0"),
+    (r"^fpn/(p6|p7)$", r"backbone/fpn/extra_blocks/\1"),
+    (r"^(\w+_head)/conv_(\d+)$", r"head/\1/conv/\2/0"),
+    (r"^(\w+_head)/norm_(\d+)$", r"head/\1/conv/\2/1"),
+    (r"^(\w+_head)/", r"head/\1/"),
+)
+
 LAYOUTS: dict[str, Renames] = {
     "resnet18": _TORCHVISION_RESNET,
     "resnet34": _TORCHVISION_RESNET,
@@ -130,6 +157,12 @@ LAYOUTS: dict[str, Renames] = {
     "regnety_160": _TIMM_REGNET,
 }
 NAMES = tuple(LAYOUTS)
+# The detectors' layouts (`mokd_jax.detection.convert_retinanet` converts them), kept apart
+# from the classifiers', which `mokd_jax.convert` builds by `models.get`.
+DETECTION_LAYOUTS: dict[str, Renames] = dict.fromkeys(
+    ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"), _TORCHVISION_RETINANET
+)
+DETECTION_NAMES = tuple(DETECTION_LAYOUTS)
 
 # (collection, Flax leaf name) -> torch's name for it; other leaves (e.g. a ViT's
 # cls_token) are named alike on both sides.
@@ -147,9 +180,10 @@ _KERNEL_PERMUTATIONS = {4: (2, 3, 1, 0), 2: (1, 0)}
 
 def layout(arch: str) -> Renames:
     """The key layout of `arch`, or an InputError listing the convertible archs."""
-    if arch not in LAYOUTS:
-        raise invalid("arch", arch, f"one of the convertible models {', '.join(NAMES)}")
-    return LAYOUTS[arch]
+    layouts = {**LAYOUTS, **DETECTION_LAYOUTS}
+    if arch not in layouts:
+        raise invalid("arch", arch, f"one of the convertible models {', '.join(layouts)}")
+    return layouts[arch]
 
 
 def kernel_permutation(path: Path, rank: int) -> tuple[int, ...] | None:

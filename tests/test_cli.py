@@ -26,7 +26,7 @@ COMMANDS = {
     ),
     "mokd-convert": (
         "mokd_jax.convert_teacher",
-        {"arch", "input", "output", "overwrite", "input_normalization"},
+        {"arch", "input", "output", "overwrite", "input_normalization", "bn_epsilon"},
     ),
     "mokd-evaluate": ("mokd_jax.evaluate", {"config", "checkpoint_dir", "output"}),
     "mokd-export": ("mokd_jax.export", {"checkpoint_dir", "output", "overwrite"}),
