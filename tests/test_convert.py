@@ -173,6 +173,7 @@ PARITY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PARITY)
 def test_logits_match_torch(name):
     arch, torch_model, flax_module, size = PARITY[name]()
@@ -332,6 +333,7 @@ def run_cli(*args):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_cli_writes_a_teacher_checkpoint(resnet18, tmp_path, suffix):
     state_dict = numpy_state_dict(resnet18)
@@ -354,6 +356,7 @@ def test_cli_writes_a_teacher_checkpoint(resnet18, tmp_path, suffix):
     assert sorted(os.listdir(tmp_path)) == sorted([f"teacher{suffix}", "teacher"])
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_occupied_output(tmp_path):
     output = tmp_path / "teacher"
     output.mkdir()
@@ -364,6 +367,7 @@ def test_cli_refuses_an_occupied_output(tmp_path):
     assert os.listdir(output) == ["notes.txt"] and (output / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_cli_records_the_input_statistics_it_is_given(resnet18, tmp_path):
     source = str(tmp_path / "teacher.safetensors")
     safetensors_numpy.save_file(numpy_state_dict(resnet18), source)

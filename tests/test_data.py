@@ -306,6 +306,7 @@ def test_eval_batches_bad_batch_size():
         data.eval_batches(images, labels, 0)
 
 
+@pytest.mark.slow
 def test_export_npz_script_roundtrips_digits(tmp_path):
     """scripts/export_npz.py writes files that the npz loader reads back identically."""
     repo = Path(__file__).resolve().parents[1]

@@ -179,6 +179,7 @@ def _uint8_images(height, width, batch=2) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_resnet50_retinanet_matches_torchvision_from_uint8_images(arch):
     """torchvision's builder at min_size = max_size = 128, so that its transform keeps a

@@ -11,7 +11,7 @@ import time
 import jax
 import pytest
 from jax.sharding import PartitionSpec
-from processes import free_port, two_process_environment
+from processes import free_port, two_process_environment, xla_flags
 
 from mokd_jax import parallel
 from mokd_jax.errors import InputError
@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_checks_on_eight_simulated_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          os.path.join(REPO, "tests", "multidevice_checks.py")],
