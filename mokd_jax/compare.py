@@ -40,10 +40,9 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mokd_jax import cli, config_files, config_helpers, parallel, recipes, train
+from mokd_jax import cli, config_files, config_helpers, parallel, recipes
 from mokd_jax.config_checks import check_config
 from mokd_jax.errors import InputError, invalid
-from mokd_jax.plots import read_scalars
 
 METHODS = recipes.METHODS
 """Every method `--methods` takes: the baselines (ce, kd, kd_feature, dkd, dot), then every
@@ -117,6 +116,8 @@ def shared_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
     (or restored) in the workdir WORKDIR/teacher, whose export is WORKDIR/teacher/teacher."""
     if config.teacher.checkpoint_dir:
         return config.teacher.checkpoint_dir
+    from mokd_jax import train  # imported here: see `compare`
+
     teacher_workdir = os.path.join(workdir, "teacher")
     mesh = parallel.make_mesh(config.mesh.fsdp)
     train.obtain_teacher(config, teacher_workdir, train.load_dataset(config), mesh)
@@ -137,6 +138,8 @@ def run_result(method: str, seed: int, summary: Mapping[str, Any], run_dir: str)
     steps/s is the mean of CLU's `steps_per_sec` reports, which time the training loop
     only (compilation and evaluation excluded); NaN when the run was too short to report.
     """
+    from mokd_jax.plots import read_scalars  # imported here: see `compare`
+
     scalars = read_scalars(os.path.join(run_dir, "tensorboard", "student"))
     return RunResult(
         method=method,
@@ -278,7 +281,13 @@ def compare(
     workdir: str,
     command: str,
 ) -> list[Row]:
-    """Trains every (method, seed) from one teacher; writes comparison.md and .png."""
+    """Trains every (method, seed) from one teacher; writes comparison.md and .png.
+
+    The trainer (CLU's writers import TensorFlow: seconds) and TensorBoard's event reader
+    are imported by the functions that use them, not at the top, so that `mokd-compare
+    --help` and a bad flag answer at once."""
+    from mokd_jax import train
+
     for field, values in (("methods", methods), ("seeds", seeds)):
         if not values:
             raise invalid(field, "", "at least one")

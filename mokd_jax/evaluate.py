@@ -28,7 +28,6 @@ from mokd_jax import (
     models,
     normalization,
     parallel,
-    train,
 )
 from mokd_jax.errors import InputError, invalid
 from mokd_jax.evaluation import make_evaluator
@@ -72,6 +71,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, directory: str) -> di
     inputs = normalization.from_identity(identity, directory)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
+    # The trainer (CLU's writers import TensorFlow: seconds) is imported here, not at the
+    # top, so that --help and a bad flag answer at once.
+    from mokd_jax import train
+
     dataset = train.load_dataset(config)
     if classes != dataset.num_classes:
         raise invalid(
