@@ -4,6 +4,8 @@ the foreground cells and weights by hand, the weighted feature distance, the K =
 K = 3 vectors part by part, the teacher's class columns, and the input errors. No network
 is built: everything runs on random arrays of a 64 x 64 image's anchors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -138,21 +140,46 @@ def test_a_box_smaller_than_a_cell_still_marks_one_cell_on_the_coarsest_level():
     assert touched.tolist() == [[[True]]]
 
 
-def test_foreground_weights_by_hand():
-    """w = 3: cells touching a box weigh 4, the others 1, then divided by the image's mean.
-    The first image's boxes touch 38 of P3's 64 cells, 13 of P4's 16 and every cell of
-    P5-P7; the second image has no box, so its weights are all 1."""
-    batch = detection_batch()
-    weights = jax.jit(detection_objectives.foreground_location_weights, static_argnums=(2, 3))(
-        batch.boxes, batch.box_mask, LEVEL_SHAPES, 3.0
+def sorted_weights(weight_counts: dict[float, int]) -> np.ndarray:
+    return np.sort(
+        np.concatenate([np.full(count, value) for value, count in weight_counts.items()])
+    )
+
+
+def test_feature_location_weights_by_hand():
+    """w = 3: the image's cells touching a box weigh 4, its others 1, the padding 0, all
+    divided by the level's mean. The first image (64 x 64) has boxes that touch 38 of P3's
+    64 cells, 13 of P4's 16 and every cell of P5-P7; the second, 40 x 56 in its padding,
+    has no box, and covers 5 x 7 of P3's cells, 3 x 4 of P4's and all of the others'."""
+    batch = detection_batch()._replace(image_sizes=np.int32([[SIDE, SIDE], [40, 56]]))
+    weights = jax.jit(detection_objectives.feature_location_weights, static_argnums=(1, 2))(
+        batch, LEVEL_SHAPES, 3.0
     )
     assert [w.shape for w in weights] == [(2, h, w) for h, w in LEVEL_SHAPES]
-    for level_weights, touched in zip(weights, (38, 13, 4, 1, 1), strict=True):
+    counts = zip(weights, (38, 13, 4, 1, 1), (35, 12, 4, 1, 1), strict=True)
+    for level_weights, touched, in_image in counts:
         cells = level_weights[0].size
         mean = (4.0 * touched + (cells - touched)) / cells
-        expected = [1.0 / mean] * (cells - touched) + [4.0 / mean] * touched
+        expected = sorted_weights({1.0 / mean: cells - touched, 4.0 / mean: touched})
         np.testing.assert_allclose(np.sort(level_weights[0], axis=None), expected, rtol=1e-6)
-        np.testing.assert_allclose(level_weights[1], 1.0)
+        expected = sorted_weights({0.0: cells - in_image, cells / in_image: in_image})
+        np.testing.assert_allclose(np.sort(level_weights[1], axis=None), expected, rtol=1e-6)
+
+
+def test_a_padding_row_without_an_image_weighs_nothing():
+    batch = detection_batch()._replace(image_sizes=np.int32([[SIDE, SIDE], [0, 0]]))
+    weights = jax.jit(detection_objectives.feature_location_weights, static_argnums=(1, 2))(
+        batch, LEVEL_SHAPES, 0.0
+    )
+    for level_weights in weights:
+        np.testing.assert_array_equal(level_weights[0], 1.0)
+        np.testing.assert_array_equal(level_weights[1], 0.0)
+
+
+def location_huber(student, target) -> np.ndarray:
+    """The Huber (delta 1) distance of each location, its mean over the last axis, float64."""
+    difference = np.abs(np.float64(student) - np.float64(target))
+    return np.where(difference <= 1, 0.5 * difference**2, difference - 0.5).mean(-1)
 
 
 def test_weighted_feature_distance_is_the_weighted_mean_of_the_location_distances():
@@ -160,18 +187,19 @@ def test_weighted_feature_distance_is_the_weighted_mean_of_the_location_distance
     student, target = (jnp.asarray(rng.normal(size=(2, 3, 4, 5)) * 2, jnp.float32) for _ in "ab")
     weights = jnp.asarray(rng.uniform(0.5, 2.0, (2, 3, 4)), jnp.float32)
     weights = weights / weights.mean()
-    difference = np.abs(np.float64(student) - np.float64(target))
-    huber = np.where(difference <= 1, 0.5 * difference**2, difference - 0.5).mean(-1)
+    huber = location_huber(student, target)
     value = objectives.feature_distance(student, target, weights)
     np.testing.assert_allclose(float(value), (huber * np.float64(weights)).mean(), rtol=1e-5)
     uniform = objectives.feature_distance(student, target, jnp.ones((2, 3, 4)))
     np.testing.assert_allclose(float(uniform), float(objectives.feature_distance(student, target)))
 
 
-def loss_vector(config: ml_collections.ConfigDict, teacher_classes=None):
-    """`detection_loss_vector` for a 64 x 64 batch with the l1 box loss, jitted (seconds
-    faster than op by op): (student, teacher_logits, projections, batch) -> (losses,
-    parts)."""
+@functools.cache
+def loss_vector(teacher_classes=None, **overrides):
+    """`detection_loss_vector` for a 64 x 64 batch with the l1 box loss and the
+    `distill_config(**overrides)`, jitted (seconds faster than op by op) and kept for the
+    tests that share it: (student, teacher_logits, projections, batch) -> (losses, parts)."""
+    config = distill_config(**overrides)
 
     def losses(student, teacher_logits, projections, batch):
         return detection_objectives.detection_loss_vector(
@@ -215,7 +243,7 @@ def test_the_loss_vector_weighs_its_parts(mode):
     student, teacher_logits = student_outputs(rng), random_logits(rng)
     projections, batch = random_projections(rng), detection_batch()
     config = distill_config(objectives=mode)
-    losses, parts = loss_vector(config)(student, teacher_logits, projections, batch)
+    losses, parts = loss_vector(objectives=mode)(student, teacher_logits, projections, batch)
     classification, box, logit, feature = reference_parts(
         student, teacher_logits, projections, batch, config
     )
@@ -233,14 +261,14 @@ def test_the_foreground_weight_reweighs_the_feature_loss_only():
     student, teacher_logits = student_outputs(rng), random_logits(rng)
     projections, batch = random_projections(rng), detection_batch()
     args = (student, teacher_logits, projections, batch)
-    _, uniform = loss_vector(distill_config())(*args)
-    _, weighted = loss_vector(distill_config(foreground_weight=2.0))(*args)
-    weights = detection_objectives.foreground_location_weights(
-        batch.boxes, batch.box_mask, LEVEL_SHAPES, 2.0
+    _, uniform = loss_vector()(*args)
+    _, weighted = loss_vector(foreground_weight=2.0)(*args)
+    weights = jax.jit(detection_objectives.feature_location_weights, static_argnums=(1, 2))(
+        batch, LEVEL_SHAPES, 2.0
     )
     expected = np.mean(
         [
-            float(objectives.feature_distance(*pair, level_weights))
+            (location_huber(*pair) * np.asarray(level_weights)).mean()
             for pair, level_weights in zip(projections, weights, strict=True)
         ]
     )
@@ -250,15 +278,37 @@ def test_the_foreground_weight_reweighs_the_feature_loss_only():
         assert float(weighted[name]) == float(uniform[name])
 
 
+def test_the_padding_takes_no_part_in_the_feature_loss():
+    """Whatever the student's projections on the second image's padding (it is 40 x 56),
+    the feature loss stays; inside the image, it changes."""
+    rng = np.random.default_rng(7)
+    student, teacher_logits, projections = (
+        student_outputs(rng),
+        random_logits(rng),
+        random_projections(rng),
+    )
+    batch = detection_batch()._replace(image_sizes=np.int32([[SIDE, SIDE], [40, 56]]))
+    compute = loss_vector()
+    _, parts = compute(student, teacher_logits, projections, batch)
+
+    def shifted(rows, columns):
+        """P3's projected student with 5 added on the second image's rows x columns."""
+        changed = list(projections)
+        changed[0] = (projections[0][0].at[1, rows, columns].add(5.0), projections[0][1])
+        return compute(student, teacher_logits, changed, batch)[1]["kd_feature"]
+
+    assert float(shifted(slice(5, None), slice(None))) == float(parts["kd_feature"])
+    assert float(shifted(slice(None), slice(7, None))) == float(parts["kd_feature"])
+    assert float(shifted(slice(4, 5), slice(6, 7))) > float(parts["kd_feature"])
+
+
 def test_teacher_classes_pick_the_teachers_columns():
     """A 6-class teacher whose columns 5, 0 and 3 are the student's classes 0, 1, 2 (as a
     91-class COCO teacher's category ids are a dataset's labels)."""
     rng = np.random.default_rng(5)
     student, projections, batch = student_outputs(rng), random_projections(rng), detection_batch()
     teacher_logits = random_logits(rng, classes=6)
-    _, parts = loss_vector(distill_config(), teacher_classes=(5, 0, 3))(
-        student, teacher_logits, projections, batch
-    )
+    _, parts = loss_vector(teacher_classes=(5, 0, 3))(student, teacher_logits, projections, batch)
     _, _, expected, _ = reference_parts(
         student, teacher_logits[..., [5, 0, 3]], projections, batch, distill_config()
     )

@@ -40,11 +40,16 @@ P3 .. P7), applied at every location of the [B, H, W, 256] maps; the distance is
 `objectives.feature_distance`, averaged over the levels as over classification's taps
 (every level counts alike, whatever its area). Imitating the FPN levels follows published
 detection KD (Wang et al. 2019's fine-grained imitation, FGD by Yang et al. 2022, both on
-the FPN outputs). `distill.foreground_weight` w (`foreground_location_weights`) is our
-simple form of their object-centred masks: 0 weighs every location alike; w > 0 weighs a
-location whose cell touches a ground-truth box (the box scaled to the level, as FGD's masks)
-1 + w, the others 1, normalised per image and level to average 1, so that w moves the
-emphasis without changing the loss's scale.
+the FPN outputs). The locations are weighed (`feature_location_weights`):
+  * The padding is left out: a location counts where its cell overlaps the image. Images
+    are padded to one square (1344 px for COCO), often half padding, whose features say
+    nothing of the image and would otherwise dilute the mean by the padded area.
+  * `distill.foreground_weight` w is our simple form of those papers' object-centred
+    masks: 0 weighs the image's locations alike; w > 0 weighs a location whose cell
+    touches a ground-truth box (the box scaled to the level, as FGD's masks) 1 + w, the
+    image's others 1.
+  * Normalised per image and level to average 1, so that the loss stays a mean over
+    the image's locations and w moves the emphasis without changing its scale.
 
 Teacher classes. A converted COCO teacher has 91 outputs, indexed by COCO category id,
 while batches use contiguous labels (`DetectionDataset.category_ids` maps them).
@@ -146,19 +151,29 @@ def cells_touching_boxes(
     return jnp.any(rows[:, :, :, None] & columns[:, :, None, :], axis=1)
 
 
-def foreground_location_weights(
-    boxes: jax.Array,
-    box_mask: jax.Array,
-    level_shapes: Sequence[tuple[int, int]],
-    foreground_weight: float,
+def cells_in_image(image_sizes: jax.Array, level_shape: tuple[int, int], stride: int) -> jax.Array:
+    """bool [B, H, W]: whether cell (i, j) of a level (as in `cells_touching_boxes`)
+    overlaps the image of (height, width) `image_sizes` [B, 2], rather than its padding."""
+    height, width = level_shape
+    rows = jnp.arange(height)[None, :] * stride < image_sizes[:, :1]
+    columns = jnp.arange(width)[None, :] * stride < image_sizes[:, 1:]
+    return rows[:, :, None] & columns[:, None, :]
+
+
+def feature_location_weights(
+    batch: DetectionBatch, level_shapes: Sequence[tuple[int, int]], foreground_weight: float
 ) -> list[jax.Array]:
-    """Per level, [B, H, W] weights: 1 + `foreground_weight` where the cell touches a box, 1
-    elsewhere, divided by their mean over the image's locations (so they average 1)."""
+    """Per level, [B, H, W] weights (module docstring): 0 on the padding, 1 +
+    `foreground_weight` on the image's cells that touch a box, 1 on its others, divided by
+    their mean over the level (a padding row of an evaluation batch, which has no image,
+    keeps its zeros)."""
     weights = []
     for level_shape, stride in zip(level_shapes, STRIDES, strict=True):
-        inside = cells_touching_boxes(boxes, box_mask, level_shape, stride)
-        raw = 1.0 + foreground_weight * inside.astype(jnp.float32)
-        weights.append(raw / raw.mean(axis=(1, 2), keepdims=True))
+        image = cells_in_image(jnp.asarray(batch.image_sizes), level_shape, stride)
+        touched = cells_touching_boxes(batch.boxes, batch.box_mask, level_shape, stride)
+        raw = image * (1.0 + foreground_weight * touched.astype(jnp.float32))
+        mean = raw.mean(axis=(1, 2), keepdims=True)
+        weights.append(raw / jnp.where(mean > 0, mean, 1.0))
     return weights
 
 
@@ -208,11 +223,9 @@ def detection_loss_vector(
         foreground_counts(anchors, batch.boxes, batch.box_mask),
         distill.temperature,
     )
-    location_weights = None
-    if distill.foreground_weight > 0:
-        location_weights = foreground_location_weights(
-            batch.boxes, batch.box_mask, student.level_shapes, distill.foreground_weight
-        )
+    location_weights = feature_location_weights(
+        batch, student.level_shapes, distill.foreground_weight
+    )
     feature = mean_feature_distance(projections, location_weights)
     task = detection["classification"] + detection["box"]
     losses = weighted_objectives(task, logit, feature, distill)
