@@ -237,9 +237,9 @@ def representation_gradients(encode, head_objectives, params, combine):
     Two pullbacks instead of one: the head's (classifier or detection heads, projectors
     and losses, from the student's taps) gives every objective's gradient for the
     parameters after the representation and for each tap; `combine` merges the objectives'
-    gradients at the representation, the first tap (classification's pooled features),
-    while the other taps' gradients are summed over the objectives, as the ordinary
-    pullback would; the encoder's pullback carries both into the encoder.
+    gradients at the representation, the first tap (classification's pooled features, a
+    detector's C5), while the other taps' gradients are summed over the objectives, as the
+    ordinary pullback would; the encoder's pullback carries both into the encoder.
     """
     student_taps, encoder_pullback, batch_stats = jax.vjp(encode, params["student"], has_aux=True)
     losses, head_pullback, (parts, task_metrics) = jax.vjp(

@@ -14,7 +14,7 @@ Logit distillation (`sigmoid_kd`). A RetinaNet classifies with C independent sig
 anchor, not a softmax, so the teacher's knowledge is C binary distributions per anchor and
 the distillation is Hinton's KD applied to each: the student's sigmoid(s / T) against the
 teacher's sigmoid(t / T), as the per-class binary distillation of dense detectors does
-(BCKD, Yang et al. 2023, who show that a softmax over a sigmoid head's classes distils the
+(BCKD, Yang et al. 2023, who argue that a softmax over a sigmoid head's classes distils the
 wrong thing). The choices:
   * Every anchor counts, foreground, background and ignored alike: the teacher's scores on
     the background (which objects it half-sees, which classes it confuses) are much of what
@@ -30,17 +30,17 @@ wrong thing). The choices:
     when the student matches the teacher. The aggregators that read loss values (FAMO and
     DB-MTL work on log-losses, the 'loss' normalisations of MGDA and MoKD divide by them)
     would otherwise see the teacher's entropy as part of the loss: 0.056 nats per
-    (anchor, class) at the prior's score 0.01 and T = 1 (more at higher T), over a COCO
-    image's 2 x 10^5 anchors x 80 classes, per ~100 foreground anchors: a floor near
-    10^4 under a signal that starts near 0.
+    (anchor, class) at the prior's score 0.01 and T = 1 (more at higher T), over a padded
+    COCO image's 3 x 10^5 anchors x 80 classes, per ~100 foreground anchors: a floor
+    above 10^4 under a signal that starts near 0.
 
 Feature distillation. P3-P7 of the two FPNs (256 channels each) go through the subspace
 projectors, one per level (`mokd_jax.subspace.TapProjectors`, taps `tap0` .. `tap4` =
 P3 .. P7), applied at every location of the [B, H, W, 256] maps; the distance is
 `objectives.feature_distance`, averaged over the levels as over classification's taps
-(every level counts alike, whatever its area). Imitating the FPN levels follows published
-detection KD (Wang et al. 2019's fine-grained imitation, FGD by Yang et al. 2022, both on
-the FPN outputs). The locations are weighed (`feature_location_weights`):
+(every level counts alike, whatever its area). Imitating the features the heads read
+follows published detection KD (Wang et al. 2019's fine-grained feature imitation; FGD,
+Yang et al. 2022, on the FPN outputs). The locations are weighed (`feature_location_weights`):
   * The padding is left out: a location counts where its cell overlaps the image. Images
     are padded to one square (1344 px for COCO), often half padding, whose features say
     nothing of the image and would otherwise dilute the mean by the padded area.
