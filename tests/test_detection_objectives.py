@@ -1,7 +1,8 @@
 """The detection loss vector (mokd_jax.detection.objectives) on hand-made head outputs: the
 sigmoid KD against its float64 definition and its gradient against the cross-entropy's,
-the foreground cells and weights by hand, the weighted feature distance, the K = 2 and
-K = 3 vectors part by part, the teacher's class columns, and the input errors. No network
+the foreground cells and the location weights by hand (padding left out), the weighted
+feature distance, the K = 2 and K = 3 vectors part by part, the teacher's class columns,
+and the input errors. No network
 is built: everything runs on random arrays of a 64 x 64 image's anchors."""
 
 import functools

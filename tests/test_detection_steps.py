@@ -4,11 +4,13 @@ split of the student (C5 first), the evaluation step's shapes, every aggregator 
 the trainer's own distillation step (`mokd_jax.steps.distill_step` with the detection task),
 K = 3, the summed step against `sum`, and the teacher step's loss going down.
 
-One compilation of the detection distillation step takes 25-40 s on 2 CPU cores, so every
-test that runs it is slow; the fast tier traces it (`jax.eval_shape`) and runs the
-evaluation step. Initialisation draws its keys with 'rbg', which compiles in a fraction of
-threefry's time (tests/test_detection_retinanet.py), and the teacher is the student's
-network with perturbed weights, which needs no second initialisation.
+One compilation of the detection distillation step takes 15-60 s on 2 CPU cores (the
+per-objective methods the most), and a RetinaNet's initialisation about 10 s, so every test
+that compiles a step or creates a state is slow; the fast tier traces (`jax.eval_shape`)
+and checks inputs and configs. Initialisation draws its keys with 'rbg', which compiles in
+a fraction of threefry's time (tests/test_detection_retinanet.py), and the teacher is the
+student's network with its FPN and heads changed (`teacher_like`), which needs no second
+initialisation.
 """
 
 import functools
@@ -123,7 +125,7 @@ def test_the_padding_is_zero_after_normalising_as_in_torchvision():
     at its own size and then batching with zero padding (the transform's resize left out:
     the images are already at their model size)."""
     torch = pytest.importorskip("torch")
-    from tests.torchvision_shim import import_torchvision
+    from torchvision_shim import import_torchvision
 
     import_torchvision()
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
