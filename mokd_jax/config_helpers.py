@@ -116,6 +116,27 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def add_detection_fields(
+    config: ml_collections.ConfigDict, teacher: str = "resnet50", student: str = "resnet18"
+) -> None:
+    """Adds what a RetinaNet distillation reads (`networks.build_detection_networks`,
+    `detection.objectives`) to a base config, with torchvision's RetinaNet defaults:
+    `ROLE.model` is the backbone (`detection.retinanet.BACKBONES`), `ROLE.variant` 'v1'
+    or 'v2', `ROLE.box_loss` the role's box loss ('l1' for v1, 'giou' for v2 in
+    torchvision), `teacher.num_classes` the teacher's class count (0: the dataset's; 91
+    for a converted COCO teacher), `distill.teacher_classes` its column of each of the
+    dataset's classes (empty: the same classes in the same order; for a COCO teacher, the
+    dataset's `category_ids`) and `distill.foreground_weight` the feature loss's extra
+    weight on locations touching a ground-truth box (0: every location alike)."""
+    for role, backbone in (("teacher", teacher), ("student", student)):
+        config[role].model = backbone
+        config[role].variant = "v1"
+        config[role].box_loss = "l1"
+    config.teacher.num_classes = 0
+    config.distill.teacher_classes = ()
+    config.distill.foreground_weight = 0.0
+
+
 def split_arg(arg: str | None, pairs: tuple[str, ...]) -> tuple[str, str, bool]:
     """A config arg of comma-separated parts, at most one pair, one method and 'smoke'
     ('PAIR,METHOD', 'PAIR,METHOD,smoke', 'METHOD', 'smoke', ...) -> (pair, method, smoke);

@@ -3,6 +3,9 @@
 `build_networks` turns a config (model names, compute dtype, projector section, seed) and
 the data's class count and image size into the teacher, the student and the student's
 `TapProjectors`: one subspace projector per tap of `projector.taps` (`mokd_jax.taps`).
+`build_detection_networks` does the same for RetinaNet detection: two RetinaNets and one
+projector per pyramid level (the config's detection fields:
+`config_helpers.add_detection_fields`).
 """
 
 from typing import NamedTuple
@@ -11,6 +14,10 @@ import ml_collections
 from flax import linen as nn
 
 from mokd_jax import models
+from mokd_jax.checks import check_choice, check_int
+from mokd_jax.detection.losses import BOX_LOSSES
+from mokd_jax.detection.objectives import check_teacher_classes
+from mokd_jax.detection.retinanet import BACKBONES, VARIANTS, RetinaNet
 from mokd_jax.normalization import Normalization
 from mokd_jax.subspace import TapProjectors
 
@@ -62,4 +69,56 @@ def build_networks(
     projector = build_projector(config)
     return Networks(
         teacher, student, projector, config.projector.taps, teacher_input, student_input
+    )
+
+
+class DetectionNetworks(NamedTuple):
+    """The modules of a detection distillation (`mokd_jax.detection.steps`): two
+    RetinaNets, the projectors of the pyramid levels P3-P7 (`tap0` .. `tap4`), each
+    network's input statistics, the teacher's logit column of each of the student's classes
+    (None: the same classes in the same order; `detection.objectives`) and the student's
+    box loss (`detection.losses.BOX_LOSSES`)."""
+
+    teacher: RetinaNet
+    student: RetinaNet
+    projector: TapProjectors
+    teacher_input: Normalization
+    student_input: Normalization
+    teacher_classes: tuple[int, ...] | None
+    box_loss: str
+
+
+def build_retinanet(config: ml_collections.ConfigDict, role: str, num_classes: int) -> RetinaNet:
+    """The teacher's or student's (`role`) RetinaNet: backbone `ROLE.model`, variant
+    `ROLE.variant`, computing in `config.dtype`."""
+    section = config[role]
+    check_choice(f"{role}.model", section.model, BACKBONES)
+    check_choice(f"{role}.variant", section.variant, VARIANTS)
+    return RetinaNet(section.model, num_classes, variant=section.variant, dtype=config.dtype)
+
+
+def build_detection_networks(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    *,
+    teacher_input: Normalization,
+    student_input: Normalization,
+) -> DetectionNetworks:
+    """Teacher, student and projectors of a detection distillation for a dataset of
+    `num_classes` classes: the student detects those; the teacher has
+    `teacher.num_classes` (0: the same), and `distill.teacher_classes` (empty: the same
+    classes in the same order) names its column of each of the student's classes."""
+    check_int("teacher.num_classes", config.teacher.num_classes, 0)
+    check_choice("student.box_loss", config.student.box_loss, BOX_LOSSES)
+    teacher_count = config.teacher.num_classes or num_classes
+    teacher_classes = tuple(config.distill.teacher_classes)
+    check_teacher_classes("distill.teacher_classes", teacher_classes, num_classes, teacher_count)
+    return DetectionNetworks(
+        build_retinanet(config, "teacher", teacher_count),
+        build_retinanet(config, "student", num_classes),
+        build_projector(config),
+        teacher_input,
+        student_input,
+        teacher_classes or None,
+        config.student.box_loss,
     )

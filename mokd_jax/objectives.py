@@ -52,21 +52,45 @@ def hinton_kd(
     return temperature**2 * kl.mean()
 
 
-def feature_distance(projected_student: jax.Array, teacher_target: jax.Array) -> jax.Array:
+def feature_distance(
+    projected_student: jax.Array,
+    teacher_target: jax.Array,
+    location_weights: jax.Array | None = None,
+) -> jax.Array:
     """Smooth-L1 (Huber, delta 1) distance between projected student and teacher features.
 
     Both inputs are per-sample standardised by the projector, so delta = 1 separates the
     quadratic regime (small mismatches) from the linear one (outliers early in training).
     The mean runs over samples and dimensions, so the loss does not grow with the width D.
+
+    `location_weights`, of the features' shape less the last axis (a detector's [B, H, W]
+    feature-map locations) and averaging 1, weigh each location's mean over the last
+    axis; the result is then a weighted mean on the unweighted mean's scale.
     """
-    return optax.huber_loss(projected_student, teacher_target, delta=1.0).mean()
+    distance = optax.huber_loss(projected_student, teacher_target, delta=1.0)
+    if location_weights is None:
+        return distance.mean()
+    return (distance.mean(-1) * location_weights).mean()
 
 
-def mean_feature_distance(projections: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
+def mean_feature_distance(
+    projections: Sequence[tuple[jax.Array, jax.Array]],
+    location_weights: Sequence[jax.Array] | None = None,
+) -> jax.Array:
     """The feature loss over the taps: the mean of each tap's `feature_distance` over
     `(projected_student, teacher_target)` pairs, so that it keeps the single projector's
-    scale (and `distill.feature_weight` its meaning) whatever the number of taps."""
-    return jnp.mean(jnp.stack([feature_distance(*pair) for pair in projections]))
+    scale (and `distill.feature_weight` its meaning) whatever the number of taps; with
+    `location_weights`, one array per tap, each tap's distance is weighted by its own."""
+    if location_weights is None:
+        location_weights = (None,) * len(projections)
+    return jnp.mean(
+        jnp.stack(
+            [
+                feature_distance(*pair, weights)
+                for pair, weights in zip(projections, location_weights, strict=True)
+            ]
+        )
+    )
 
 
 def decoupled_kd(
@@ -122,6 +146,21 @@ def logit_distillation(
     return warmup * (distill.dkd_alpha * tckd + distill.dkd_beta * nckd)
 
 
+def weighted_objectives(
+    task: jax.Array, logit: jax.Array, feature: jax.Array, distill: ml_collections.ConfigDict
+) -> jax.Array:
+    """The loss vector [K] from the task, logit and feature losses (scalars), in the order of
+    `OBJECTIVES[distill.objectives]`:
+
+    merged: [task_weight * task, logit_weight * logit + feature_weight * feature];
+    separate: [task_weight * task, logit_weight * logit, feature_weight * feature].
+    """
+    weighted = (distill.logit_weight * logit, distill.feature_weight * feature)
+    if distill.objectives == "merged":
+        return jnp.stack([distill.task_weight * task, weighted[0] + weighted[1]])
+    return jnp.stack([distill.task_weight * task, *weighted])
+
+
 def loss_vector(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -130,21 +169,15 @@ def loss_vector(
     step: jax.Array,
     distill: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
-    """The objectives named by `OBJECTIVES[distill.objectives]`, and their parts for logging;
-    `feature` is the mean over the taps' `(projected_student, teacher_target)` pairs.
-
-    merged: [task_weight * task, logit_weight * logit + feature_weight * feature];
-    separate: [task_weight * task, logit_weight * logit, feature_weight * feature].
-    The weights are the recipe's (KD's CE 0.1 / KD 0.9 on CIFAR-100): inside the loss
-    vector, so that the plain recipe's update is the unweighted sum of its gradients
-    (`mokd`'s default rescale gives its step that norm). The parts are unweighted.
+    """The objectives named by `OBJECTIVES[distill.objectives]` (`weighted_objectives`), and
+    their parts for logging; `feature` is the mean over the taps' `(projected_student,
+    teacher_target)` pairs. The weights are the recipe's (KD's CE 0.1 / KD 0.9 on
+    CIFAR-100): inside the loss vector, so that the plain recipe's update is the
+    unweighted sum of its gradients (`mokd`'s default rescale gives its step that norm).
+    The parts are unweighted.
     """
     task = cross_entropy(student_logits, labels)
     logit = logit_distillation(student_logits, teacher_logits, labels, step, distill)
     feature = mean_feature_distance(projections)
-    weighted = (distill.logit_weight * logit, distill.feature_weight * feature)
-    if distill.objectives == "merged":
-        losses = jnp.stack([distill.task_weight * task, weighted[0] + weighted[1]])
-    else:
-        losses = jnp.stack([distill.task_weight * task, *weighted])
+    losses = weighted_objectives(task, logit, feature, distill)
     return losses, {"cross_entropy": task, "kd_logit": logit, "kd_feature": feature}

@@ -6,7 +6,8 @@ differentiated, with each projector's fixed teacher lift in `constants`
 (`{'tap0': {'teacher_lift': ...}, ...}`).
 """
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -46,15 +47,22 @@ def create_teacher_state(model, image_shape, tx, key) -> TrainState:
     )
 
 
-def create_student_state(networks: Networks, image_shape, tx, key) -> TrainState:
-    """The student's variables and its projectors' for the networks' tap set, whose widths
-    are read from both networks' taps on images of `image_shape` (traced, not computed)."""
+def create_student_state(
+    networks: Networks, image_shape, tx, key, example_features: Callable | None = None
+) -> TrainState:
+    """The student's variables and its projectors', whose widths are read from both
+    networks' features on images of `image_shape` (traced, not computed):
+    `example_features(model, image_shape)`, by default the taps of the networks' tap set
+    (`taps.example_taps`); detection passes its pyramid's
+    (`mokd_jax.detection.steps.example_pyramid`)."""
+    if example_features is None:
+        example_features = functools.partial(example_taps, tap_set=networks.taps)
     student_key, projector_key = jax.random.split(key)
     variables = init_model(networks.student, image_shape, student_key)
     projector_variables = networks.projector.init(
         projector_key,
-        example_taps(networks.student, image_shape, networks.taps),
-        example_taps(networks.teacher, image_shape, networks.taps),
+        example_features(networks.student, image_shape),
+        example_features(networks.teacher, image_shape),
     )
     params = {"student": variables["params"], "projector": projector_variables["params"]}
     return TrainState(

@@ -13,6 +13,12 @@ step (docs/architecture.md):
 
 How the gradients are formed for an aggregator is its contract
 (`mokd_jax.aggregation.AggregatorSpec.drive`), read here and nowhere else.
+
+The task is a parameter of the distillation step (`TaskFunctions`): classification's
+`student_functions` by default, RetinaNet detection's
+`mokd_jax.detection.steps.detection_student_functions`. A task says how its batch runs
+through teacher and student and what its loss vector is; the per-objective gradients, the
+aggregation and the logged diagnostics are the same code for every task.
 """
 
 import functools
@@ -95,6 +101,11 @@ def advanced(state: TrainState, updates, batch_stats, opt_state) -> TrainState:
     )
 
 
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The fraction of examples whose arg-max logit is their (dominant) label."""
+    return jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels))
+
+
 def teacher_step(
     state: TrainState,
     images,
@@ -123,8 +134,21 @@ def teacher_step(
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = advanced(state, updates, batch_stats, opt_state)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels))
-    return new_state, {"loss": loss, "accuracy": accuracy}
+    return new_state, {"loss": loss, "accuracy": accuracy(logits, labels)}
+
+
+TaskFunctions = Callable[..., tuple[Callable, Callable]]
+"""What makes a distillation step a task's: `(state, teacher_variables, *batch, networks=,
+distill=) -> (encode, head_objectives)`, the student's forward pass in two differentiable
+halves, split at its taps, after the teacher's forward pass (eval mode, on variables passed
+in, not differentiated):
+
+encode(student_params) -> (taps, new batch_stats);
+head_objectives(params, taps) -> (losses [K], (loss parts, task metrics)), params being
+  {'student', 'projector'}; both dicts hold scalars, logged as `loss_<part>` and as named.
+
+The first tap is the representation, where a representation method (GradDrop) combines
+the objectives' gradients (`representation_gradients`)."""
 
 
 def student_functions(
@@ -136,14 +160,10 @@ def student_functions(
     networks: Networks,
     distill: ml_collections.ConfigDict,
 ) -> tuple[Callable, Callable]:
-    """The teacher's forward pass (eval mode, on variables passed in, not differentiated),
-    then the student's in two differentiable halves, split at its taps (`mokd_jax.taps`:
+    """Classification's `TaskFunctions`: the student split at its taps (`mokd_jax.taps`:
     `pooled` first, the representation where the classifier and the projectors branch
-    off, then the other taps of `networks.taps`, all from the same forward pass):
-
-    encode(student_params) -> (taps, new batch_stats), in train mode;
-    head_objectives(params, taps) -> (losses [K], (loss parts, logits)).
-    """
+    off, then the other taps of `networks.taps`, all from the same forward pass); `encode`
+    runs in train mode, and the task metric is the batch's `accuracy`."""
     student = networks.student
     teacher_logits, teacher_features = networks.teacher.apply(
         teacher_variables,
@@ -176,19 +196,20 @@ def student_functions(
         losses, parts = loss_vector(
             logits, teacher_logits, labels, projections, state.step, distill
         )
-        return losses, (parts, logits)
+        return losses, (parts, {"accuracy": accuracy(logits, labels)})
 
     return encode, head_objectives
 
 
 def joined_objectives(encode: Callable, head_objectives: Callable) -> Callable:
-    """`student_functions`' two halves as one function of all the parameters, the one a
-    single `jax.vjp` differentiates: params -> (losses, (loss parts, logits, batch_stats))."""
+    """A task's two halves (`TaskFunctions`) as one function of all the parameters, the one
+    a single `jax.vjp` differentiates: params -> (losses, (loss parts, task metrics,
+    batch_stats))."""
 
     def objectives(params):
         student_taps, batch_stats = encode(params["student"])
-        losses, (parts, logits) = head_objectives(params, student_taps)
-        return losses, (parts, logits, batch_stats)
+        losses, (parts, task_metrics) = head_objectives(params, student_taps)
+        return losses, (parts, task_metrics, batch_stats)
 
     return objectives
 
@@ -213,15 +234,15 @@ def row_gradients(objectives: Callable, params, rows_for: Callable):
 def representation_gradients(encode, head_objectives, params, combine):
     """Gradients for a representation method (GradDrop), as one row [1, ...].
 
-    Two pullbacks instead of one: the head's (classifier, projectors and losses, from the
-    student's taps) gives every objective's gradient for the parameters after the
-    representation and for each tap; `combine` merges the objectives' gradients at the
-    representation, the pooled features (the first tap), while the other taps' gradients
-    (the feature losses of the earlier scales) are summed over the objectives, as the
+    Two pullbacks instead of one: the head's (classifier or detection heads, projectors
+    and losses, from the student's taps) gives every objective's gradient for the
+    parameters after the representation and for each tap; `combine` merges the objectives'
+    gradients at the representation, the first tap (classification's pooled features, a
+    detector's C5), while the other taps' gradients are summed over the objectives, as the
     ordinary pullback would; the encoder's pullback carries both into the encoder.
     """
     student_taps, encoder_pullback, batch_stats = jax.vjp(encode, params["student"], has_aux=True)
-    losses, head_pullback, (parts, logits) = jax.vjp(
+    losses, head_pullback, (parts, task_metrics) = jax.vjp(
         head_objectives, params, student_taps, has_aux=True
     )
     parameter_rows, tap_rows = jax.vmap(head_pullback)(jnp.eye(losses.shape[0]))
@@ -230,20 +251,19 @@ def representation_gradients(encode, head_objectives, params, combine):
     gradient = jax.tree.map(lambda rows: rows.sum(0), parameter_rows)
     gradient["student"] = jax.tree.map(jnp.add, gradient["student"], encoder_gradient)
     rows = jax.tree.map(lambda leaf: leaf[None], gradient)
-    return rows, losses, (parts, logits, batch_stats), {"kept": kept}
+    return rows, losses, (parts, task_metrics, batch_stats), {"kept": kept}
 
 
 def distill_step(
     state: TrainState,
     teacher_variables: Mapping[str, Any],
-    images: jax.Array,
-    labels: jax.Array,
-    *,
-    networks: Networks,
+    *batch: Any,
+    networks: Any,
     tx: optax.GradientTransformationExtraArgs,
     aggregator: aggregation.AggregatorSpec,
     distill: ml_collections.ConfigDict,
     mix: Callable | None = None,
+    task: TaskFunctions = student_functions,
 ) -> tuple[TrainState, dict]:
     """One MoKD step: per-objective gradients from one forward, aggregated by `tx`.
 
@@ -252,13 +272,18 @@ def distill_step(
     `state.params`, i.e. the student and its projector). What is pulled back is the
     aggregator's contract (`aggregator.drive`): the K unit rows (per-objective gradients J,
     leading axis K), one weighted row (one backward), or, for a representation method, the
-    objectives combined at the pooled features (`representation_gradients`). With `mix`,
-    teacher and student see the mixed batch and the task loss uses its soft targets.
+    objectives combined at the representation (`representation_gradients`).
+
+    `batch` is the task's (classification: images, labels; detection: one
+    `DetectionBatch`), `networks` the task's bundle, and `task` turns them into the two
+    halves of the student (`TaskFunctions`). With `mix` (classification's
+    `mix(images, labels, step)`), teacher and student see the mixed batch and the task loss
+    uses its soft targets.
     """
     if mix is not None:
-        images, labels = mix(images, labels, state.step)
-    encode, head_objectives = student_functions(
-        state, teacher_variables, images, labels, networks=networks, distill=distill
+        batch = mix(*batch, state.step)
+    encode, head_objectives = task(
+        state, teacher_variables, *batch, networks=networks, distill=distill
     )
     method_state = aggregation.find_state(state.opt_state)
     extra = {}
@@ -273,7 +298,7 @@ def distill_step(
             state.params,
             functools.partial(aggregation.backward_rows, aggregator, method_state),
         )
-    parts, logits, batch_stats = aux
+    parts, task_metrics, batch_stats = aux
     updates, opt_state = tx.update(gradients, state.opt_state, state.params, losses=losses, **extra)
     new_state = advanced(state, updates, batch_stats, opt_state)
     names = objective_names(distill)
@@ -282,7 +307,7 @@ def distill_step(
         **{f"loss_{name}": losses[k] for k, name in enumerate(names)},
         **{f"loss_{name}": value for name, value in parts.items()},
         **{f"weight_{name}": weights[k] for k, name in enumerate(names)},
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels)),
+        **task_metrics,
     }
     if aggregator.drive == aggregation.PER_OBJECTIVE:
         diagnostics = conflict_diagnostics(gram_matrix(gradients["student"])[0], names)
@@ -292,10 +317,14 @@ def distill_step(
 
 
 def make_distill_step(
-    config: ml_collections.ConfigDict, networks: Networks, tx, mix: Callable | None = None
+    config: ml_collections.ConfigDict,
+    networks: Any,
+    tx,
+    mix: Callable | None = None,
+    task: TaskFunctions = student_functions,
 ) -> Callable:
-    """`distill_step` with the networks, optimizer, aggregator contract and config bound:
-    (state, teacher_variables, images, labels) -> (state, metrics)."""
+    """`distill_step` with the networks, optimizer, aggregator contract, config and task
+    bound: (state, teacher_variables, *batch) -> (state, metrics)."""
     return functools.partial(
         distill_step,
         networks=networks,
@@ -303,25 +332,26 @@ def make_distill_step(
         aggregator=aggregation.spec(config.aggregator),
         distill=config.distill,
         mix=mix,
+        task=task,
     )
 
 
 def summed_distill_step(
     state: TrainState,
     teacher_variables: Mapping[str, Any],
-    images: jax.Array,
-    labels: jax.Array,
-    *,
-    networks: Networks,
+    *batch: Any,
+    networks: Any,
     tx: optax.GradientTransformation,
     distill: ml_collections.ConfigDict,
+    task: TaskFunctions = student_functions,
 ) -> tuple[TrainState, dict]:
     """Summed KD with one backward, the plain recipe's step: the loss vector pulled back
     with a ones row gives the gradient of the sum directly, which `distill_step` with `sum`
     does not (it pulls back the K unit rows, sums them in the aggregator and logs the
-    conflict diagnostics). `tx` is the plain optimizer, without an aggregator."""
-    encode, head_objectives = student_functions(
-        state, teacher_variables, images, labels, networks=networks, distill=distill
+    conflict diagnostics). `tx` is the plain optimizer, without an aggregator; `batch`
+    and `task` as in `distill_step`."""
+    encode, head_objectives = task(
+        state, teacher_variables, *batch, networks=networks, distill=distill
     )
     objectives = joined_objectives(encode, head_objectives)
     losses, pullback, (_, _, batch_stats) = jax.vjp(objectives, state.params, has_aux=True)

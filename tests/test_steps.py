@@ -240,8 +240,12 @@ def forward(parts: StepParts, teacher_input, student_input):
         student_state, teacher_variables_for(parts), parts.images, parts.labels,
         networks=nets, distill=config.distill,
     )  # fmt: skip
-    losses, (loss_parts, logits, _) = steps.joined_objectives(encode, head_objectives)(
+    losses, (loss_parts, _, _) = steps.joined_objectives(encode, head_objectives)(
         student_state.params
+    )
+    pooled = encode(student_state.params["student"])[0][0]
+    logits = nets.student.apply(
+        {"params": student_state.params["student"]}, pooled, method="classify"
     )
     return float(losses[0]), float(loss_parts["kd_logit"]), logits
 

@@ -9,9 +9,10 @@ it. `AggregatorSpec` states that once, beside the method's factory in the regist
   (leaves [K, ...]); the conflict diagnostics need exactly these.
   WEIGHTED_ROW: one row `backward_weights(state, losses)` ([K] weights), giving one
   gradient (leaves [1, ...]): one backward pass per step (famo, mokd_amortized).
-  REPRESENTATION: the objectives are combined at the student's representation (its pooled
-  features) by `combine_representation(state, gradients)`, before the encoder's backward
-  pass; the parameters after the representation get the plain sum (graddrop).
+  REPRESENTATION: the objectives are combined at the student's representation (its first
+  tap: a classifier's pooled features, a RetinaNet's C5) by
+  `combine_representation(state, gradients)`, before the encoder's backward pass; the
+  parameters after the representation get the plain sum (graddrop).
 - `whole_transform`: the factory returns a whole Optax transform (own momenta, one
   backward, ...) rather than a Gram-space `Weighting` or a `Buffered` method; such a
   method has no per-objective problem to split and runs with granularity 'global' only.

@@ -1,8 +1,9 @@
 """GradDrop (Chen et al., 2020): sign-consistent dropout of gradients at a representation.
 
 GradDrop does not combine parameter gradients: it works on the gradients of the K
-objectives with respect to a shared representation (here the student's pooled features,
-where the classifier and the projector branch off) and keeps, per feature, only the
+objectives with respect to a shared representation (here the student's first tap: a
+classifier's pooled features, where the classifier and the projector branch off, or a
+RetinaNet's C5, the backbone's last output) and keeps, per feature, only the
 gradients of one sign, chosen at random with the probability of that sign's "purity":
 
     P = 1/2 (1 + sum_k g_k / sum_k |g_k|),   U ~ Uniform(0, 1) per feature,

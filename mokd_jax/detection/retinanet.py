@@ -249,8 +249,19 @@ class RetinaNet(nn.Module):
         """`images`: normalised float [B, H, W, 3]. `train` changes nothing (frozen
         backbone norms, no dropout; see the module docstring)."""
         del train
+        return self.from_backbone_features(self.backbone_features(images))
+
+    def backbone_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The backbone's C3, C4, C5 ([B, H_l, W_l, C_l], strides 8, 16, 32) for normalised
+        `images`: the first half of `__call__`, so that a distillation step can take
+        gradients at the backbone's outputs (`mokd_jax.detection.steps`)."""
         taps = self.body.encode(images, train=False)  # frozen BatchNorm: running averages
-        pyramid = self.fpn([taps[name] for name in _BACKBONE_TAPS])
+        return tuple(taps[name] for name in _BACKBONE_TAPS)
+
+    def from_backbone_features(self, backbone_features: Sequence[jax.Array]) -> RetinaNetOutputs:
+        """The FPN and the heads on the backbone's (C3, C4, C5): the second half of
+        `__call__`."""
+        pyramid = self.fpn(list(backbone_features))
         return RetinaNetOutputs(
             class_logits=self.classification_head(pyramid),
             box_regression=self.regression_head(pyramid),
