@@ -27,11 +27,14 @@ PNGs of the same kind. The split read by each pipeline cycles through them to ex
 batches needed, so no epoch boundary (which rebuilds the pipeline) falls inside the timing.
 
 Timing: `--warmup_batches` batches are drawn first (tracing, filling the shuffle buffer,
-tf.data's autotuning), then `--batches` batches are timed. tf.data runs on every core this
-process may use (`os.sched_getaffinity`), the figure the per-core rate divides by; the rate
-is assumed to scale with cores when the cores needed for `--step_rate` images/s are
-estimated (the default is `mokd` on one H200, bf16, 224 px, docs/benchmarks.md). The load
-average before and after is recorded: on a shared machine other processes take cores too.
+tf.data's autotuning), then `--batches` batches are timed, in wall time and in this
+process's CPU time (all its threads). tf.data runs on every core this process may use
+(`os.sched_getaffinity`): images/s over those cores is the per-core rate of a machine of
+one's own. On a shared machine other processes take some of the cores, so wall rates
+swing with their load; images per CPU second measure the work an image costs whatever the
+load, and the cores needed for `--step_rate` images/s (default: `mokd` on one H200, bf16,
+224 px, docs/benchmarks.md) are estimated from them, each core assumed as busy as here.
+The load average before and after is recorded.
 """
 
 import functools
@@ -179,19 +182,24 @@ def host_cores() -> int:
     return os.cpu_count() or 1
 
 
-def cores_needed(step_rate: float, images_per_s_per_core: float) -> int:
-    """Cores to feed `step_rate` images/s, if the pipeline scales linearly with cores."""
-    return math.ceil(step_rate / images_per_s_per_core)
+def cores_needed(step_rate: float, images_per_cpu_s: float) -> int:
+    """Cores to feed `step_rate` images/s, each core as busy as this process's were."""
+    return math.ceil(step_rate / images_per_cpu_s)
 
 
-def seconds_for(batches: Iterator[Any], warmup: int, count: int) -> float:
-    """Wall seconds for `count` batches of `batches`, after `warmup` untimed ones."""
+class Timing(NamedTuple):
+    wall_s: float
+    cpu_s: float  # CPU time of every thread of this process (tf.data's included)
+
+
+def time_batches(batches: Iterator[Any], warmup: int, count: int) -> Timing:
+    """Wall and CPU seconds for `count` batches of `batches`, after `warmup` untimed ones."""
     for _ in range(warmup):
         next(batches)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         next(batches)
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def pipeline_batches(
@@ -214,12 +222,12 @@ def time_pipeline(
     batch_size: int,
     warmup: int,
     count: int,
-) -> float:
-    """Seconds for `count` batches of `pipeline` reading `encoded` from memory."""
+) -> Timing:
+    """The time of `count` batches of `pipeline` reading `encoded` from memory."""
     length = (warmup + count) * batch_size  # one epoch, no padded eval batch
     with tfds.testing.mock_data(as_dataset_fn=in_memory_reader(encoded, length)):
         batches = pipeline_batches(pipeline, batch_size, image_size)
-        return seconds_for(batches, warmup, count)
+        return time_batches(batches, warmup, count)
 
 
 # ----------------------------------------------------------------------------- report
@@ -229,12 +237,13 @@ def format_table(results: dict[str, Any]) -> str:
     step_rate = results["config"]["step_rate"]
     lines = [
         f"{results['machine']['cores_used']} host cores; cores needed for {step_rate:.0f} images/s",
-        f"{'pipeline':<26}{'size':>6}{'images/s':>10}{'per core':>10}{'cores':>8}",
+        f"{'pipeline':<26}{'size':>6}{'images/s':>10}{'per core':>10}{'per cpu s':>10}{'cores':>7}",
     ]
     for name, row in results["pipelines"].items():
         lines.append(
             f"{name:<26}{row['image_size']:>6}{row['images_per_s']:>10.1f}"
-            f"{row['images_per_s_per_core']:>10.1f}{row['cores_for_step_rate']:>8}"
+            f"{row['images_per_s_per_core']:>10.1f}{row['images_per_cpu_s']:>10.1f}"
+            f"{row['cores_for_step_rate']:>7}"
         )
     return "\n".join(lines)
 
@@ -268,7 +277,7 @@ def measure(
     check_int("source_size", source_size, 8)
     check_positive("step_rate", step_rate)
     cores = host_cores()
-    load_before = os.getloadavg()
+    load_before = list(os.getloadavg())
     sources: dict[str, list[bytes]] = {}
     rows = {}
     for name in names:
@@ -284,17 +293,17 @@ def measure(
             else tfds_specs.spec(pipeline.dataset).image_size
         )
         log(f"[{name}] timing {count} batches of {batch_size}")
-        seconds = time_pipeline(
-            pipeline, sources[pipeline.dataset], size, batch_size, warmup, count
-        )
-        images_per_s = count * batch_size / seconds
+        timing = time_pipeline(pipeline, sources[pipeline.dataset], size, batch_size, warmup, count)
+        images_per_s = count * batch_size / timing.wall_s
+        images_per_cpu_s = count * batch_size / timing.cpu_s
         rows[name] = {
             **pipeline._asdict(),
             "image_size": size,
-            "seconds": seconds,
+            **timing._asdict(),
             "images_per_s": images_per_s,
             "images_per_s_per_core": images_per_s / cores,
-            "cores_for_step_rate": cores_needed(step_rate, images_per_s / cores),
+            "images_per_cpu_s": images_per_cpu_s,
+            "cores_for_step_rate": cores_needed(step_rate, images_per_cpu_s),
         }
         log(f"[{name}] {images_per_s:.1f} images/s")
     return {
@@ -304,7 +313,7 @@ def measure(
             "cpu_count": os.cpu_count(),
             "cores_used": cores,
             "load_avg_before": load_before,
-            "load_avg_after": os.getloadavg(),
+            "load_avg_after": list(os.getloadavg()),
         },
         "versions": {
             "python": platform.python_version(),
