@@ -12,8 +12,8 @@ imagenet_eval, cifar_train, cifar_eval (CIFAR-100; CIFAR-10 runs the same code).
 of `mokd-benchmark`: it shares none of that command's flags (models, modes, dtype), never
 touches the accelerator and needs no model code.
 
-What runs: the real `tfds_pipeline.train_batches` and `eval_batches` (file-order and
-buffer shuffles, per-example seeds, the recipes' crops and RandAugment, repeated
+What runs: the real `tfds_pipeline.train_batches` and `eval_batches` (the shuffle
+buffer, per-example seeds, the recipes' crops and RandAugment, repeated
 augmentation, batching and prefetch), with one stand-in: TFDS's file reader is replaced
 (`tfds.testing.mock_data`) by examples held in memory, generated once per run. So the
 figures count decoding and augmentation, the pipeline's work, but not reading and parsing
