@@ -24,6 +24,11 @@ COMMANDS = {
         {"teacher", "student", "image_size", "batch_size", "steps", "num_classes"}
         | {"modes", "dtype", "json"},
     ),
+    "mokd-pipeline-benchmark": (
+        "mokd_jax.pipeline_benchmark",
+        {"pipelines", "image_size", "batch_size", "warmup_batches", "batches"}
+        | {"source_images", "source_size", "step_rate", "json"},
+    ),
     "mokd-convert": (
         "mokd_jax.convert_teacher",
         {"arch", "input", "output", "overwrite", "input_normalization", "bn_epsilon"},
@@ -100,6 +105,12 @@ def test_compare_flags_parse_methods_seeds_and_a_config_path(monkeypatch):
         ("mokd-benchmark", ["--modes=kd,mokd", "--dtype=bfloat16"], "modes", ["kd", "mokd"]),
         ("mokd-convert", ["--arch=resnet18", "--input=a.pth", "--output=out"], "arch", "resnet18"),
         ("mokd-export-npz", ["--out=npz"], "dataset", "digits"),
+        (
+            "mokd-pipeline-benchmark",
+            ["--pipelines=cifar_eval", "--step_rate=9790"],
+            "step_rate",
+            9790.0,
+        ),
         ("mokd-export", ["--checkpoint_dir=d", "--output=f.safetensors"], "overwrite", False),
     ],
 )
@@ -173,6 +184,7 @@ def test_python_m_answers_help_with_status_0():
     test_benchmark and test_plots_and_compare mokd_jax.benchmark and mokd_jax.compare;
     test_evaluate and test_export run theirs on bad input only)."""
     names = ["mokd-convert", "mokd-evaluate", "mokd-export", "mokd-export-npz"]
+    names += ["mokd-pipeline-benchmark"]
     commands = [[sys.executable, "-m", COMMANDS[name][0]] for name in names]
     for name, result in zip(names, run_help(commands, cwd=REPO), strict=True):
         check_help(result, name)

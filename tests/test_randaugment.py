@@ -2,6 +2,8 @@
 (timm applies PIL's), the magnitude noise and fill colour, and the policy's dtype, shape,
 determinism and apply rate."""
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -160,6 +162,37 @@ def test_rand_augment_is_a_pure_function_of_the_seed(augment):
     # Eager and traced runs agree, so a test of either speaks for tf.data's map.
     np.testing.assert_array_equal(randaugment.rand_augment(image, _seed(5)).numpy(), outputs[5])
     assert len({output.tobytes() for output in outputs}) > 20
+
+
+@tf.function(
+    input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int64)]
+)
+def _rand_augment_computing_every_op(image, seed):
+    """rand_augment's draws, but each layer's op computed whether applied or not and then
+    selected: what `rand_augment` computed before it skipped unapplied ops. Traced, as
+    `augment` is, for any image size: a trace for one static size may round a geometric op's
+    last float bit otherwise."""
+    pixels = tf.cast(image, tf.float32)
+    for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, 2)):
+        op_seed, sign_seed, apply_seed, level_seed = tf.unstack(
+            tf.random.experimental.stateless_split(layer_seed, 4)
+        )
+        level = randaugment.noisy_level(level_seed, randaugment.MAGNITUDE, 0.5)
+        op = tf.random.stateless_uniform([], op_seed, 0, len(randaugment.OPS), tf.int32)
+        sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
+        augmented = tf.switch_case(
+            op, [functools.partial(function, pixels, sign, level) for function in randaugment.OPS]
+        )
+        applied = tf.random.stateless_uniform([], apply_seed) < 0.5
+        pixels = tf.where(applied, tf.round(tf.clip_by_value(augmented, 0.0, 255.0)), pixels)
+    return tf.cast(pixels, tf.uint8)
+
+
+def test_skipping_unapplied_ops_changes_no_pixel(augment):
+    image = tf.constant(_image((30, 26, 3), 0, 256))
+    for index in range(40):
+        expected = _rand_augment_computing_every_op(image, _seed(index))
+        np.testing.assert_array_equal(augment(image, _seed(index)).numpy(), expected.numpy())
 
 
 def test_rand_augment_leaves_about_a_quarter_of_the_images_unchanged(augment):

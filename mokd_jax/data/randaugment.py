@@ -208,9 +208,19 @@ def rand_augment(
         level = noisy_level(level_seed, magnitude, magnitude_std)
         op = tf.random.stateless_uniform([], op_seed, minval=0, maxval=len(OPS), dtype=tf.int32)
         sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
-        augmented = tf.switch_case(
-            op, [functools.partial(function, pixels, sign, level) for function in OPS]
-        )
         applied = tf.random.stateless_uniform([], apply_seed) < _PROB
-        pixels = tf.where(applied, tf.round(tf.clip_by_value(augmented, 0.0, 255.0)), pixels)
+        pixels = tf.cond(
+            applied,
+            functools.partial(_apply_op, op, pixels, sign, level),
+            functools.partial(tf.identity, pixels),
+        )
     return tf.cast(pixels, tf.uint8)
+
+
+def _apply_op(op: tf.Tensor, pixels: tf.Tensor, sign: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
+    """OPS[op] on the pixels, clipped and rounded. Run under `tf.cond`, so a layer that
+    skips its op (half of them) computes none, rather than computing one and discarding it."""
+    augmented = tf.switch_case(
+        op, [functools.partial(function, pixels, sign, level) for function in OPS]
+    )
+    return tf.round(tf.clip_by_value(augmented, 0.0, 255.0))
