@@ -57,7 +57,6 @@ ImageNet ResNets need >= 112 px on CPU (the last stage is then 4x4). Measured on
 """
 
 import functools
-import json
 import os
 import platform
 import sys
@@ -340,10 +339,7 @@ def main(argv: Sequence[str]) -> None:
         },
     )
     results = measure(base, FLAGS.image_size, FLAGS.steps, FLAGS.modes)
-    print(format_table(results))
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(results, f, indent=2)
+    cli.report(format_table(results), results, FLAGS.json)
 
 
 def run() -> None:

@@ -2,8 +2,10 @@
 `main(argv)`) as a console entry point or under `python -m`, with a `--help` that shows the
 command's docstring and flags and exits with status 0."""
 
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from absl import app, flags
 
@@ -33,6 +35,15 @@ def define_checkpoint_dir_flag(flag_values: flags.FlagValues) -> None:
         required=True,
         flag_values=flag_values,
     )
+
+
+def report(table: str, results: Mapping[str, Any], json_path: str) -> None:
+    """A benchmark's end: its table on stdout and, when `json_path` is set, its results as
+    JSON there."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def run(

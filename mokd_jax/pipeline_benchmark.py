@@ -39,7 +39,6 @@ The load average before and after is recorded.
 
 import functools
 import io
-import json
 import math
 import os
 import platform
@@ -353,10 +352,7 @@ def main(argv: Sequence[str]) -> None:
         source_size=FLAGS.source_size,
         step_rate=FLAGS.step_rate,
     )
-    print(format_table(results))
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(results, f, indent=2)
+    cli.report(format_table(results), results, FLAGS.json)
 
 
 def run() -> None:
