@@ -123,7 +123,9 @@ def add_detection_fields(
     `detection.objectives`) to a base config, with torchvision's RetinaNet defaults:
     `ROLE.model` is the backbone (`detection.retinanet.BACKBONES`), `ROLE.variant` 'v1'
     or 'v2', `ROLE.box_loss` the role's box loss ('l1' for v1, 'giou' for v2 in
-    torchvision), `teacher.num_classes` the teacher's class count (0: the dataset's; 91
+    torchvision), `ROLE.fpn_width` and `ROLE.head_depth` the FPN's and heads' channels and
+    the heads' depth (torchvision's 256 and 4; smaller for a light detector),
+    `teacher.num_classes` the teacher's class count (0: the dataset's; 91
     for a converted COCO teacher), `distill.teacher_classes` its column of each of the
     dataset's classes (empty: the same classes in the same order; for a COCO teacher, the
     dataset's `category_ids`) and `distill.foreground_weight` the feature loss's extra
@@ -132,6 +134,8 @@ def add_detection_fields(
         config[role].model = backbone
         config[role].variant = "v1"
         config[role].box_loss = "l1"
+        config[role].fpn_width = 256
+        config[role].head_depth = 4
     config.teacher.num_classes = 0
     config.distill.teacher_classes = ()
     config.distill.foreground_weight = 0.0

@@ -90,11 +90,21 @@ class DetectionNetworks(NamedTuple):
 
 def build_retinanet(config: ml_collections.ConfigDict, role: str, num_classes: int) -> RetinaNet:
     """The teacher's or student's (`role`) RetinaNet: backbone `ROLE.model`, variant
-    `ROLE.variant`, computing in `config.dtype`."""
+    `ROLE.variant`, FPN and head width `ROLE.fpn_width`, head depth `ROLE.head_depth`,
+    computing in `config.dtype`."""
     section = config[role]
     check_choice(f"{role}.model", section.model, BACKBONES)
     check_choice(f"{role}.variant", section.variant, VARIANTS)
-    return RetinaNet(section.model, num_classes, variant=section.variant, dtype=config.dtype)
+    check_int(f"{role}.fpn_width", section.fpn_width, 1)
+    check_int(f"{role}.head_depth", section.head_depth, 0)
+    return RetinaNet(
+        section.model,
+        num_classes,
+        variant=section.variant,
+        width=section.fpn_width,
+        head_depth=section.head_depth,
+        dtype=config.dtype,
+    )
 
 
 def build_detection_networks(

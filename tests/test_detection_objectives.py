@@ -192,7 +192,9 @@ def test_weighted_feature_distance_is_the_weighted_mean_of_the_location_distance
     value = objectives.feature_distance(student, target, weights)
     np.testing.assert_allclose(float(value), (huber * np.float64(weights)).mean(), rtol=1e-5)
     uniform = objectives.feature_distance(student, target, jnp.ones((2, 3, 4)))
-    np.testing.assert_allclose(float(uniform), float(objectives.feature_distance(student, target)))
+    unweighted = objectives.feature_distance(student, target)
+    # float32: summed in another order, so equal up to a rounding or two
+    np.testing.assert_allclose(float(uniform), float(unweighted), rtol=1e-6)
 
 
 @functools.cache

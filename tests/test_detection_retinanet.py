@@ -105,12 +105,34 @@ def test_outputs_are_float32_when_computing_in_bfloat16():
         ({"num_classes": 0}, r"num_classes=0 is not allowed: an integer >= 1"),
         ({"prior_probability": 1.0}, r"prior_probability=1\.0 is not allowed: .*\[0, 1\)"),
         ({"dtype": "float16"}, r"dtype='float16' is not allowed: one of 'float32', 'bfloat16'"),
+        ({"width": 0}, r"width=0 is not allowed: an integer >= 1"),
+        ({"head_depth": -1}, r"head_depth=-1 is not allowed: an integer >= 0"),
+        ({"variant": "v2", "width": 48}, r"width=48 is not allowed: a multiple of 32"),
     ],
 )
 def test_a_bad_configuration_is_refused(fields, message):
     model = RetinaNet(**{"backbone": "resnet18", "num_classes": CLASSES, **fields})
     with pytest.raises(InputError, match=message):
         abstract_variables(model)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_width_and_head_depth_shape_the_fpn_and_the_heads(variant):
+    """A light detector: every FPN and head conv `width` channels wide, `head_depth` convs
+    before each head's output conv; the outputs keep their shapes."""
+    model = RetinaNet("resnet18", CLASSES, variant=variant, width=32, head_depth=1)
+    variables = abstract_variables(model)
+    params = variables["params"]
+    for name in ("inner_blocks_0", "layer_blocks_2", "p6", "p7"):
+        assert params["fpn"][name]["kernel"].shape[-1] == 32
+    for head, outputs in (("classification_head", CLASSES), ("regression_head", 4)):
+        convs = [name for name in params[head] if name.startswith("conv_")]
+        assert convs == ["conv_0"]
+        assert params[head]["conv_0"]["kernel"].shape == (3, 3, 32, 32)
+        output = "cls_logits" if outputs == CLASSES else "bbox_reg"
+        assert params[head][output]["kernel"].shape == (3, 3, 32, NUM_ANCHORS * outputs)
+    outputs = jax.eval_shape(model.apply, variables, random_images((1, 64, 64, 3)))
+    assert outputs.class_logits.shape[-1] == CLASSES
 
 
 def test_pyramid_shapes_round_up():

@@ -55,6 +55,7 @@ from flax.typing import Dtype
 
 from mokd_jax import models
 from mokd_jax.checks import check_choice, check_int, check_positive, check_range
+from mokd_jax.errors import invalid
 from mokd_jax.models.layers import computation_dtype, conv
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
@@ -71,8 +72,8 @@ _BACKBONE_TAPS = ("stage2", "stage3", "stage4")
 _UNUSED_HEAD_CLASSES = 2
 # A stage index for what precedes stage 1 (a ResNet's conv1 / bn1).
 _STEM = 0
-_SUBNET_DEPTH = 4
-_GROUPS = 32  # v2's GroupNorm
+SUBNET_DEPTH = 4
+GROUPS = 32  # v2's GroupNorm
 
 # torch's kaiming_uniform_(a=1): uniform(+-sqrt(3 / fan_in)).
 _FPN_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -101,10 +102,8 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x[:, rows][:, :, cols]
 
 
-def _fpn_conv(kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
-    return conv(
-        FPN_WIDTH, kernel, stride, use_bias=True, kernel_init=_FPN_INIT, dtype=dtype, name=name
-    )
+def _fpn_conv(width: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
+    return conv(width, kernel, stride, use_bias=True, kernel_init=_FPN_INIT, dtype=dtype, name=name)
 
 
 class FeaturePyramid(nn.Module):
@@ -113,31 +112,32 @@ class FeaturePyramid(nn.Module):
     `p6_from_backbone`: P6 is computed from C5 (v2) rather than from P5 (v1)."""
 
     p6_from_backbone: bool = False
+    width: int = FPN_WIDTH
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, backbone_features: Sequence[jax.Array]) -> list[jax.Array]:
         laterals = [
-            _fpn_conv(1, 1, self.dtype, f"inner_blocks_{index}")(feature)
+            _fpn_conv(self.width, 1, 1, self.dtype, f"inner_blocks_{index}")(feature)
             for index, feature in enumerate(backbone_features)
         ]
         merged = [laterals[-1]]  # top-down: each level adds the upsampled level above
         for lateral in reversed(laterals[:-1]):
             merged.insert(0, lateral + upsample_nearest(merged[0], lateral.shape[1:3]))
         outputs = [
-            _fpn_conv(3, 1, self.dtype, f"layer_blocks_{index}")(inner)
+            _fpn_conv(self.width, 3, 1, self.dtype, f"layer_blocks_{index}")(inner)
             for index, inner in enumerate(merged)
         ]
-        p6 = _fpn_conv(3, 2, self.dtype, "p6")(
+        p6 = _fpn_conv(self.width, 3, 2, self.dtype, "p6")(
             backbone_features[-1] if self.p6_from_backbone else outputs[-1]
         )
-        p7 = _fpn_conv(3, 2, self.dtype, "p7")(nn.relu(p6))
+        p7 = _fpn_conv(self.width, 3, 2, self.dtype, "p7")(nn.relu(p6))
         return [*outputs, p6, p7]
 
 
 class Subnet(nn.Module):
-    """A RetinaNet head, shared by every level: `_SUBNET_DEPTH` x (conv3x3 -> [GroupNorm]
-    -> relu), then a conv3x3 to `num_anchors * outputs_per_anchor` channels (named
+    """A RetinaNet head, shared by every level: `depth` x (conv3x3 of `width` channels ->
+    [GroupNorm] -> relu), then a conv3x3 to `num_anchors * outputs_per_anchor` channels (named
     `output_name`, bias `output_bias`). Returns [B, sum of H * W * A, outputs_per_anchor]
     in float32, torchvision's order (levels, then H, W, A)."""
 
@@ -146,32 +146,34 @@ class Subnet(nn.Module):
     output_name: str
     output_bias: float
     group_norm: bool
+    width: int = FPN_WIDTH
+    depth: int = SUBNET_DEPTH
     dtype: Dtype = jnp.float32
 
     def setup(self):
         self.convs = [
             conv(
-                FPN_WIDTH,
+                self.width,
                 3,
                 use_bias=not self.group_norm,  # a bias before a norm is redundant
                 kernel_init=_HEAD_INIT,
                 dtype=self.dtype,
                 name=f"conv_{index}",
             )
-            for index in range(_SUBNET_DEPTH)
+            for index in range(self.depth)
         ]
         if self.group_norm:
             # torch's GroupNorm: epsilon 1e-5, and the two-pass variance, which the fast
             # E[x^2] - E[x]^2 would not match at float32.
             self.norms = [
                 nn.GroupNorm(
-                    _GROUPS,
+                    GROUPS,
                     epsilon=1e-5,
                     use_fast_variance=False,
                     dtype=self.dtype,
                     name=f"norm_{index}",
                 )
-                for index in range(_SUBNET_DEPTH)
+                for index in range(self.depth)
             ]
         self.output = nn.Conv(
             self.num_anchors * self.outputs_per_anchor,
@@ -213,13 +215,21 @@ class RetinaNetOutputs:
 class RetinaNet(nn.Module):
     """RetinaNet-FPN on the zoo model `backbone` (one of BACKBONES); see the module
     docstring. `variant` 'v1' is torchvision's retinanet_resnet50_fpn, 'v2' its _v2 (P6
-    from C5, GroupNorm in the heads). `dtype` is the computation dtype."""
+    from C5, GroupNorm in the heads). `dtype` is the computation dtype.
+
+    `width` (the FPN's and the heads' channels) and `head_depth` (each head's convs before
+    its output conv) are torchvision's 256 and 4 by default, which converted teachers need;
+    smaller values make a light detector (the CPU-sized embedded default, fast tests): the
+    heads run at every location of five levels and cost most of a small detector's step.
+    `width` must be a multiple of 32 for v2's GroupNorm(32)."""
 
     backbone: str
     num_classes: int
     variant: str = "v1"
     num_anchors: int = NUM_ANCHORS
     prior_probability: float = 0.01
+    width: int = FPN_WIDTH
+    head_depth: int = SUBNET_DEPTH
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -229,21 +239,23 @@ class RetinaNet(nn.Module):
         check_int("num_anchors", self.num_anchors, 1)
         check_positive("prior_probability", self.prior_probability)
         check_range("prior_probability", self.prior_probability, 0, 1, open_high=True)
+        check_int("width", self.width, 1)
+        check_int("head_depth", self.head_depth, 0)
+        if self.variant == "v2" and self.width % GROUPS:
+            raise invalid("width", self.width, f"a multiple of {GROUPS} for v2's GroupNorm")
         dtype = computation_dtype(self.dtype)
         v2 = self.variant == "v2"
         self.body = models.get(self.backbone, _UNUSED_HEAD_CLASSES, dtype)
-        self.fpn = FeaturePyramid(p6_from_backbone=v2, dtype=dtype)
+        self.fpn = FeaturePyramid(p6_from_backbone=v2, width=self.width, dtype=dtype)
+        head = {"group_norm": v2, "width": self.width, "depth": self.head_depth, "dtype": dtype}
         self.classification_head = Subnet(
             self.num_classes,
             self.num_anchors,
             "cls_logits",
             prior_logit(self.prior_probability),
-            group_norm=v2,
-            dtype=dtype,
+            **head,
         )
-        self.regression_head = Subnet(
-            4, self.num_anchors, "bbox_reg", 0.0, group_norm=v2, dtype=dtype
-        )
+        self.regression_head = Subnet(4, self.num_anchors, "bbox_reg", 0.0, **head)
 
     def __call__(self, images: jax.Array, train: bool = False) -> RetinaNetOutputs:
         """`images`: normalised float [B, H, W, 3]. `train` changes nothing (frozen
