@@ -79,8 +79,9 @@ def assert_close(tree, reference):
     )  # fmt: skip
 
 
-def test_data_parallel_steps_equal_one_device(single_device_run):
-    state, metrics, placed = run_distillation(parallel.make_mesh(1))
+def test_data_parallel_steps_equal_one_device_without_implicit_transfers(single_device_run):
+    """Under a transfer guard that raises on any implicit host-device transfer."""
+    state, metrics, placed = run_distillation(parallel.make_mesh(1), guard=True)
     reference_state, reference_metrics, _ = single_device_run
     assert_close(state.params, reference_state.params)
     assert_close(state.batch_stats, reference_state.batch_stats)  # global-batch statistics
@@ -99,10 +100,6 @@ def test_fsdp_steps_equal_one_device_and_shard_parameters(single_device_run):
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(placed.params["student"])]
     assert any("fsdp" in spec for spec in specs)  # the large kernels are split
     assert any(spec == PartitionSpec() for spec in specs)  # biases (< 1000) are not
-
-
-def test_steps_run_without_implicit_transfers():
-    run_distillation(parallel.make_mesh(1), guard=True)  # raises on any implicit transfer
 
 
 def test_gram_of_sharded_gradients_equals_unsharded():
