@@ -5,7 +5,7 @@
         --batch_size=16 --steps=5 --json=/tmp/bench_r18.json \\
         [--modes=ce,kd_1bwd,mokd_amortized,kd,mokd,kd_separate,mokd_separate] \\
         [--num_classes=1000] \\
-        [--dtype=bfloat16]
+        [--dtype=bfloat16] [--framework=jax|torch|both]
 
 (or `python -m mokd_jax.benchmark ...`). Modes (each the base config of configs/default.py,
 `config_helpers.base_config()`, with the teacher, student and batch size set):
@@ -51,11 +51,21 @@ The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) a
                   is computed in both, and XLA computes the aggregator's identical Gram
                   only once, so this counts the weights and the combination, not the Gram.
 
+PyTorch peer (`--framework=torch` or `both`; needs torch, `pip install .[torch]`): the
+`kd_1bwd` and `mokd` steps written as a PyTorch user would (`mokd_jax.torch_peer`), on the
+same models (resnet18/34/50), batch and data, timed the same way (warm-up, then the median).
+`both` times ours and the peer's one mode after the other in one process (ours, peer, for
+kd_1bwd then mokd) and adds a `peer` section and `ratios_vs_peer` (ours / peer per mode).
+`--peer_device`, `--peer_bf16`, `--peer_channels_last`, `--peer_compile` override the
+peer's defaults (`torch_peer.default_options`: on a GPU bf16 autocast, channels_last and
+torch.compile; on CPU float32 eager).
+
 Sizes: XLA on CPU is ~20x slower for 3x3 convolutions on 2x2 maps (docs/architecture.md), so
 ImageNet ResNets need >= 112 px on CPU (the last stage is then 4x4). Measured on 2 CPU cores
 (resnet34 -> resnet18, 112 px, batch 16, 5 steps): see docs/benchmarks.md.
 """
 
+import dataclasses
 import functools
 import os
 import platform
@@ -80,8 +90,9 @@ from mokd_jax import (
     steps,
 )
 from mokd_jax import state as state_lib
+from mokd_jax.checks import check_choice
 from mokd_jax.config_checks import check_config
-from mokd_jax.errors import invalid
+from mokd_jax.errors import InputError, invalid
 from mokd_jax.measurement import (
     aggregation_time,
     flop_floor_ratio,
@@ -110,6 +121,11 @@ RATIOS: dict[str, tuple[str, str]] = {
     "kd_over_kd_1bwd": ("kd", "kd_1bwd"),
     "kd_1bwd_over_ce": ("kd_1bwd", "ce"),
 }
+
+FRAMEWORKS = ("jax", "torch", "both")
+PEER_MODES = ("kd_1bwd", "mokd")
+"""The modes with a PyTorch peer (`torch_peer.PEER_STEPS`, kept equal by a test): the
+package must import without torch, so the list is not read from there."""
 
 FLAGS = flags.FLAGS
 
@@ -140,6 +156,23 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "dtype", "float32", models.DTYPES, "Compute dtype of the models.", flag_values=flag_values
     )
+    flags.DEFINE_string(
+        "framework", "jax", f"Whose steps to time, one of {FRAMEWORKS}.", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "peer_device",
+        None,
+        "The peer's torch device (default: cuda if any, else cpu).",
+        flag_values=flag_values,
+    )
+    for name, what in (
+        ("peer_bf16", "bf16 autocast"),
+        ("peer_channels_last", "channels_last layout"),
+        ("peer_compile", "torch.compile"),
+    ):
+        flags.DEFINE_boolean(
+            name, None, f"The peer's {what} (default: on GPU only).", flag_values=flag_values
+        )
     flags.DEFINE_string(
         "json", None, "Where to write the results as JSON.", flag_values=flag_values
     )
@@ -221,6 +254,14 @@ def ratios(modes: Mapping[str, Mapping[str, Any]], floor: float) -> dict[str, An
 
 
 def format_table(results: Mapping[str, Any]) -> str:
+    """Our modes' table and figures (when run), then the peer's rows and the ratios."""
+    lines = format_ours(results) if "modes" in results else []
+    if "peer" in results:
+        lines += format_peer(results["peer"], results.get("ratios_vs_peer", {}))
+    return "\n".join(lines)
+
+
+def format_ours(results: Mapping[str, Any]) -> list[str]:
     lines = [f"{'mode':<16}{'step s':>10}{'images/s':>10}{'temp MiB':>10}"]
     for mode, row in results["modes"].items():
         temp = row["compiled_temp_bytes"]
@@ -240,18 +281,150 @@ def format_table(results: Mapping[str, Any]) -> str:
             f"aggregation {k}: {1e3 * row['time_s']:.3f} ms alone = {share_text}; "
             f"in the step: {in_step_text}"
         )
-    return "\n".join(lines)
+    return lines
 
 
-def measure(
-    base: ml_collections.ConfigDict, image_size: int, steps: int, mode_names: Sequence[str]
-) -> dict[str, Any]:
-    """Times every mode and the aggregation; returns the JSON-ready results."""
+def format_peer(peer: Mapping[str, Any], ratios_vs_peer: Mapping[str, float]) -> list[str]:
+    lines = [f"peer (torch {peer['torch']}, {peer['options']})"]
+    for mode, row in peer["modes"].items():
+        lines.append(f"{'peer ' + mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}")
+    lines += [f"{mode} ours / peer = {value:.4f}" for mode, value in ratios_vs_peer.items()]
+    return lines
+
+
+def import_torch_peer():
+    """`mokd_jax.torch_peer`, or a one-line InputError when torch is not installed."""
+    try:
+        from mokd_jax import torch_peer
+    except ModuleNotFoundError as error:
+        raise InputError(
+            f"--framework needs torch ({error}): pip install .[torch], or --framework=jax"
+        ) from None
+    return torch_peer
+
+
+def peer_timer(
+    base: ml_collections.ConfigDict, image_size: int, steps: int, overrides: Mapping[str, Any]
+) -> tuple[Callable[[str], dict[str, Any]], dict[str, Any]]:
+    """(a function timing one peer mode on fresh models and the benchmark's batch, the
+    JSON `peer` section that its rows go into)."""
+    torch_peer = import_torch_peer()
+    options = torch_peer.options_with(overrides)
+    images, labels = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
+    inputs = normalization.for_dataset(base.dataset)
+
+    def time_mode(mode: str) -> dict[str, Any]:
+        log(f"[peer {mode}] building and timing {steps} steps")
+        teacher, student = torch_peer.peer_models(
+            base.teacher.model, base.student.model, base.num_classes, base.seed
+        )
+        setup = torch_peer.build_setup(
+            teacher, student, images, labels, inputs, options, base.student.learning_rate
+        )
+        row = torch_peer.time_mode(
+            mode,
+            setup,
+            base.distill,
+            base.aggregation.mokd.max_norm,
+            steps,
+            measurement.WARMUP_STEPS,
+        )
+        log(f"[peer {mode}] {row['step_time_s']:.4f} s/step")
+        return row
+
+    section = {
+        "torch": torch_peer.torch.__version__,
+        "options": dataclasses.asdict(options),
+        "modes": {},
+    }
+    return time_mode, section
+
+
+def machine_info(load_before: tuple[float, ...]) -> dict[str, Any]:
+    return {
+        "node": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+    }
+
+
+def config_section(base: ml_collections.ConfigDict, image_size: int, steps: int) -> dict:
+    return {
+        "teacher": base.teacher.model,
+        "student": base.student.model,
+        "image_size": image_size,
+        "batch_size": base.batch_size,
+        "num_classes": base.num_classes,
+        "steps": steps,
+        "warmup_steps": measurement.WARMUP_STEPS,
+        "dtype": base.dtype,
+        "distill": base.distill.to_dict(),
+    }
+
+
+def check_request(mode_names: Sequence[str], framework: str) -> list[str]:
+    """The peer modes among `mode_names` (none for `jax`), or an InputError for an unknown
+    mode or framework, or a torch framework without any peer mode."""
+    check_choice("framework", framework, FRAMEWORKS)
     for mode in mode_names:
         if mode not in MODES:
             raise invalid("modes", mode, f"one of {list(MODES)}")
-    image_shape = (image_size, image_size, 3)
+    if framework == "jax":
+        return []
+    peer_modes = [mode for mode in mode_names if mode in PEER_MODES]
+    if not peer_modes:
+        raise invalid(
+            "modes", ",".join(mode_names), f"with --framework={framework}, one of {PEER_MODES}"
+        )
+    return peer_modes
+
+
+def measure(
+    base: ml_collections.ConfigDict,
+    image_size: int,
+    steps: int,
+    mode_names: Sequence[str],
+    framework: str = "jax",
+    peer_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Times every mode and the aggregation, ours (`jax`), the PyTorch peer's (`torch`) or
+    both, each peer mode right after ours (`both`); returns the JSON-ready results."""
+    peer_modes = check_request(mode_names, framework)
     load_before = os.getloadavg()
+    time_peer, peer = (None, None)
+    if peer_modes:
+        time_peer, peer = peer_timer(base, image_size, steps, peer_overrides or {})
+    if framework == "torch":
+        peer["modes"] = {mode: time_peer(mode) for mode in peer_modes}
+        return {
+            "machine": machine_info(load_before),
+            "config": config_section(base, image_size, steps),
+            "peer": peer,
+        }
+    ours = measure_ours(base, image_size, steps, mode_names, time_peer, peer)
+    results = {"machine": machine_info(load_before), **ours}
+    if peer is not None:
+        results["peer"] = peer
+        results["ratios_vs_peer"] = {
+            mode: results["modes"][mode]["step_time_s"] / row["step_time_s"]
+            for mode, row in peer["modes"].items()
+        }
+    return results
+
+
+def measure_ours(
+    base: ml_collections.ConfigDict,
+    image_size: int,
+    steps: int,
+    mode_names: Sequence[str],
+    time_peer: Callable[[str], dict[str, Any]] | None,
+    peer: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Our modes, the FLOP floor and the aggregation's share; a peer mode (`time_peer`) is
+    timed right after ours, its row put in `peer["modes"]`."""
+    image_shape = (image_size, image_size, 3)
     teacher = networks.build_model(base, "teacher", base.num_classes, image_size)
     student = networks.build_model(base, "student", base.num_classes, image_size)
     teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
@@ -276,6 +449,8 @@ def measure(
             "compiled_temp_bytes": temp_bytes,
         }
         log(f"[{mode}] {seconds:.4f} s/step")
+        if time_peer is not None and mode in PEER_MODES:
+            peer["modes"][mode] = time_peer(mode)
 
     log("FLOPs of the forward passes")
     floor = flop_floor_ratio(
@@ -299,26 +474,9 @@ def measure(
                 "step": reference,
             }
     return {
-        "machine": {
-            "node": platform.node(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_avg_before": load_before,
-            "load_avg_after": os.getloadavg(),
-        },
         "jax": jax.__version__,
         "devices": [str(device) for device in jax.devices()],
-        "config": {
-            "teacher": base.teacher.model,
-            "student": base.student.model,
-            "image_size": image_size,
-            "batch_size": base.batch_size,
-            "num_classes": base.num_classes,
-            "steps": steps,
-            "warmup_steps": measurement.WARMUP_STEPS,
-            "dtype": base.dtype,
-            "distill": base.distill.to_dict(),
-        },
+        "config": config_section(base, image_size, steps),
         "modes": modes,
         "flop_floor_ratio": floor,
         "ratios": ratios(modes, floor),
@@ -338,7 +496,19 @@ def main(argv: Sequence[str]) -> None:
             "dtype": FLAGS.dtype,
         },
     )
-    results = measure(base, FLAGS.image_size, FLAGS.steps, FLAGS.modes)
+    peer_overrides = {
+        "device": FLAGS.peer_device,
+        "bf16": FLAGS.peer_bf16,
+        "channels_last": FLAGS.peer_channels_last,
+        "compile": FLAGS.peer_compile,
+    }
+    try:
+        results = measure(
+            base, FLAGS.image_size, FLAGS.steps, FLAGS.modes, FLAGS.framework, peer_overrides
+        )
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     cli.report(format_table(results), results, FLAGS.json)
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,3 +64,154 @@ def test_aggregation_shares_are_fractions(results):
         assert results["aggregation"][k]["time_s"] > 0
         assert 0 < results["aggregation"][k]["share"] < 1
         assert results["aggregation"][k]["in_step_share"] is None  # kd modes were not run
+
+
+# ----------------------------------------------------------------------------- PyTorch peer
+
+PEER_RUN = [
+    "--teacher=resnet18",
+    "--student=resnet18",
+    "--image_size=32",
+    "--batch_size=2",
+    "--steps=1",
+    "--num_classes=10",
+    "--modes=kd_1bwd,mokd",
+]
+
+
+@pytest.fixture(scope="module")
+def torch_peer():
+    pytest.importorskip("torch")
+    from mokd_jax import torch_peer
+
+    return torch_peer
+
+
+def run_benchmark(path, *arguments) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mokd_jax.benchmark", *arguments, f"--json={path}"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_peer_modes_are_the_peer_steps(torch_peer):
+    from mokd_jax import benchmark
+
+    assert benchmark.PEER_MODES == tuple(torch_peer.PEER_STEPS) == torch_peer.PEER_MODES
+
+
+@pytest.mark.parametrize("max_norm", [None, 10.0, 1e-3])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (1.0, 30.0), (1e-3, 1.0)])
+def test_peer_mokd_coefficients_are_our_aggregator_weights(torch_peer, max_norm, scales):
+    """Random gradient pairs of very different norms and losses, with the clip off, loose
+    and biting: the closed form for K = 2 gives our `mokd` aggregator's raw weights."""
+    import jax.numpy as jnp
+    import torch
+
+    from mokd_jax.aggregation import min_norm
+
+    rng = np.random.default_rng(len(str(scales)) + int(max_norm or 0))
+    rows = rng.normal(size=(2, 50)) * np.asarray(scales)[:, None]
+    rows[1] += 0.5 * rows[0]  # some agreement, so the min-norm point is inside the segment
+    gram = (rows @ rows.T).astype(np.float32)
+    losses = np.array([2.3, 0.4], np.float32)
+    scale = np.sqrt(gram.diagonal().max())
+    weighting = min_norm.mokd(2, max_norm=max_norm)
+    ours = weighting.weigh(
+        jnp.asarray(gram / scale**2), jnp.asarray(scale), jnp.asarray(losses), weighting.init()
+    ).weights
+    peer = torch_peer.mokd_coefficients(torch.from_numpy(gram), torch.from_numpy(losses), max_norm)
+    np.testing.assert_allclose(peer.numpy(), np.asarray(ours), rtol=1e-5)
+
+
+def test_peer_losses_equal_ours_on_the_same_weights(torch_peer):
+    """A torch teacher and student with random weights and BatchNorm statistics, converted
+    to our ResNets (`convert.to_flax`): the loss vector of a peer `mokd` step (the student
+    in train mode) equals [CE, T^2 KL] computed by our objectives, to 1e-4; and the step
+    moves the student."""
+    from test_convert import abstract_variables
+    from torch_references import numpy_state_dict, randomized
+
+    from mokd_jax import config_helpers, convert, models, normalization, objectives
+
+    teacher, student = (randomized(torch_peer.torch_resnet("resnet18"), seed) for seed in (0, 1))
+    module = models.get("resnet18", 10)
+    abstract = abstract_variables(module, 64)
+    teacher_vars, student_vars = (
+        convert.to_flax("resnet18", numpy_state_dict(model), abstract)
+        for model in (teacher, student)
+    )
+    # 64 px: at 32 px the last stage is 1 x 1, and train-mode BatchNorm over 2 values
+    # amplifies round-off (5e-3 apart in the logits); here the logits agree to 1e-5.
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    labels = np.array([3, 7], np.int32)
+    inputs = normalization.IMAGENET
+    distill = config_helpers.base_config().distill
+    distill.task_weight, distill.logit_weight = 0.1, 0.9
+
+    x = normalization.apply(inputs, images)
+    teacher_logits = module.apply(teacher_vars, x, train=False)
+    student_logits, _ = module.apply(student_vars, x, train=True, mutable=["batch_stats"])
+    ours = np.array(
+        [
+            distill.task_weight * objectives.cross_entropy(student_logits, labels),
+            distill.logit_weight
+            * objectives.hinton_kd(student_logits, teacher_logits, distill.temperature),
+        ]
+    )
+
+    options = torch_peer.default_options("cpu")
+    setup = torch_peer.build_setup(teacher, student, images, labels, inputs, options, 0.1)
+    before = setup.student.fc.weight.detach().clone()
+    peer = torch_peer.mokd_step(setup, distill, 10.0).numpy()
+    np.testing.assert_allclose(peer, ours, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(setup.student.fc.weight.detach().numpy(), before.numpy())
+
+
+def test_an_unknown_peer_architecture_is_refused(torch_peer):
+    from mokd_jax.errors import InputError
+
+    with pytest.raises(InputError, match="student='cnn_small'.*resnet18"):
+        torch_peer.peer_models("resnet18", "cnn_small", 10, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["torch", "both"])
+def test_the_peer_frameworks_write_every_section(tmp_path, torch_peer, framework):
+    result = run_benchmark(tmp_path / "bench.json", *PEER_RUN, f"--framework={framework}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "bench.json") as f:
+        results = json.load(f)
+    assert {"machine", "config", "peer"} <= set(results)
+    assert results["peer"]["options"] == {
+        "device": "cpu",
+        "bf16": False,
+        "channels_last": False,
+        "compile": False,
+    }
+    assert set(results["peer"]["modes"]) == {"kd_1bwd", "mokd"}
+    for row in results["peer"]["modes"].values():
+        assert row["step_time_s"] > 0
+        assert row["images_per_s"] == pytest.approx(2 / row["step_time_s"])
+    assert "peer mokd" in result.stdout
+    if framework == "both":
+        assert {"modes", "ratios", "aggregation", "ratios_vs_peer"} <= set(results)
+        for mode, ratio in results["ratios_vs_peer"].items():
+            ours = results["modes"][mode]["step_time_s"]
+            assert ratio == pytest.approx(ours / results["peer"]["modes"][mode]["step_time_s"])
+    else:
+        assert "modes" not in results and "ratios_vs_peer" not in results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--framework=tf"], "framework='tf' is not allowed: one of jax, torch, both"),
+        (["--framework=torch", "--modes=ce"], "with --framework=torch, at least one of"),
+    ],
+)
+def test_a_bad_framework_request_is_refused_in_one_line(tmp_path, arguments, message):
+    result = run_benchmark(tmp_path / "bench.json", *arguments)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert not (tmp_path / "bench.json").exists()

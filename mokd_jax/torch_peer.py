@@ -1,0 +1,418 @@
+"""The PyTorch peer of the benchmark's `kd_1bwd` and `mokd` steps (`mokd-benchmark
+--framework=torch|both`): what a PyTorch user would write for the same distillation, so
+that our jitted steps are timed against it on the same shapes and data.
+
+Needs torch (`pip install .[torch]`): `mokd_jax.benchmark` imports this module only when a
+torch framework is asked for. torchvision is not imported: beside the CPU-only torch it
+cannot be imported without a test shim, so the ResNets are written here with torch.nn under
+torchvision's module names (its state-dict keys, so `mokd_jax.convert` reads them).
+
+Both peer steps run the teacher in eval mode under `no_grad`, the student in train mode,
+and the loss vector [task_weight * CE, logit_weight * T^2 KL] of our `distill` settings.
+The feature loss of our steps has no peer: it needs our projectors, and the peer measures
+what a plain PyTorch KD step costs.
+  kd_1bwd  one backward of the summed losses, then SGD;
+  mokd     two backward passes (the first keeps the graph) for the two per-objective
+           gradients, our `mokd` weights for K = 2 in closed form (min-norm point of the
+           log-loss gradients, `sum_norm` rescale, clip), the combination written to
+           `.grad`, then SGD.
+SGD rather than our AdamW: the optimizer's cost is the same in both peer modes and small
+next to the backward passes, and the ratio between them is what the goals are about.
+"""
+
+import dataclasses
+import functools
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mokd_jax.aggregation.gram import EPS
+from mokd_jax.checks import check_choice
+from mokd_jax.normalization import Normalization
+
+PEER_MODES = ("kd_1bwd", "mokd")
+VANISHING = 1e-5
+"""As in `aggregation.min_norm`: a combination shorter than this, relative to its longest
+term, counts as zero, and the weights fall back to uniform."""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock, also RepDistiller's resnet.py BasicBlock."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (v1.5: the stride on the 3x3 conv)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class TorchResNet(nn.Module):
+    """torchvision.models.resnet.ResNet, with the stem and stage widths as arguments
+    (torchvision's are 64 and (64, 128, 256, 512)) so that tests can shrink it. `cifar`:
+    RepDistiller's resnet.py ResNet instead (conv3x3 stride-1 stem, no max-pool; its
+    AvgPool2d(8) is the global pool at 32 px)."""
+
+    def __init__(
+        self, block, layers, num_classes, widths=(64, 128, 256, 512), stem=64, cifar=False
+    ):
+        super().__init__()
+        self.inplanes = stem
+        kernel, stride = (3, 1) if cifar else (7, 2)
+        self.conv1 = nn.Conv2d(3, stem, kernel, stride, kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
+        self.stages = len(layers)
+        for stage, (blocks, width) in enumerate(zip(layers, widths, strict=True), start=1):
+            stride = 1 if stage == 1 else 2
+            setattr(self, f"layer{stage}", self._make_layer(block, width, blocks, stride))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in range(1, self.stages + 1):
+            x = getattr(self, f"layer{stage}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+TORCH_RESNETS = {  # torchvision's builders
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def torch_resnet(arch, num_classes=10, **kwargs):
+    block, layers = TORCH_RESNETS[arch]
+    return TorchResNet(block, layers, num_classes, **kwargs)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerOptions:
+    """How the peer runs: `device` ('cpu', 'cuda'), bf16 autocast, channels_last memory
+    layout, `torch.compile` of both models."""
+
+    device: str
+    bf16: bool
+    channels_last: bool
+    compile: bool
+
+
+def options_with(overrides: Mapping[str, object]) -> PeerOptions:
+    """`default_options` for `overrides["device"]`, with every other non-None override
+    (`bf16`, `channels_last`, `compile`) in place of its default."""
+    defaults = default_options(overrides.get("device"))
+    chosen = {k: v for k, v in overrides.items() if k != "device" and v is not None}
+    return dataclasses.replace(defaults, **chosen)
+
+
+def default_options(device: str | None = None) -> PeerOptions:
+    """The fastest settings a PyTorch user would pick: on a GPU, bf16 autocast, channels_last
+    and `torch.compile`; on CPU, float32 eager (bf16 and compile rarely pay there, and
+    compiling costs minutes)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    return PeerOptions(device=device, bf16=on_gpu, channels_last=on_gpu, compile=on_gpu)
+
+
+def prepared(model: nn.Module, options: PeerOptions) -> nn.Module:
+    """`model` on the device, in the options' memory layout, compiled if asked."""
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    model = model.to(options.device, memory_format=memory_format)
+    return torch.compile(model) if options.compile else model
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def distill_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    task_weight: float,
+    logit_weight: float,
+    temperature: float,
+) -> torch.Tensor:
+    """[task_weight * CE, logit_weight * T^2 KL(teacher || student at temperature T)], in
+    float32 whatever the autocast dtype of the logits (as `objectives.loss_vector` without
+    the feature loss)."""
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    task = F.cross_entropy(student_logits, labels)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return torch.stack([task_weight * task, logit_weight * temperature**2 * kl])
+
+
+def normalized(images: torch.Tensor, inputs: Normalization) -> torch.Tensor:
+    """uint8 images [B, H, W, C] -> float32 [B, C, H, W] through the inputs' statistics, as
+    `normalization.apply` does inside our steps."""
+    mean = torch.tensor(inputs.mean, device=images.device).view(-1, 1, 1)
+    std = torch.tensor(inputs.std, device=images.device).view(-1, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+# ----------------------------------------------------------------------------- mokd weights
+
+
+def combination_norm(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """||sum_k w_k g_k|| from the Gram matrix of the g_k."""
+    return torch.sqrt(torch.clamp(weights @ gram @ weights, min=0.0))
+
+
+def two_objective_min_norm(gram: torch.Tensor) -> torch.Tensor:
+    """The min-norm point of the segment between two gradients, as simplex weights: the
+    closed form w_1 = <g_2 - g_1, g_2> / ||g_1 - g_2||^2, clamped to [0, 1], on the Gram
+    matrix normalised to largest diagonal 1; (0.5, 0.5) when the gradients (nearly)
+    coincide, where every point of the segment is the same. Both weights come straight from
+    the Gram matrix (not w_2 = 1 - w_1), so that a weight far below float32's resolution
+    near 1 keeps its digits."""
+    gram = gram / torch.max(torch.diagonal(gram))
+    spread = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]
+    pulls = torch.stack([gram[1, 1] - gram[0, 1], gram[0, 0] - gram[0, 1]])
+    usable = spread > EPS
+    weights = pulls / torch.where(usable, spread, 1.0)
+    return torch.clamp(torch.where(usable, weights, 0.5), 0.0, 1.0)
+
+
+def mokd_coefficients(
+    gram: torch.Tensor, losses: torch.Tensor, max_norm: float | None
+) -> torch.Tensor:
+    """c with d = c_1 g_1 + c_2 g_2, our `mokd` aggregator for K = 2 on the raw Gram matrix
+    of the task and distillation gradients: min-norm weights pi of the log-loss gradients
+    g_k / (L_k + eps), uniform where their combination vanishes, rescaled so that ||d|| =
+    ||g_1 + g_2|| (`sum_norm`), then clipped to `max_norm` (None: no clip). The factors are
+    divided by their largest one before the Gram matrix is rescaled, so that it stays within
+    float32."""
+    factors = 1.0 / (torch.clamp(losses, min=0.0) + EPS)
+    unit = factors / torch.max(factors)
+    pi = two_objective_min_norm(unit[:, None] * gram * unit[None, :])
+    norms = torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0))
+    coefficients = pi * factors
+    vanishing = VANISHING * torch.max(coefficients * norms)
+    pi = torch.where(combination_norm(gram, coefficients) > vanishing, pi, 0.5)
+    coefficients = pi * factors
+    length = combination_norm(gram, coefficients)
+    floor = VANISHING * torch.max(coefficients * norms)
+    plain = combination_norm(gram, torch.ones_like(coefficients))
+    rescale = torch.where(length > floor, plain / torch.where(length > floor, length, 1.0), 0.0)
+    coefficients = coefficients * rescale
+    if max_norm is None:
+        return coefficients
+    return coefficients * (max_norm / torch.clamp(combination_norm(gram, coefficients), max_norm))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclasses.dataclass
+class PeerSetup:
+    """What a peer step works on: both models, the student's SGD, the batch on the device."""
+
+    teacher: nn.Module
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    labels: torch.Tensor
+    inputs: Normalization
+    options: PeerOptions
+
+
+def build_setup(
+    teacher: nn.Module,
+    student: nn.Module,
+    images,
+    labels,
+    inputs: Normalization,
+    options: PeerOptions,
+    learning_rate: float,
+) -> PeerSetup:
+    """Models prepared for the device (teacher in eval mode, student in train mode), the
+    numpy batch copied to the device once, and SGD on the student."""
+    teacher, student = prepared(teacher.eval(), options), prepared(student.train(), options)
+    return PeerSetup(
+        teacher=teacher,
+        student=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=learning_rate, momentum=0.9),
+        images=torch.as_tensor(images, device=options.device),
+        labels=torch.as_tensor(labels, dtype=torch.long, device=options.device),
+        inputs=inputs,
+        options=options,
+    )
+
+
+def forward_losses(setup: PeerSetup, distill) -> torch.Tensor:
+    """The loss vector of one forward of both models on the setup's batch."""
+    options = setup.options
+    images = normalized(setup.images, setup.inputs)
+    if options.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    device_type = "cuda" if options.device.startswith("cuda") else "cpu"
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=options.bf16):
+        with torch.no_grad():
+            teacher_logits = setup.teacher(images)
+        student_logits = setup.student(images)
+    return distill_losses(
+        student_logits,
+        teacher_logits,
+        setup.labels,
+        distill.task_weight,
+        distill.logit_weight,
+        distill.temperature,
+    )
+
+
+def kd_1bwd_step(setup: PeerSetup, distill, max_norm: float | None) -> torch.Tensor:
+    """Summed KD: one backward of the summed losses, then SGD. Returns the losses."""
+    del max_norm
+    losses = forward_losses(setup, distill)
+    setup.optimizer.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    setup.optimizer.step()
+    return losses.detach()
+
+
+def mokd_step(setup: PeerSetup, distill, max_norm: float | None) -> torch.Tensor:
+    """MoKD: the two per-objective gradients from two backward passes, flattened into the
+    rows of one [2, P] matrix (its Gram matrix is one product), combined with
+    `mokd_coefficients`, written to `.grad`, then SGD. Returns the losses."""
+    losses = forward_losses(setup, distill)
+    params = [p for p in setup.student.parameters() if p.requires_grad]
+    task = torch.autograd.grad(losses[0], params, retain_graph=True)
+    distillation = torch.autograd.grad(losses[1], params)
+    rows = torch.stack(
+        [torch.cat([g.reshape(-1) for g in grads]) for grads in (task, distillation)]
+    )
+    coefficients = mokd_coefficients(rows @ rows.T, losses.detach(), max_norm)
+    combined = coefficients @ rows
+    offset = 0
+    for param in params:
+        size = param.numel()
+        param.grad = combined[offset : offset + size].view_as(param)
+        offset += size
+    setup.optimizer.step()
+    return losses.detach()
+
+
+PEER_STEPS: dict[str, Callable[[PeerSetup, object, float | None], torch.Tensor]] = {
+    "kd_1bwd": kd_1bwd_step,
+    "mokd": mokd_step,
+}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_peer_step(
+    step: Callable[[], torch.Tensor], device: str, steps: int, warmup_steps: int
+) -> float:
+    """Median seconds of `step()` after `warmup_steps` calls (which also run any
+    `torch.compile`), each call waited for on the device."""
+    for _ in range(warmup_steps):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_bytes(device: str) -> int | None:
+    """The device allocator's peak so far (None on CPU, where torch keeps no count)."""
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+
+
+def peer_models(
+    teacher_arch: str, student_arch: str, num_classes: int, seed: int
+) -> Sequence[nn.Module]:
+    """Teacher and student with torch's default random initialisation (seeded): step cost
+    does not depend on the weights."""
+    for role, arch in (("teacher", teacher_arch), ("student", student_arch)):
+        check_choice(role, arch, tuple(TORCH_RESNETS))
+    torch.manual_seed(seed)
+    return torch_resnet(teacher_arch, num_classes), torch_resnet(student_arch, num_classes)
+
+
+def time_mode(
+    mode: str,
+    setup: PeerSetup,
+    distill,
+    max_norm: float | None,
+    steps: int,
+    warmup_steps: int,
+) -> dict[str, float | int | None]:
+    """The benchmark's row of a peer mode: median step seconds, images/s, peak bytes."""
+    step = functools.partial(PEER_STEPS[mode], setup, distill, max_norm)
+    seconds = time_peer_step(step, setup.options.device, steps, warmup_steps)
+    return {
+        "step_time_s": seconds,
+        "images_per_s": len(setup.labels) / seconds,
+        "peak_bytes": peak_bytes(setup.options.device),
+    }
