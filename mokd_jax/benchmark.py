@@ -375,9 +375,8 @@ def check_request(mode_names: Sequence[str], framework: str) -> list[str]:
         return []
     peer_modes = [mode for mode in mode_names if mode in PEER_MODES]
     if not peer_modes:
-        raise invalid(
-            "modes", ",".join(mode_names), f"with --framework={framework}, one of {PEER_MODES}"
-        )
+        allowed = f"with --framework={framework}, at least one of {', '.join(PEER_MODES)}"
+        raise invalid("modes", ",".join(mode_names), allowed)
     return peer_modes
 
 
@@ -393,7 +392,7 @@ def measure(
     both, each peer mode right after ours (`both`); returns the JSON-ready results."""
     peer_modes = check_request(mode_names, framework)
     load_before = os.getloadavg()
-    time_peer, peer = (None, None)
+    time_peer, peer = None, None
     if peer_modes:
         time_peer, peer = peer_timer(base, image_size, steps, peer_overrides or {})
     if framework == "torch":
