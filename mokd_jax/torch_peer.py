@@ -217,9 +217,26 @@ def normalized(images: torch.Tensor, inputs: Normalization) -> torch.Tensor:
 # ----------------------------------------------------------------------------- mokd weights
 
 
+def nonzero(divisor: torch.Tensor) -> torch.Tensor:
+    """`divisor`, 1 where it is 0: for normalising by a maximum that may be 0."""
+    return torch.where(divisor == 0, 1.0, divisor)
+
+
 def combination_norm(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """||sum_k w_k g_k|| from the Gram matrix of the g_k."""
-    return torch.sqrt(torch.clamp(weights @ gram @ weights, min=0.0))
+    """||sum_k w_k g_k|| from the Gram matrix of the g_k; the weights are divided by their
+    largest magnitude first, so that 1 / (L + eps) factors cannot overflow the square."""
+    peak = torch.max(torch.abs(weights))
+    unit = weights / nonzero(peak)
+    return peak * torch.sqrt(torch.clamp(unit @ gram @ unit, min=0.0))
+
+
+def length_and_usable(
+    gram: torch.Tensor, coefficients: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||sum_k c_k g_k||, whether it is longer than VANISHING times its longest term)."""
+    norms = torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0))
+    length = combination_norm(gram, coefficients)
+    return length, length > VANISHING * torch.max(torch.abs(coefficients) * norms)
 
 
 def two_objective_min_norm(gram: torch.Tensor) -> torch.Tensor:
@@ -229,7 +246,7 @@ def two_objective_min_norm(gram: torch.Tensor) -> torch.Tensor:
     coincide, where every point of the segment is the same. Both weights come straight from
     the Gram matrix (not w_2 = 1 - w_1), so that a weight far below float32's resolution
     near 1 keeps its digits."""
-    gram = gram / torch.max(torch.diagonal(gram))
+    gram = gram / nonzero(torch.max(torch.diagonal(gram)))
     spread = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]
     pulls = torch.stack([gram[1, 1] - gram[0, 1], gram[0, 0] - gram[0, 1]])
     usable = spread > EPS
@@ -242,23 +259,19 @@ def mokd_coefficients(
 ) -> torch.Tensor:
     """c with d = c_1 g_1 + c_2 g_2, our `mokd` aggregator for K = 2 on the raw Gram matrix
     of the task and distillation gradients: min-norm weights pi of the log-loss gradients
-    g_k / (L_k + eps), uniform where their combination vanishes, rescaled so that ||d|| =
-    ||g_1 + g_2|| (`sum_norm`), then clipped to `max_norm` (None: no clip). The factors are
-    divided by their largest one before the Gram matrix is rescaled, so that it stays within
-    float32."""
+    g_k / (L_k + eps), uniform where their combination vanishes (one gradient zero, or the
+    two cancelling), rescaled so that ||d|| = ||g_1 + g_2|| (`sum_norm`; d = 0 where even
+    the uniform combination vanishes), then clipped to `max_norm` (None: no clip). The
+    factors are divided by their largest one before they rescale the Gram matrix, so that
+    it stays within float32."""
     factors = 1.0 / (torch.clamp(losses, min=0.0) + EPS)
     unit = factors / torch.max(factors)
     pi = two_objective_min_norm(unit[:, None] * gram * unit[None, :])
-    norms = torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0))
-    coefficients = pi * factors
-    vanishing = VANISHING * torch.max(coefficients * norms)
-    pi = torch.where(combination_norm(gram, coefficients) > vanishing, pi, 0.5)
-    coefficients = pi * factors
-    length = combination_norm(gram, coefficients)
-    floor = VANISHING * torch.max(coefficients * norms)
+    _, usable = length_and_usable(gram, pi * factors)
+    coefficients = torch.where(usable, pi, 0.5) * factors
+    length, usable = length_and_usable(gram, coefficients)
     plain = combination_norm(gram, torch.ones_like(coefficients))
-    rescale = torch.where(length > floor, plain / torch.where(length > floor, length, 1.0), 0.0)
-    coefficients = coefficients * rescale
+    coefficients = coefficients * torch.where(usable, plain / torch.where(usable, length, 1.0), 0.0)
     if max_norm is None:
         return coefficients
     return coefficients * (max_norm / torch.clamp(combination_norm(gram, coefficients), max_norm))
@@ -325,7 +338,8 @@ def forward_losses(setup: PeerSetup, distill) -> torch.Tensor:
 
 
 def kd_1bwd_step(setup: PeerSetup, distill, max_norm: float | None) -> torch.Tensor:
-    """Summed KD: one backward of the summed losses, then SGD. Returns the losses."""
+    """Summed KD: one backward of the summed losses, then SGD. Returns the losses.
+    `max_norm` is unused: the signature is `mokd_step`'s, so that the benchmark calls either."""
     del max_norm
     losses = forward_losses(setup, distill)
     setup.optimizer.zero_grad(set_to_none=True)
