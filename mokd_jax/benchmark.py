@@ -307,8 +307,10 @@ def peer_timer(
     base: ml_collections.ConfigDict, image_size: int, steps: int, overrides: Mapping[str, Any]
 ) -> tuple[Callable[[str], dict[str, Any]], dict[str, Any]]:
     """(a function timing one peer mode on fresh models and the benchmark's batch, the
-    JSON `peer` section that its rows go into)."""
+    JSON `peer` section that its rows go into). The models are checked here, before any
+    of our modes runs, so that a pair without a peer is refused at once."""
     torch_peer = import_torch_peer()
+    torch_peer.check_architectures(base.teacher.model, base.student.model)
     options = torch_peer.options_with(overrides)
     images, labels = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
     inputs = normalization.for_dataset(base.dataset)

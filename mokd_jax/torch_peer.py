@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -403,13 +403,18 @@ def peak_bytes(device: str) -> int | None:
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
-def peer_models(
-    teacher_arch: str, student_arch: str, num_classes: int, seed: int
-) -> Sequence[nn.Module]:
-    """Teacher and student with torch's default random initialisation (seeded): step cost
-    does not depend on the weights."""
+def check_architectures(teacher_arch: str, student_arch: str) -> None:
+    """InputError unless both models have a torch peer (the ResNets of `TORCH_RESNETS`)."""
     for role, arch in (("teacher", teacher_arch), ("student", student_arch)):
         check_choice(role, arch, tuple(TORCH_RESNETS))
+
+
+def peer_models(
+    teacher_arch: str, student_arch: str, num_classes: int, seed: int
+) -> tuple[nn.Module, nn.Module]:
+    """Teacher and student with torch's default random initialisation (seeded): step cost
+    does not depend on the weights."""
+    check_architectures(teacher_arch, student_arch)
     torch.manual_seed(seed)
     return torch_resnet(teacher_arch, num_classes), torch_resnet(student_arch, num_classes)
 
