@@ -88,7 +88,7 @@ def student_variables(state: TrainState) -> dict:
 class PhaseEvaluation:
     """Evaluates a phase's network (`evaluate(step, state)`, what `loop.Evaluation` runs)
     and keeps the latest result, so the summary reuses the evaluation of the last step
-    instead of evaluating the network again; `keep(step, variables, accuracy)`, when given,
+    instead of evaluating the network again; `keep(step, variables, metrics)`, when given,
     sees every result (the best student's export). `evaluator(variables)` gives the
     metrics (classification's accuracies, `accuracies_of`; detection's COCO AP)."""
 
@@ -100,19 +100,19 @@ class PhaseEvaluation:
     ):
         self.evaluator, self.variables_of, self.keep = evaluator, variables_of, keep
         self.step: int | None = None
-        self.accuracy: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
 
     def evaluate(self, step: int, state: TrainState) -> dict[str, float]:
         variables = self.variables_of(state)
-        self.step, self.accuracy = step, self.evaluator(variables)
+        self.step, self.metrics = step, self.evaluator(variables)
         if self.keep is not None:
-            self.keep(step, variables, self.accuracy)
-        return self.accuracy
+            self.keep(step, variables, self.metrics)
+        return self.metrics
 
     def at_step(self, step: int, state: TrainState) -> dict[str, float]:
-        """The accuracy at `step`: the latest result when it is that step's (the loop
+        """The metrics at `step`: the latest result when it is that step's (the loop
         evaluated it), else evaluated now (a resumed phase with no step left to run)."""
-        return self.accuracy if self.step == step else self.evaluate(step, state)
+        return self.metrics if self.step == step else self.evaluate(step, state)
 
 
 def accuracies_of(evaluator: Callable[[dict], Counts]) -> Callable[[dict], dict[str, float]]:
