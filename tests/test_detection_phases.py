@@ -1,9 +1,9 @@
 """The detection phases end to end (`mokd_jax.detection.phases` through
 `train.train_and_evaluate`) on configs/detection.py's smoke run: the shapes set at 64 px,
 4 teacher and 4 student steps of resnet18 RetinaNets with 16-channel heads. The run
-compiles a teacher step, a distillation step and two evaluation programs (about a minute
-or two on 2 CPU cores), so it is slow; the fast tier checks the configs and the `task`
-field.
+compiles a teacher step, a distillation step and two evaluation programs (about 80 s on
+2 idle CPU cores, 3 to 4 minutes on busy ones; the rerun 35 to 70 s), so it is slow; the
+fast tier checks the configs and the `task` field.
 """
 
 import json
