@@ -12,10 +12,12 @@ box AP on the evaluation split; WORKDIR/summary.json holds the AP figures and
 WORKDIR/detections_val.json the student's detections (COCO results).
 
 The detectors are light, for CPUs: a resnet34 teacher and a resnet18 student, their
-backbones trained from scratch (no ImageNet weights are embedded), FPN and heads
-48 channels wide with one conv before each head's output (torchvision's are 256 and 4).
-The step counts are a first guess that has not been tuned for a clearly positive AP
-within minutes on 2 CPU cores (docs/detection.md says where that stands).
+backbones trained from scratch (no ImageNet weights are embedded), FPN and heads 48
+channels wide with one conv before each head's output (torchvision's are 256 and 4).
+
+Measured on 2 CPU cores (one run, seed 0): 524 s in all; teacher AP 2.0% (AP50 5.7%)
+after its 300 steps, student AP 9.3% (AP50 19.1%) after its 150. The student overtakes
+the teacher: neither is near convergence, and the teacher's step counts are not tuned.
 
 Arguments (`--config=configs/detection.py:ARG`):
     smoke  4 steps per phase of resnet18 detectors with 16-channel heads on 64 px images,
@@ -42,8 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config[role].head_depth = 1
         config[role].learning_rate = 1e-3
         config[role].warmup_steps = 20
-    config.teacher.num_train_steps = 600
-    config.student.num_train_steps = 600
+    config.teacher.num_train_steps = 300
+    config.student.num_train_steps = 150
+    config.eval_every_steps = 100  # each evaluation costs about 30 s on 2 CPU cores
     config.batch_size = 16
     config.eval_batch_size = 40
     config.log_every_steps = 20
