@@ -13,6 +13,8 @@ from mokd_jax.objectives import LOGIT_LOSSES, OBJECTIVES
 from mokd_jax.optimizers import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MASKS, make_aggregator
 from mokd_jax.taps import TAP_SETS
 
+TASKS = ("classification", "detection")
+
 
 def check_schedule(name: str, section: ml_collections.ConfigDict) -> None:
     """The section's schedule name, and step boundaries strictly inside the run."""
@@ -57,6 +59,7 @@ def check_projector(section: ml_collections.ConfigDict) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises InputError for a numeric or named field outside what is allowed."""
+    check_choice("task", config.task, TASKS)
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps"):
         check_int(field, config[field], 1)
     check_int("eval_every_steps", config.eval_every_steps, 0)

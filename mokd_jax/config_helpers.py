@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     the CIFAR-100 and ImageNet configs start from."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # What is learnt (`config_checks.TASKS`): 'classification', or 'detection' (RetinaNet
+    # on COCO-format data, `mokd_jax.detection.phases`; its fields: `add_detection_fields`).
+    config.task = "classification"
 
     config.dataset = "digits"
     config.data_dir = ""

@@ -58,8 +58,8 @@ class Evaluation(NamedTuple):
 def run_phase(
     name: str,
     state: TrainState,
-    step_fn: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]],
-    batches: Iterator[tuple[jax.Array, jax.Array]],
+    step_fn: Callable[..., tuple[TrainState, dict]],
+    batches: Iterator[tuple[Any, ...]],
     num_steps: int,
     manager,
     fingerprint: Mapping[str, Any],
@@ -68,6 +68,10 @@ def run_phase(
     evaluation: Evaluation | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """Runs `step_fn` from `state.step` to `num_steps`, saving and logging on the way.
+
+    Each item of `batches` is the tuple of the step's batch arguments, whatever the task:
+    classification's (images, labels), detection's (DetectionBatch,); the loop only passes
+    them on, `step_fn(state, *batch)`.
 
     Every step's metrics go to `writer` with their own step number, but they are fetched
     from the device once per `log_every_steps`, so the loop never waits on the device each
@@ -93,8 +97,7 @@ def run_phase(
     pending: list[tuple[int, dict]] = []
     sums: dict[str, float] = {}
     for step in range(first_step + 1, num_steps + 1):
-        images, labels = next(batches)
-        state, metrics = step_fn(state, images, labels)
+        state, metrics = step_fn(state, *next(batches))
         pending.append((step, metrics))
         report(step)
         if step % log_every_steps == 0 or step == num_steps:

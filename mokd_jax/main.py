@@ -51,14 +51,21 @@ def default_workdir(config_flag_value: str) -> str:
 
 
 def format_summary(summary: dict) -> str:
+    """One line: both networks' headline figure (top-1 accuracy, or COCO box AP for a
+    detection run) and the student's best."""
     teacher, student = summary["teacher"], summary["student"]
     best = student["best"]
+    name, key = (
+        ("AP", "test_ap")
+        if summary.get("task") == "detection"
+        else ("test accuracy", "test_accuracy")
+    )
     return (
         f"method {summary['method']} on {summary['dataset']}: "
         f"teacher {teacher['model']} ({teacher['parameters']:,} params) "
-        f"test accuracy {teacher['test_accuracy']:.2%}; "
+        f"{name} {teacher[key]:.2%}; "
         f"student {student['model']} ({student['parameters']:,} params) "
-        f"test accuracy {student['test_accuracy']:.2%} (best {best['test_accuracy']:.2%} at "
+        f"{name} {student[key]:.2%} (best {best[key]:.2%} at "
         f"step {best['step']}); {summary['wall_time_s']:.0f} s"
     )
 

@@ -15,6 +15,9 @@ model's `no_weight_decay()`), as DeiT trains. A method that owns its weight deca
 decays what it decays itself.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import ml_collections
 import optax
@@ -103,11 +106,26 @@ def make_aggregator(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     )
 
 
-def student_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def only_trainable(
+    optimizer: optax.GradientTransformation, trainable: Callable[[Any], Any]
+) -> optax.GradientTransformation:
+    """`optimizer` on the parameters that `trainable(params)` (a pytree of bools of their
+    structure) marks True, zero updates for the others: `optax.masked` alone would pass
+    the others' raw gradients through as updates."""
+    return optax.multi_transform({True: optimizer, False: optax.set_to_zero()}, trainable)
+
+
+def student_optimizer(
+    config: ml_collections.ConfigDict, trainable: Callable[[Any], Any] | None = None
+) -> optax.GradientTransformation:
     """optax.chain(aggregator, optimizer): plain SGD on the schedule after a method that
-    owns its momenta and weight decay, else the student's configured optimizer."""
+    owns its momenta and weight decay, else the student's configured optimizer. With
+    `trainable`, the optimizer updates only those parameters (`only_trainable`: a
+    detector's frozen backbone parts); the aggregator still combines every gradient."""
     if aggregation.spec(config.aggregator).owns_momentum:
         optimizer = optax.sgd(learning_rate_schedule(config.student))
     else:
         optimizer = make_optimizer(config.student)
+    if trainable is not None:
+        optimizer = only_trainable(optimizer, trainable)
     return optax.chain(make_aggregator(config), optimizer)

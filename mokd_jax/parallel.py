@@ -81,10 +81,14 @@ def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     )
 
 
-def global_batch(local_arrays: tuple[np.ndarray, ...], sharding: NamedSharding) -> tuple:
-    """This process's rows of a batch -> global arrays sharded over the mesh (an explicit
-    host-to-device transfer, allowed under `jax.transfer_guard('disallow')`)."""
-    return tuple(jax.make_array_from_process_local_data(sharding, array) for array in local_arrays)
+def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
+    """This process's rows of a batch (any pytree of arrays with the batch axis first: a
+    tuple of arrays, a `DetectionBatch`) -> the same pytree of global arrays sharded over
+    the mesh (an explicit host-to-device transfer, allowed under
+    `jax.transfer_guard('disallow')`)."""
+    return jax.tree.map(
+        lambda array: jax.make_array_from_process_local_data(sharding, array), local_batch
+    )
 
 
 def check_batch_size(field: str, batch_size: int, mesh: Mesh) -> None:
@@ -102,12 +106,20 @@ def place_variables(variables: Mapping[str, Any], mesh: Mesh, min_size: int) -> 
     return jax.device_put(dict(variables), tree_shardings(mesh, variables, min_size))
 
 
-def compiled_step(step_fn: Callable, state_shardings: Any, mesh: Mesh, extra_shardings=()):
-    """`step_fn(state, *extra, images, labels)` jitted over the mesh, state donated."""
+def compiled_step(
+    step_fn: Callable,
+    state_shardings: Any,
+    mesh: Mesh,
+    extra_shardings=(),
+    batch_arguments: int = 2,
+):
+    """`step_fn(state, *extra, *batch)` jitted over the mesh, state donated. `batch` is
+    `batch_arguments` pytrees whose every leaf is split along its leading axis:
+    classification's (images, labels), detection's one `DetectionBatch`."""
     batch = batch_sharding(mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, *extra_shardings, batch, batch),
+        in_shardings=(state_shardings, *extra_shardings, *(batch,) * batch_arguments),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
@@ -116,8 +128,8 @@ def compiled_step(step_fn: Callable, state_shardings: Any, mesh: Mesh, extra_sha
 def device_batches(
     dataset, batch_size: int, seed: int, start_step: int, mesh: Mesh
 ) -> Iterator[tuple[jax.Array, ...]]:
-    """Global training batches sharded over the mesh; each process reads and places only
-    its part of each."""
+    """Global training batches (each a pytree, as `dataset.train_batches` yields it)
+    sharded over the mesh; each process reads and places only its part of each."""
     sharding = batch_sharding(mesh)
     local = dataset.train_batches(
         batch_size,

@@ -88,30 +88,36 @@ def student_variables(state: TrainState) -> dict:
 class PhaseEvaluation:
     """Evaluates a phase's network (`evaluate(step, state)`, what `loop.Evaluation` runs)
     and keeps the latest result, so the summary reuses the evaluation of the last step
-    instead of evaluating the network again; `keep(step, variables, accuracy)`, when given,
-    sees every result (the best student's export)."""
+    instead of evaluating the network again; `keep(step, variables, metrics)`, when given,
+    sees every result (the best student's export). `evaluator(variables)` gives the
+    metrics (classification's accuracies, `accuracies_of`; detection's COCO AP)."""
 
     def __init__(
         self,
-        evaluator: Callable[[dict], Counts],
+        evaluator: Callable[[dict], dict[str, float]],
         variables_of: Callable[[TrainState], dict],
         keep: Callable[[int, dict, dict], None] | None = None,
     ):
         self.evaluator, self.variables_of, self.keep = evaluator, variables_of, keep
         self.step: int | None = None
-        self.accuracy: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
 
     def evaluate(self, step: int, state: TrainState) -> dict[str, float]:
         variables = self.variables_of(state)
-        self.step, self.accuracy = step, self.evaluator(variables).accuracies()
+        self.step, self.metrics = step, self.evaluator(variables)
         if self.keep is not None:
-            self.keep(step, variables, self.accuracy)
-        return self.accuracy
+            self.keep(step, variables, self.metrics)
+        return self.metrics
 
     def at_step(self, step: int, state: TrainState) -> dict[str, float]:
-        """The accuracy at `step`: the latest result when it is that step's (the loop
+        """The metrics at `step`: the latest result when it is that step's (the loop
         evaluated it), else evaluated now (a resumed phase with no step left to run)."""
-        return self.accuracy if self.step == step else self.evaluate(step, state)
+        return self.metrics if self.step == step else self.evaluate(step, state)
+
+
+def accuracies_of(evaluator: Callable[[dict], Counts]) -> Callable[[dict], dict[str, float]]:
+    """A classification evaluator's counts as the accuracies `PhaseEvaluation` reports."""
+    return lambda variables: evaluator(variables).accuracies()
 
 
 def train_teacher(config, workdir, dataset, mesh, evaluator) -> tuple[dict, dict[str, float]]:
@@ -136,7 +142,7 @@ def train_teacher(config, workdir, dataset, mesh, evaluator) -> tuple[dict, dict
         shardings,
         mesh,
     )
-    evaluation = PhaseEvaluation(evaluator, teacher_variables)
+    evaluation = PhaseEvaluation(accuracies_of(evaluator), teacher_variables)
     state, _ = run_phase(
         "teacher",
         state,
@@ -211,24 +217,31 @@ BEST_KEYS = ("step", "test_accuracy", "test_top5_accuracy")
 
 
 class BestStudent:
-    """The student with the best top-1 so far, exported to `directory` (WORKDIR/student_best)
-    with its step and accuracies in its identity.
+    """The student with the best `metric` so far (classification's top-1, detection's AP),
+    exported to `directory` (WORKDIR/student_best) with its step and the `keys` of its
+    evaluation in its identity.
 
     The identity is also the memory: a resumed run reads the best so far from it, so a
-    preemption forgets nothing. Only a strictly better top-1 replaces it (the earliest of
+    preemption forgets nothing. Only a strictly better metric replaces it (the earliest of
     equals is kept), so a resumed run, which evaluates the steps after its checkpoint
     again with bitwise the same states, exports nothing new until it passes the best, and
     ends with the same best as an uninterrupted run.
     """
 
-    def __init__(self, directory: str, identity: Mapping[str, Any]):
-        self.directory, self.identity = directory, dict(identity)
+    def __init__(
+        self,
+        directory: str,
+        identity: Mapping[str, Any],
+        keys: tuple[str, ...] = BEST_KEYS,
+        metric: str = "test_accuracy",
+    ):
+        self.directory, self.identity, self.metric = directory, dict(identity), metric
         saved = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
-        self.best = None if saved is None else {key: saved[key] for key in BEST_KEYS}
+        self.best = None if saved is None else {key: saved[key] for key in keys}
 
     def keep(self, step: int, variables: dict, accuracy: Mapping[str, float]) -> None:
-        """Exports `variables` when their top-1 beats the best so far."""
-        if self.best is not None and accuracy["test_accuracy"] <= self.best["test_accuracy"]:
+        """Exports `variables` when their `metric` beats the best so far."""
+        if self.best is not None and accuracy[self.metric] <= self.best[self.metric]:
             return
         self.best = {"step": step, **accuracy}
         checkpoint.export_variables(self.directory, variables, {**self.identity, **self.best}, step)
@@ -270,7 +283,7 @@ def distill_student(config, workdir, dataset, teacher_variables, teacher_input, 
         exported_identity(config.student.model, dataset.num_classes, student_input),
     )
     evaluation = PhaseEvaluation(
-        network_evaluator(config, "student", dataset, mesh, student_input),
+        accuracies_of(network_evaluator(config, "student", dataset, mesh, student_input)),
         student_variables,
         best.keep,
     )
@@ -307,9 +320,15 @@ def load_dataset(config: ml_collections.ConfigDict):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the three phases and writes WORKDIR/summary.json; returns the summary."""
+    """Runs the three phases and writes WORKDIR/summary.json; returns the summary. A
+    detection config (`task='detection'`) runs `mokd_jax.detection.phases` instead."""
     start = time.time()
     check_config(config)
+    if config.task == "detection":
+        # Imported here: the detection phases build on this module's helpers.
+        from mokd_jax.detection import phases
+
+        return phases.train_and_evaluate(config, workdir)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size("batch_size", config.batch_size, mesh)
     parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)

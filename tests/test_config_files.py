@@ -20,7 +20,7 @@ CONFIGS = os.path.join(REPO, "configs")
 
 def test_a_checkout_bundles_its_configs_directory():
     assert config_files.bundled_dir() == CONFIGS
-    assert config_files.bundled_names() == ["cifar100", "default", "imagenet"]
+    assert config_files.bundled_names() == ["cifar100", "default", "detection", "imagenet"]
 
 
 def test_resolve_keeps_an_existing_path_and_its_arg(tmp_path, monkeypatch):
@@ -41,7 +41,8 @@ def test_resolve_finds_a_bundled_config_by_name(tmp_path, monkeypatch, value, ar
 @pytest.mark.parametrize("value", ["nope", "configs/nope.py", "nope:smoke"])
 def test_a_value_naming_no_config_lists_the_bundled_ones(tmp_path, monkeypatch, value):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InputError, match=r"^config=.* bundled config: cifar100, default, imagenet"):
+    bundled = "cifar100, default, detection, imagenet"
+    with pytest.raises(InputError, match=rf"^config=.* bundled config: {bundled}"):
         config_files.resolve(value)
 
 
