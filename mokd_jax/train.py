@@ -347,30 +347,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         exported_identity(config.student.model, dataset.num_classes, student_input),
         config.student.num_train_steps,
     )
-    summary = {
+    summary = run_summary(
+        config,
+        dataset.name,
+        mesh.size,
+        (teacher_variables, teacher_accuracy),
+        (student, student_accuracy),
+        best,
+        diagnostics,
+        time.time() - start,
+    )
+    if jax.process_index() == 0:
+        write_summary(config, workdir, dataset.name, summary)
+    return summary
+
+
+def run_summary(
+    config: ml_collections.ConfigDict,
+    dataset_name: str,
+    devices: int,
+    teacher: tuple[Mapping[str, Any], Mapping[str, float]],
+    student: tuple[Mapping[str, Any], Mapping[str, float]],
+    best: Mapping[str, float],
+    diagnostics: Mapping[str, float],
+    wall_time_s: float,
+) -> dict:
+    """summary.json's content: the method, the data, and for the teacher and the student
+    (each given as (variables, evaluation metrics)) the model, its parameter count and its
+    metrics (accuracies, or COCO AP for detection); the student's step and best too."""
+    (teacher_vars, teacher_metrics), (student_vars, student_metrics) = teacher, student
+    return {
         "method": config.aggregator,
-        "dataset": dataset.name,
-        "devices": mesh.size,
+        "dataset": dataset_name,
+        "devices": devices,
         "teacher": {
             "model": config.teacher.model,
-            "parameters": parameter_count(teacher_variables),
-            **teacher_accuracy,
+            "parameters": parameter_count(teacher_vars),
+            **teacher_metrics,
         },
         "student": {
             "model": config.student.model,
-            "parameters": parameter_count(student),
+            "parameters": parameter_count(student_vars),
             "step": config.student.num_train_steps,
-            **student_accuracy,
+            **student_metrics,
             "best": best,
         },
         "training_diagnostics": diagnostics,
-        "wall_time_s": time.time() - start,
+        "wall_time_s": wall_time_s,
     }
-    if jax.process_index() == 0:
-        plots.plot_diagnostics(
-            os.path.join(workdir, "tensorboard", "student"),
-            os.path.join(workdir, "diagnostics.png"),
-            title=f"{config.aggregator} on {dataset.name}: student {config.student.model}",
-        )
-        epath.Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+
+def write_summary(
+    config: ml_collections.ConfigDict, workdir: str, dataset_name: str, summary: Mapping
+) -> None:
+    """WORKDIR/diagnostics.png (the student's logged diagnostics) and WORKDIR/summary.json;
+    process 0's job."""
+    plots.plot_diagnostics(
+        os.path.join(workdir, "tensorboard", "student"),
+        os.path.join(workdir, "diagnostics.png"),
+        title=f"{config.aggregator} on {dataset_name}: student {config.student.model}",
+    )
+    epath.Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2))

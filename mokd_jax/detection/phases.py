@@ -27,7 +27,6 @@ gather every process's detections first on several hosts.
 """
 
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from mokd_jax import checkpoint, normalization, parallel, plots
+from mokd_jax import checkpoint, normalization, parallel
 from mokd_jax.detection import coco_eval, retinanet
 from mokd_jax.detection import dataset as detection_dataset
 from mokd_jax.detection.anchors import retinanet_anchors
@@ -68,9 +67,10 @@ from mokd_jax.train import (
     PhaseEvaluation,
     evaluation_interval,
     open_phase_manager,
-    parameter_count,
+    run_summary,
     student_variables,
     teacher_variables,
+    write_summary,
 )
 
 COCO_KEYS = tuple(f"test_{name}" for name in coco_eval.METRIC_NAMES)
@@ -324,30 +324,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     summary = {
         "task": "detection",
-        "method": config.aggregator,
-        "dataset": dataset.name,
-        "devices": mesh.size,
-        "teacher": {
-            "model": config.teacher.model,
-            "parameters": parameter_count(teacher_vars),
-            **teacher_metrics,
-        },
-        "student": {
-            "model": config.student.model,
-            "parameters": parameter_count(student),
-            "step": config.student.num_train_steps,
-            **student_metrics,
-            "best": best,
-        },
-        "training_diagnostics": diagnostics,
-        "wall_time_s": time.time() - start,
+        **run_summary(
+            config,
+            dataset.name,
+            mesh.size,
+            (teacher_vars, teacher_metrics),
+            (student, student_metrics),
+            best,
+            diagnostics,
+            time.time() - start,
+        ),
     }
     if jax.process_index() == 0:
         coco_eval.write_results(os.path.join(workdir, RESULTS_FILE), results)
-        plots.plot_diagnostics(
-            os.path.join(workdir, "tensorboard", "student"),
-            os.path.join(workdir, "diagnostics.png"),
-            title=f"{config.aggregator} on {dataset.name}: student {config.student.model}",
-        )
-        epath.Path(workdir, "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(config, workdir, dataset.name, summary)
     return summary
