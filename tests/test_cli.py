@@ -22,7 +22,8 @@ COMMANDS = {
     "mokd-benchmark": (
         "mokd_jax.benchmark",
         {"teacher", "student", "image_size", "batch_size", "steps", "num_classes"}
-        | {"modes", "dtype", "json"},
+        | {"modes", "dtype", "json", "framework"}
+        | {"peer_device", "peer_bf16", "peer_channels_last", "peer_compile"},
     ),
     "mokd-pipeline-benchmark": (
         "mokd_jax.pipeline_benchmark",
