@@ -112,7 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.log_every_steps = 50
     # Test accuracy while training, to TensorBoard and the log; 0: automatic
-    # (`train.evaluation_interval`: once per epoch where the phase knows its epoch, else 4 times).
+    # (`phase_runner.evaluation_interval`: once per epoch where the phase knows its epoch,
+    # else 4 times).
     config.eval_every_steps = 0
     config.checkpoint_every_steps = 200
     config.max_checkpoints_to_keep = 2

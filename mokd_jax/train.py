@@ -4,16 +4,16 @@
 cross-entropy, or restore it, and evaluate it once; (2) distill the student, evaluating it
 on the way and keeping the best in WORKDIR/student_best; (3) write WORKDIR/summary.json
 from those evaluations (the last step's and the best student's; nothing is evaluated
-again). Both training phases checkpoint periodically and resume from the workdir. The
-steps are `mokd_jax.steps`, the loop `mokd_jax.loop`, the networks
-`mokd_jax.networks.build_networks`.
+again). Both training phases run through `mokd_jax.phase_runner` (checkpoints, resume,
+evaluations on the way), which detection's phases share. The steps are `mokd_jax.steps`,
+the networks `mokd_jax.networks.build_networks`.
 """
 
 import functools
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -34,37 +34,12 @@ from mokd_jax.identities import (
     exported_identity,
     student_fingerprint,
 )
-from mokd_jax.loop import Evaluation, format_metrics, initial_state, phase_writer, run_phase
+from mokd_jax.loop import format_metrics
 from mokd_jax.networks import build_networks
 from mokd_jax.optimizers import make_optimizer, student_optimizer
+from mokd_jax.phase_runner import BestStudent, Phase, PhaseEvaluation, train_phase
 from mokd_jax.state import TrainState, create_student_state, create_teacher_state
 from mokd_jax.steps import batch_mixer, make_distill_step, teacher_step
-
-
-def open_phase_manager(config: ml_collections.ConfigDict, workdir: str, phase: str):
-    return checkpoint.open_manager(
-        os.path.join(workdir, "checkpoints", phase),
-        config.checkpoint_every_steps,
-        config.max_checkpoints_to_keep,
-    )
-
-
-def evaluation_interval(config: ml_collections.ConfigDict, role: str) -> int:
-    """How often the teacher's or student's (`role`) phase evaluates its network:
-    `eval_every_steps` when set; automatically (0), once per epoch where the phase's recipe
-    is epoch-based (`steps_per_epoch`, which `config_helpers.set_phase` records: the TFDS
-    configs), else `EVALUATIONS_PER_RUN` times per run (digits and npz: their configs count
-    steps, not epochs, and an epoch is a few steps, so evaluating every epoch would cost
-    more than training)."""
-    section = config[role]
-    if config.eval_every_steps:
-        return config.eval_every_steps
-    if section.steps_per_epoch:
-        return section.steps_per_epoch
-    return max(1, section.num_train_steps // EVALUATIONS_PER_RUN)
-
-
-EVALUATIONS_PER_RUN = 4
 
 
 def network_evaluator(
@@ -85,79 +60,48 @@ def student_variables(state: TrainState) -> dict:
     return {"params": state.params["student"], "batch_stats": state.batch_stats}
 
 
-class PhaseEvaluation:
-    """Evaluates a phase's network (`evaluate(step, state)`, what `loop.Evaluation` runs)
-    and keeps the latest result, so the summary reuses the evaluation of the last step
-    instead of evaluating the network again; `keep(step, variables, metrics)`, when given,
-    sees every result (the best student's export). `evaluator(variables)` gives the
-    metrics (classification's accuracies, `accuracies_of`; detection's COCO AP)."""
-
-    def __init__(
-        self,
-        evaluator: Callable[[dict], dict[str, float]],
-        variables_of: Callable[[TrainState], dict],
-        keep: Callable[[int, dict, dict], None] | None = None,
-    ):
-        self.evaluator, self.variables_of, self.keep = evaluator, variables_of, keep
-        self.step: int | None = None
-        self.metrics: dict[str, float] = {}
-
-    def evaluate(self, step: int, state: TrainState) -> dict[str, float]:
-        variables = self.variables_of(state)
-        self.step, self.metrics = step, self.evaluator(variables)
-        if self.keep is not None:
-            self.keep(step, variables, self.metrics)
-        return self.metrics
-
-    def at_step(self, step: int, state: TrainState) -> dict[str, float]:
-        """The metrics at `step`: the latest result when it is that step's (the loop
-        evaluated it), else evaluated now (a resumed phase with no step left to run)."""
-        return self.metrics if self.step == step else self.evaluate(step, state)
-
-
 def accuracies_of(evaluator: Callable[[dict], Counts]) -> Callable[[dict], dict[str, float]]:
     """A classification evaluator's counts as the accuracies `PhaseEvaluation` reports."""
     return lambda variables: evaluator(variables).accuracies()
 
 
-def train_teacher(config, workdir, dataset, mesh, evaluator) -> tuple[dict, dict[str, float]]:
-    """Phase 1: cross-entropy training of the teacher, evaluated on the way
-    (`evaluation_interval`); returns its variables and its accuracy at the last step."""
-    model = dataset_model(config, "teacher", dataset)
-    tx = make_optimizer(config.teacher)
-    create = functools.partial(create_teacher_state, model, dataset.image_shape, tx)
-    inputs = dataset_inputs(config, "teacher", dataset)
-    fingerprint = {
+def teacher_fingerprint(config, dataset, inputs: normalization.Normalization) -> dict:
+    """What a teacher's checkpoint is checked against before it is resumed: the data, the
+    teacher's section and the input statistics it is fed with (both tasks)."""
+    return {
         **data_fingerprint(config, dataset),
         "teacher": config.teacher.to_dict(),
         "teacher_input": inputs._asdict(),
     }
-    manager = open_phase_manager(config, workdir, "teacher")
-    state, shardings = initial_state(
-        create, config.seed, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "teacher"
+
+
+def training_batches(config, dataset, mesh) -> Callable[[int], Iterator[tuple]]:
+    """A phase's global training batches from a start step (`parallel.device_batches`);
+    both phases read the data in the order `config.seed` gives."""
+    return functools.partial(
+        parallel.device_batches, dataset, config.batch_size, config.seed, mesh=mesh
     )
+
+
+def train_teacher(config, workdir, dataset, mesh, evaluator) -> tuple[dict, dict[str, float]]:
+    """Phase 1: cross-entropy training of the teacher, evaluated on the way
+    (`phase_runner.evaluation_interval`); returns its variables and its accuracy at the
+    last step."""
+    model = dataset_model(config, "teacher", dataset)
+    tx = make_optimizer(config.teacher)
+    inputs = dataset_inputs(config, "teacher", dataset)
     mix = batch_mixer(config, dataset.num_classes, config.seed)
-    step_fn = parallel.compiled_step(
-        functools.partial(teacher_step, model=model, tx=tx, inputs=inputs, mix=mix),
-        shardings,
-        mesh,
+    phase = Phase(
+        name="teacher",
+        seed=config.seed,
+        fingerprint=teacher_fingerprint(config, dataset, inputs),
+        create=functools.partial(create_teacher_state, model, dataset.image_shape, tx),
+        step=functools.partial(teacher_step, model=model, tx=tx, inputs=inputs, mix=mix),
+        batches=training_batches(config, dataset, mesh),
+        evaluation=PhaseEvaluation(accuracies_of(evaluator), teacher_variables),
     )
-    evaluation = PhaseEvaluation(accuracies_of(evaluator), teacher_variables)
-    state, _ = run_phase(
-        "teacher",
-        state,
-        step_fn,
-        parallel.device_batches(dataset, config.batch_size, config.seed, int(state.step), mesh),
-        config.teacher.num_train_steps,
-        manager,
-        fingerprint,
-        phase_writer(workdir, "teacher"),
-        config.log_every_steps,
-        Evaluation(evaluation_interval(config, "teacher"), evaluation.evaluate),
-    )
-    manager.close()
-    accuracy = evaluation.at_step(config.teacher.num_train_steps, state)
-    return teacher_variables(state), accuracy
+    variables, accuracy, _ = train_phase(config, workdir, mesh, phase)
+    return variables, accuracy
 
 
 def check_restored_teacher(counts: Counts, num_classes: int, directory: str) -> None:
@@ -216,42 +160,10 @@ def obtain_teacher(
 BEST_KEYS = ("step", "test_accuracy", "test_top5_accuracy")
 
 
-class BestStudent:
-    """The student with the best `metric` so far (classification's top-1, detection's AP),
-    exported to `directory` (WORKDIR/student_best) with its step and the `keys` of its
-    evaluation in its identity.
-
-    The identity is also the memory: a resumed run reads the best so far from it, so a
-    preemption forgets nothing. Only a strictly better metric replaces it (the earliest of
-    equals is kept), so a resumed run, which evaluates the steps after its checkpoint
-    again with bitwise the same states, exports nothing new until it passes the best, and
-    ends with the same best as an uninterrupted run.
-    """
-
-    def __init__(
-        self,
-        directory: str,
-        identity: Mapping[str, Any],
-        keys: tuple[str, ...] = BEST_KEYS,
-        metric: str = "test_accuracy",
-    ):
-        self.directory, self.identity, self.metric = directory, dict(identity), metric
-        saved = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
-        self.best = None if saved is None else {key: saved[key] for key in keys}
-
-    def keep(self, step: int, variables: dict, accuracy: Mapping[str, float]) -> None:
-        """Exports `variables` when their `metric` beats the best so far."""
-        if self.best is not None and accuracy[self.metric] <= self.best[self.metric]:
-            return
-        self.best = {"step": step, **accuracy}
-        checkpoint.export_variables(self.directory, variables, {**self.identity, **self.best}, step)
-        logging.info("student: best so far at step %d, exported to %s", step, self.directory)
-
-
 def distill_student(config, workdir, dataset, teacher_variables, teacher_input, mesh):
     """Phase 2: MoKD distillation of the student, the teacher fed with `teacher_input` and
     the student with its own `dataset_inputs`, evaluated on the way
-    (`evaluation_interval`) with the best kept in WORKDIR/student_best (`BestStudent`).
+    (`phase_runner.evaluation_interval`) with the best kept in WORKDIR/student_best (`BestStudent`).
 
     Returns (student variables, its accuracy at the last step, the best as {step,
     test_accuracy, test_top5_accuracy}, the diagnostics' means).
@@ -264,44 +176,28 @@ def distill_student(config, workdir, dataset, teacher_variables, teacher_input, 
         teacher_input=teacher_input,
         student_input=student_input,
     )
-    tx = student_optimizer(config)
-    create = functools.partial(create_student_state, networks, dataset.image_shape, tx)
-    fingerprint = student_fingerprint(config, dataset, teacher_input)
-    manager = open_phase_manager(config, workdir, "student")
-    state, shardings = initial_state(
-        create, config.seed + 1, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "student"
-    )
-    mix = batch_mixer(config, dataset.num_classes, config.seed + 1)
-    step_fn = parallel.compiled_step(
-        make_distill_step(config, networks, tx, mix),
-        shardings,
-        mesh,
-        extra_shardings=(parallel.variables_sharding(teacher_variables),),
-    )
     best = BestStudent(
         os.path.join(workdir, "student_best"),
         exported_identity(config.student.model, dataset.num_classes, student_input),
+        BEST_KEYS,
+        metric="test_accuracy",
     )
-    evaluation = PhaseEvaluation(
-        accuracies_of(network_evaluator(config, "student", dataset, mesh, student_input)),
-        student_variables,
-        best.keep,
+    evaluator = network_evaluator(config, "student", dataset, mesh, student_input)
+    tx = student_optimizer(config)
+    phase = Phase(
+        name="student",
+        seed=config.seed + 1,
+        fingerprint=student_fingerprint(config, dataset, teacher_input),
+        create=functools.partial(create_student_state, networks, dataset.image_shape, tx),
+        step=make_distill_step(
+            config, networks, tx, batch_mixer(config, dataset.num_classes, config.seed + 1)
+        ),
+        batches=training_batches(config, dataset, mesh),
+        evaluation=PhaseEvaluation(accuracies_of(evaluator), student_variables, best.keep),
+        constants=(teacher_variables,),
     )
-    state, means = run_phase(
-        "student",
-        state,
-        lambda s, x, y: step_fn(s, teacher_variables, x, y),
-        parallel.device_batches(dataset, config.batch_size, config.seed, int(state.step), mesh),
-        config.student.num_train_steps,
-        manager,
-        fingerprint,
-        phase_writer(workdir, "student"),
-        config.log_every_steps,
-        Evaluation(evaluation_interval(config, "student"), evaluation.evaluate),
-    )
-    manager.close()
-    accuracy = evaluation.at_step(config.student.num_train_steps, state)
-    return student_variables(state), accuracy, best.best, means
+    variables, accuracy, means = train_phase(config, workdir, mesh, phase)
+    return variables, accuracy, best.best, means
 
 
 def parameter_count(variables: Mapping[str, Any]) -> int:

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from configs import detection
-from mokd_jax import config_checks, train
+from mokd_jax import config_checks, phase_runner, train
 from mokd_jax.detection import coco_eval, phases
 from mokd_jax.errors import InputError
 
@@ -77,13 +77,13 @@ def test_smoke_run_writes_ap_summary_checkpoints_and_results(finished_run):
 def test_a_rerun_resumes_without_training_again(finished_run, monkeypatch):
     workdir, summary = finished_run
     phases_run = []
-    run_phase = phases.run_phase
+    run_phase = phase_runner.run_phase
 
     def recording_run_phase(name, state, *args, **kwargs):
         phases_run.append((name, int(state.step)))
         return run_phase(name, state, *args, **kwargs)
 
-    monkeypatch.setattr(phases, "run_phase", recording_run_phase)
+    monkeypatch.setattr(phase_runner, "run_phase", recording_run_phase)
     again = train.train_and_evaluate(detection.get_config("smoke"), workdir)
     steps = detection.get_config("smoke").student.num_train_steps
     assert phases_run == [("student", steps)]  # the teacher restored, the student finished

@@ -97,17 +97,6 @@ def test_both_phases_evaluate_on_the_way_and_the_summary_has_last_and_best(finis
     )
 
 
-def test_evaluation_interval_rule():
-    config = default.get_config("smoke")  # 20 steps per phase
-    assert train.evaluation_interval(config, "student") == 5  # 4 times per run
-    config.student.num_train_steps = 3
-    assert train.evaluation_interval(config, "student") == 1
-    config.teacher.steps_per_epoch = 7  # an epoch-based recipe: once per epoch
-    assert train.evaluation_interval(config, "teacher") == 7
-    config.eval_every_steps = 2
-    assert train.evaluation_interval(config, "teacher") == 2
-
-
 @pytest.mark.slow
 def test_a_restored_teacher_at_chance_level_is_warned_about(tmp_path, monkeypatch):
     """An untrained cnn_large (the smoke teacher) restored as the teacher: one warning that

@@ -1,9 +1,9 @@
 """The phases of a detection run: teacher, distillation, summary (`train_and_evaluate`).
 
 `mokd_jax.train.train_and_evaluate` hands a config with `task='detection'` to this module,
-which follows the classification run step for step and reuses its machinery (checkpoint
-managers, `loop.run_phase` with its preemption and resume, `train.PhaseEvaluation`,
-`train.BestStudent`); what differs is the data, the networks and the evaluation:
+which follows the classification run step for step and runs its phases through the same
+`mokd_jax.phase_runner` (checkpoints, preemption and resume, evaluations on the way, the
+best student's export); what differs is the data, the networks and the evaluation:
 
 1. The teacher: a RetinaNet restored from `teacher.checkpoint_dir` or WORKDIR/teacher, or
    trained in WORKDIR/teacher with RetinaNet's loss (`detection.steps.detection_teacher_step`)
@@ -20,16 +20,16 @@ their detector as they are (`retinanet.trainable_mask`, torchvision's default of
 trainable backbone layers); the student's aggregator still sees every gradient, and the
 optimizer after it zeroes the frozen ones' updates (`optimizers.only_trainable`).
 
-Evaluation (`CocoEvaluator`) runs the jitted `detection.steps.detect` over the evaluation
-split and scores the detections with pycocotools on the host. It feeds whole batches to
-the compiled program, replicated: a single-process run; the host-side scoring would have to
-gather every process's detections first on several hosts.
+Evaluation (`detection.evaluation.CocoEvaluator`) runs the jitted `detection.steps.detect`
+over the evaluation split, each process feeding its rows of every batch, and scores the
+gathered detections with pycocotools on the host: every process gets the same AP, and
+process 0 alone writes the summary and the results.
 """
 
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -37,12 +37,13 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from mokd_jax import checkpoint, normalization, parallel
+from mokd_jax import checkpoint, normalization, parallel, train
 from mokd_jax.detection import coco_eval, retinanet
 from mokd_jax.detection import dataset as detection_dataset
 from mokd_jax.detection.anchors import retinanet_anchors
+from mokd_jax.detection.batch import DetectionBatch
+from mokd_jax.detection.evaluation import COCO_KEYS, CocoEvaluator
 from mokd_jax.detection.steps import (
-    detect,
     detection_student_functions,
     detection_teacher_step,
     example_pyramid,
@@ -51,29 +52,25 @@ from mokd_jax.detection.transforms import Geometry
 from mokd_jax.errors import invalid
 from mokd_jax.identities import (
     check_teacher_identity,
-    data_fingerprint,
     dataset_inputs,
     exported_identity,
     shape_mismatch,
     student_fingerprint,
 )
-from mokd_jax.loop import Evaluation, format_metrics, initial_state, phase_writer, run_phase
+from mokd_jax.loop import format_metrics
 from mokd_jax.networks import DetectionNetworks, build_detection_networks, build_retinanet
 from mokd_jax.optimizers import make_optimizer, only_trainable, student_optimizer
+from mokd_jax.phase_runner import BestStudent, Phase, PhaseEvaluation, train_phase
 from mokd_jax.state import create_student_state, create_teacher_state
 from mokd_jax.steps import make_distill_step
 from mokd_jax.train import (
-    BestStudent,
-    PhaseEvaluation,
-    evaluation_interval,
-    open_phase_manager,
     run_summary,
     student_variables,
+    teacher_fingerprint,
     teacher_variables,
     write_summary,
 )
 
-COCO_KEYS = tuple(f"test_{name}" for name in coco_eval.METRIC_NAMES)
 BEST_KEYS = ("step", *COCO_KEYS)
 RESULTS_FILE = "detections_val.json"
 
@@ -114,27 +111,6 @@ def detector_identity(
     }
 
 
-class CocoEvaluator:
-    """A network's COCO box AP on the evaluation split: `evaluator(variables)` -> {test_ap,
-    test_ap50, ...} (`COCO_KEYS`), keeping that pass's COCO results in `results` (the
-    student's are written out at the end). `detect` is jitted once, here."""
-
-    def __init__(self, model, inputs, dataset, batch_size: int):
-        anchors = retinanet_anchors(dataset.image_shape[:2])
-        self.step = jax.jit(functools.partial(detect, model=model, inputs=inputs, anchors=anchors))
-        self.dataset, self.batch_size = dataset, batch_size
-        self.results: list[dict] = []
-
-    def __call__(self, variables: Mapping[str, Any]) -> dict[str, float]:
-        accumulator = coco_eval.CocoAccumulator(
-            self.dataset.ground_truth(), self.dataset.category_ids
-        )
-        for batch in self.dataset.eval_batches(self.batch_size):
-            accumulator.add(jax.device_get(self.step(variables, batch)), batch)
-        metrics, self.results = accumulator.evaluate()
-        return {f"test_{name}": value for name, value in metrics.items()}
-
-
 def teacher_trainable(model) -> Callable[[dict], dict]:
     """The teacher's parameters that train (`retinanet.trainable_mask`)."""
     return functools.partial(retinanet.trainable_mask, model)
@@ -155,18 +131,9 @@ def student_trainable(networks: DetectionNetworks) -> Callable[[dict], dict]:
 
 def train_teacher(config, workdir, dataset, mesh, model, inputs) -> tuple[dict, dict[str, float]]:
     """Phase 1: RetinaNet's loss on the teacher, evaluated on the way
-    (`train.evaluation_interval`); returns its variables and its AP at the last step."""
+    (`phase_runner.evaluation_interval`); returns its variables and its AP at the last
+    step."""
     tx = only_trainable(make_optimizer(config.teacher), teacher_trainable(model))
-    create = functools.partial(create_teacher_state, model, dataset.image_shape, tx)
-    fingerprint = {
-        **data_fingerprint(config, dataset),
-        "teacher": config.teacher.to_dict(),
-        "teacher_input": inputs._asdict(),
-    }
-    manager = open_phase_manager(config, workdir, "teacher")
-    state, shardings = initial_state(
-        create, config.seed, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "teacher"
-    )
     step = functools.partial(
         detection_teacher_step,
         model=model,
@@ -175,32 +142,26 @@ def train_teacher(config, workdir, dataset, mesh, model, inputs) -> tuple[dict, 
         anchors=retinanet_anchors(dataset.image_shape[:2]),
         box_loss=config.teacher.box_loss,
     )
-    step_fn = parallel.compiled_step(step, shardings, mesh, batch_arguments=1)
-    evaluation = PhaseEvaluation(
-        CocoEvaluator(model, inputs, dataset, config.eval_batch_size), teacher_variables
+    evaluator = CocoEvaluator(model, inputs, dataset, config.eval_batch_size, mesh)
+    phase = Phase(
+        name="teacher",
+        seed=config.seed,
+        fingerprint=teacher_fingerprint(config, dataset, inputs),
+        create=functools.partial(create_teacher_state, model, dataset.image_shape, tx),
+        step=step,
+        batches=training_batches(config, dataset, mesh),
+        evaluation=PhaseEvaluation(evaluator, teacher_variables),
+        batch_arguments=1,
     )
-    state, _ = run_phase(
-        "teacher",
-        state,
-        step_fn,
-        training_batches(config, dataset, int(state.step), mesh),
-        config.teacher.num_train_steps,
-        manager,
-        fingerprint,
-        phase_writer(workdir, "teacher"),
-        config.log_every_steps,
-        Evaluation(evaluation_interval(config, "teacher"), evaluation.evaluate),
-    )
-    manager.close()
-    metrics = evaluation.at_step(config.teacher.num_train_steps, state)
-    return teacher_variables(state), metrics
+    variables, metrics, _ = train_phase(config, workdir, mesh, phase)
+    return variables, metrics
 
 
-def training_batches(config, dataset, start_step: int, mesh):
-    """The global training batches from `start_step`, each as the one-argument tuple
+def training_batches(config, dataset, mesh) -> Callable[[int], Iterator[tuple[DetectionBatch]]]:
+    """The global training batches from a start step, each as the one-argument tuple
     (DetectionBatch,) that `loop.run_phase` passes to a detection step."""
-    batches = parallel.device_batches(dataset, config.batch_size, config.seed, start_step, mesh)
-    return ((batch,) for batch in batches)
+    device_batches = train.training_batches(config, dataset, mesh)
+    return lambda start_step: ((batch,) for batch in device_batches(start_step))
 
 
 def restore_teacher(config, directory: str, saved: Mapping[str, Any], dataset, mesh, model):
@@ -230,7 +191,8 @@ def obtain_teacher(config, workdir, dataset, mesh) -> tuple[dict, Any, dict[str,
     saved = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
     if saved is not None:
         variables, inputs = restore_teacher(config, directory, saved, dataset, mesh, model)
-        metrics = CocoEvaluator(model, inputs, dataset, config.eval_batch_size)(variables)
+        evaluator = CocoEvaluator(model, inputs, dataset, config.eval_batch_size, mesh)
+        metrics = evaluator(variables)
         logging.info("teacher restored from %s: %s", directory, format_metrics(metrics))
         return variables, inputs, metrics
     if config.teacher.checkpoint_dir:
@@ -253,52 +215,38 @@ def distill_student(config, workdir, dataset, teacher_vars, teacher_input, mesh)
     networks = build_detection_networks(
         config, dataset.num_classes, teacher_input=teacher_input, student_input=student_input
     )
-    tx = student_optimizer(config, student_trainable(networks))
-    create = functools.partial(
-        create_student_state,
-        networks,
-        dataset.image_shape,
-        tx,
-        example_features=example_pyramid,
-    )
-    fingerprint = student_fingerprint(config, dataset, teacher_input)
-    manager = open_phase_manager(config, workdir, "student")
-    state, shardings = initial_state(
-        create, config.seed + 1, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "student"
-    )
-    task = functools.partial(
-        detection_student_functions, anchors=retinanet_anchors(dataset.image_shape[:2])
-    )
-    step_fn = parallel.compiled_step(
-        make_distill_step(config, networks, tx, task=task),
-        shardings,
-        mesh,
-        extra_shardings=(parallel.variables_sharding(teacher_vars),),
-        batch_arguments=1,
-    )
     best = BestStudent(
         os.path.join(workdir, "student_best"),
         detector_identity(config, "student", dataset.num_classes, student_input),
-        keys=BEST_KEYS,
+        BEST_KEYS,
         metric="test_ap",
     )
-    evaluator = CocoEvaluator(networks.student, student_input, dataset, config.eval_batch_size)
-    evaluation = PhaseEvaluation(evaluator, student_variables, best.keep)
-    state, means = run_phase(
-        "student",
-        state,
-        lambda s, batch: step_fn(s, teacher_vars, batch),
-        training_batches(config, dataset, int(state.step), mesh),
-        config.student.num_train_steps,
-        manager,
-        fingerprint,
-        phase_writer(workdir, "student"),
-        config.log_every_steps,
-        Evaluation(evaluation_interval(config, "student"), evaluation.evaluate),
+    evaluator = CocoEvaluator(
+        networks.student, student_input, dataset, config.eval_batch_size, mesh
     )
-    manager.close()
-    metrics = evaluation.at_step(config.student.num_train_steps, state)
-    return student_variables(state), metrics, best.best, means, evaluator.results
+    tx = student_optimizer(config, student_trainable(networks))
+    task = functools.partial(
+        detection_student_functions, anchors=retinanet_anchors(dataset.image_shape[:2])
+    )
+    phase = Phase(
+        name="student",
+        seed=config.seed + 1,
+        fingerprint=student_fingerprint(config, dataset, teacher_input),
+        create=functools.partial(
+            create_student_state,
+            networks,
+            dataset.image_shape,
+            tx,
+            example_features=example_pyramid,
+        ),
+        step=make_distill_step(config, networks, tx, task=task),
+        batches=training_batches(config, dataset, mesh),
+        evaluation=PhaseEvaluation(evaluator, student_variables, best.keep),
+        constants=(teacher_vars,),
+        batch_arguments=1,
+    )
+    variables, metrics, means = train_phase(config, workdir, mesh, phase)
+    return variables, metrics, best.best, means, evaluator.results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
