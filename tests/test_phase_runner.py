@@ -8,6 +8,7 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_loop import counting_state
 
 from configs import default
 from mokd_jax import checkpoint, parallel, phase_runner
@@ -15,13 +16,8 @@ from mokd_jax.state import TrainState
 
 
 def zero_state(key) -> TrainState:
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params={"w": jnp.zeros(())},
-        batch_stats={},
-        constants={},
-        opt_state=(),
-    )
+    """A state of one parameter w = 0 (the key unused)."""
+    return counting_state()
 
 
 def scaled_step(state, scale, images, labels):
