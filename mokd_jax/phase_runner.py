@@ -160,7 +160,7 @@ def train_phase(
     state, means = run_phase(
         phase.name,
         state,
-        lambda state, *batch: compiled(state, *phase.constants, *batch),
+        lambda current, *batch: compiled(current, *phase.constants, *batch),
         phase.batches(int(state.step)),
         num_steps,
         manager,
