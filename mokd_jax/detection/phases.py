@@ -41,6 +41,7 @@ from mokd_jax import checkpoint, normalization, parallel
 from mokd_jax.detection import coco_eval, retinanet
 from mokd_jax.detection import dataset as detection_dataset
 from mokd_jax.detection.anchors import retinanet_anchors
+from mokd_jax.detection.backbone_weights import start_from_backbone
 from mokd_jax.detection.steps import (
     detect,
     detection_student_functions,
@@ -167,6 +168,7 @@ def train_teacher(config, workdir, dataset, mesh, model, inputs) -> tuple[dict, 
     state, shardings = initial_state(
         create, config.seed, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "teacher"
     )
+    state = start_from_backbone(config, "teacher", inputs, state, shardings, tx)
     step = functools.partial(
         detection_teacher_step,
         model=model,
@@ -266,6 +268,7 @@ def distill_student(config, workdir, dataset, teacher_vars, teacher_input, mesh)
     state, shardings = initial_state(
         create, config.seed + 1, manager, fingerprint, mesh, config.mesh.fsdp_min_size, "student"
     )
+    state = start_from_backbone(config, "student", student_input, state, shardings, tx)
     task = functools.partial(
         detection_student_functions, anchors=retinanet_anchors(dataset.image_shape[:2])
     )
