@@ -7,6 +7,7 @@ feature encoding and decoding, and resolves split slices with TFDS's own arithme
 """
 
 import contextlib
+import dataclasses
 import functools
 import io
 import itertools
@@ -17,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from pycocotools.coco import COCO
 
-from mokd_jax.detection import dataset, tfds_coco
+from mokd_jax.detection import dataset, tfds_coco, transforms
 from mokd_jax.detection.transforms import Geometry
 from mokd_jax.errors import InputError
 
@@ -133,6 +134,26 @@ def test_train_batches_follow_their_records_and_resume_exactly(coco):
             np.testing.assert_allclose(boxes, expected, atol=1e-4)
             flipped += is_flipped
     assert 0 < flipped < 10
+
+
+def test_multi_scale_training_draws_a_shorter_side_per_record_and_resumes_exactly(coco):
+    sides = (16, 24)
+    geometry = dataclasses.replace(GEOMETRY, train_min_sizes=sides)
+    multi_scale = dataclasses.replace(coco, geometry=geometry)
+    batches = _take(multi_scale.train_batches(BATCH, 4), 5)
+    drawn = []
+    for batch in batches:
+        for image_id, size in zip(batch.image_ids, batch.image_sizes.tolist(), strict=True):
+            height, width = 24 + 4 * (int(image_id) - 1000), 40
+            by_side = {
+                side: list(transforms.resized_shape(height, width, side, 48)[:2]) for side in sides
+            }
+            drawn += [side for side, shape in by_side.items() if shape == size]
+    assert len(drawn) == 5 * BATCH and set(drawn) == set(sides)
+    resumed = _take(multi_scale.train_batches(BATCH, 4, start_step=3), 2)
+    for left, right in zip(batches[3:], resumed, strict=True):
+        for left_array, right_array in zip(left, right, strict=True):
+            np.testing.assert_array_equal(left_array, right_array)
 
 
 def test_processes_read_disjoint_slices(coco):

@@ -81,11 +81,11 @@ RESULTS_FILE = "detections_val.json"
 
 def dataset_geometry(config: ml_collections.ConfigDict, name: str) -> Geometry:
     """The dataset's default geometry (`detection.dataset.DEFAULT_GEOMETRIES`), with images
-    resized to `image_size` (both sides' bounds) when the config sets it (not 0)."""
+    resized to `image_size` (both sides' bounds) when the config sets it (not 0), and
+    training images' shorter sides drawn from `augment.train_min_sizes`."""
     default = detection_dataset.DEFAULT_GEOMETRIES[name]
-    if not config.image_size:
-        return default
-    return Geometry(config.image_size, config.image_size, default.max_boxes)
+    sizes = (config.image_size,) * 2 if config.image_size else (default.min_size, default.max_size)
+    return Geometry(*sizes, default.max_boxes, tuple(config.augment.train_min_sizes))
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> detection_dataset.DetectionDataset:

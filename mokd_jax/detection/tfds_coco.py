@@ -21,7 +21,8 @@ Differences from the JSON path (`mokd_jax.detection.dataset`), which TFDS's form
     slice of the split (`tfds.split_for_jax_process`), shuffled by file order and a
     SHUFFLE_BUFFER, seeded per (seed, process, epoch); a resumed run skips the records of
     its epoch before decoding them (read, not decoded: up to one epoch of I/O). A process's
-    rows thus depend on the process count, as in classification.
+    rows thus depend on the process count, as in classification. A record's flip and
+    shorter side (multi-scale training) are drawn from its position in the epoch.
   - The ground truth is rebuilt from the validation records (`ground_truth`): boxes in
     pixels from the normalised ones (float32, so within 1e-4 px of the JSON's), TFDS's
     `area` (the segmentation's, as COCOeval's area ranges use), and annotation ids
@@ -53,6 +54,8 @@ TRAIN_SPLIT = "train"
 EVAL_SPLIT = "validation"
 # Encoded COCO images average ~160 kB: 1,000 of them hold ~160 MB of host memory.
 SHUFFLE_BUFFER = 1_000
+# Folded into a record's key for its shorter side; its flip takes the key as it is.
+_MIN_SIZE_STREAM = 1
 PREPARE = (
     "put train2017.zip, val2017.zip, test2017.zip, annotations_trainval2017.zip and "
     "image_info_test2017.zip (cocodataset.org) in {data_dir}/downloads/manual/ and run "
@@ -107,12 +110,14 @@ def _decoded(example: dict[str, Any]) -> dict[str, tf.Tensor]:
     return dict(_objects(example), image=crops.decode_jpeg(example["image"]))
 
 
-def _row(example: dict[str, np.ndarray], geometry: Geometry, flip: bool) -> BatchRow:
+def _row(
+    example: dict[str, np.ndarray], geometry: Geometry, flip: bool, min_size: int | None = None
+) -> BatchRow:
     """A decoded record -> its batch row: crowd objects and boxes without area left out."""
     image = example["image"]
     boxes, keep = pixel_boxes(example["bbox"], *image.shape[:2])
     keep &= ~example["is_crowd"]
-    prepared = prepare(image, boxes[keep], example["label"][keep], geometry, flip)
+    prepared = prepare(image, boxes[keep], example["label"][keep], geometry, flip, min_size)
     return BatchRow(prepared, int(example["image_id"]), True)
 
 
@@ -217,6 +222,7 @@ class TFDSCocoDataset:
                 f"1 to {num_examples} per process, the training examples of each",
             )
         steps_per_epoch = num_examples // per_process
+        sides = tf.constant(self.geometry.training_min_sizes, tf.int32)
 
         def epoch(index: int, first_step: int) -> Iterator[dict[str, np.ndarray]]:
             seeds = tfds_pipeline.epoch_seeds(seed, process_index, index)
@@ -231,7 +237,17 @@ class TFDSCocoDataset:
                 key = tf.random.experimental.stateless_fold_in(
                     tf.constant(seeds.augment, tf.int64), position
                 )
-                return dict(_decoded(example), flip=tf.random.stateless_uniform([], key) < 0.5)
+                side = tf.random.stateless_uniform(
+                    [],
+                    tf.random.experimental.stateless_fold_in(key, _MIN_SIZE_STREAM),
+                    maxval=len(sides),
+                    dtype=tf.int32,
+                )
+                return dict(
+                    _decoded(example),
+                    flip=tf.random.stateless_uniform([], key) < 0.5,
+                    min_size=tf.gather(sides, side),
+                )
 
             decoded = examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
             return tfds_pipeline.deterministic(
@@ -244,7 +260,13 @@ class TFDSCocoDataset:
                 examples = epoch(index, first_step)
                 for _ in range(first_step, steps_per_epoch):
                     yield [
-                        functools.partial(_row, example, self.geometry, bool(example["flip"]))
+                        functools.partial(
+                            _row,
+                            example,
+                            self.geometry,
+                            bool(example["flip"]),
+                            int(example["min_size"]),
+                        )
                         for example in itertools.islice(examples, per_process)
                     ]
                 index, first_step = index + 1, 0
