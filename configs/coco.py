@@ -11,8 +11,8 @@ PAIR (default r50_r18; teacher -> student, published COCO val2017 box AP):
     r50v2_r18         torchvision's retinanet_resnet50_fpn_v2 (41.5) -> RetinaNet-ResNet-18
                       v2 (GroupNorm heads, P6 from C5, GIoU box loss)
     r101_r50          RetinaNet-ResNet-101 (38.9) -> RetinaNet-ResNet-50 (37.4 trained
-                      alone): the pair of FGD and FRS, whose figures these are
-                      (mmdetection's models). torchvision publishes no RetinaNet-R101, and
+                      alone): the pair of FGD and FRS, with the figures they report (on
+                      mmdetection's models). torchvision publishes no RetinaNet-R101, and
                       our converter reads torchvision's layout only, so the teacher is
                       trained here first, in WORKDIR/teacher, on this schedule from an
                       ImageNet ResNet-101; that doubles the cost. A teacher trained
