@@ -1,17 +1,29 @@
 """configs/coco.py: its pairs, the 1x schedule, the converted teachers it restores, and its
 smoke run through the whole trainer on tests/coco_records.py's hand-made TFDS records."""
 
+import functools
 import json
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from coco_records import mock_reader
 
 from configs import coco
-from mokd_jax import config_checks, identities, normalization, optimizers, train
+from mokd_jax import (
+    checkpoint,
+    config_checks,
+    convert,
+    identities,
+    models,
+    normalization,
+    optimizers,
+    train,
+)
 from mokd_jax.detection import coco_categories, convert_retinanet, phases
 from mokd_jax.networks import build_detection_networks
+from mokd_jax.state import init_model
 
 COCO_CLASSES = 80
 
@@ -82,16 +94,48 @@ def test_an_unknown_config_arg_lists_the_allowed_ones(arg):
         coco.get_config(arg)
 
 
+def write_constant_classifier(directory: str) -> None:
+    """A resnet18 classifier as `mokd-convert` writes one (variables and identity, ImageNet
+    inputs), without torch: every parameter 0.01, every BatchNorm at mean 0, variance 1."""
+    classifier = models.get("resnet18", 10)
+    abstract = jax.eval_shape(
+        functools.partial(init_model, classifier, (32, 32, 3)), jax.random.key(0)
+    )
+
+    def constant(path, leaf):
+        value = {"mean": 0.0, "var": 1.0}.get(path[-1].key, 0.01)
+        return np.full(leaf.shape, value, leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(constant, abstract)
+    convert.write(directory, variables, convert.identity("resnet18", 10))
+
+
 @pytest.mark.slow
-def test_smoke_runs_on_hand_made_coco_records(tmp_path):
+def test_smoke_runs_on_hand_made_coco_records_from_imagenet_backbones(tmp_path):
     """The whole detection trainer on TFDS coco/2017 (six records per split, 32 px,
-    multi-scale): summary.json with both networks' AP."""
+    multi-scale), both networks starting from a converted classifier: summary.json with
+    both networks' AP, and each exported detector's frozen backbone parts (the stem, every
+    BatchNorm) still the classifier's."""
+    backbone = str(tmp_path / "backbone")
+    write_constant_classifier(backbone)
     config = coco.get_config("smoke")
+    config.teacher.backbone_weights = config.student.backbone_weights = backbone
+    workdir = tmp_path / "run"
     with tfds.testing.mock_data(as_dataset_fn=mock_reader):
-        summary = train.train_and_evaluate(config, str(tmp_path))
-    with open(tmp_path / "summary.json") as f:
+        summary = train.train_and_evaluate(config, str(workdir))
+    with open(workdir / "summary.json") as f:
         assert json.load(f) == json.loads(json.dumps(summary))
     assert summary["dataset"] == "coco/2017"
+    classifier = checkpoint.load_variables(backbone)
     for role in ("teacher", "student"):
         for key in phases.COCO_KEYS:
             assert -1.0 <= summary[role][key] <= 1.0, (role, key)
+        exported = checkpoint.load_variables(str(workdir / role))
+        np.testing.assert_array_equal(
+            exported["params"]["body"]["conv1"]["kernel"], classifier["params"]["conv1"]["kernel"]
+        )
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            exported["batch_stats"]["body"],
+            classifier["batch_stats"],
+        )

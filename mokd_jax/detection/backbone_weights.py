@@ -114,6 +114,12 @@ def start_from_backbone(
     if not directory or int(state.step) > 0:
         return state
     backbone = read_backbone(role, directory, config[role].model, inputs)
+    # Placed as the state's body is, so that the jitted step moves nothing between devices.
+    body_shardings = {
+        "params": detector_params(shardings.params, role)[BODY],
+        "batch_stats": shardings.batch_stats[BODY],
+    }
+    backbone = jax.device_put(backbone, body_shardings)
     load = jax.jit(
         functools.partial(with_backbone, tx=tx, role=role),
         out_shardings=shardings,
