@@ -49,8 +49,9 @@ image): --config.augment.train_min_sizes="(640, 672, 704, 736, 768, 800)".
 The backbone's stem and first stage and all its BatchNorms stay frozen
 (`detection.retinanet.trainable_mask`).
 
-Hardware: 90k steps of 16 images at 800 x 1333 with a teacher forward each; plan on 8
-GPUs for about a day per network (measure a step with mokd-benchmark first).
+Hardware: not measured here. Each network trained in the run takes 90k steps of 16
+images at up to 800 x 1333 (a student step also runs the teacher forward): a job for a
+multi-GPU host or a TPU slice.
 """
 
 import ml_collections

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import optax
 from etils import epath
 
 from mokd_jax import checkpoint, models, normalization
@@ -44,14 +45,18 @@ _IMAGE_SHAPE = (224, 224, 3)
 BODY = "body"
 
 
-def read_backbone(role: str, directory: str, backbone: str, inputs) -> dict:
-    """{'params', 'batch_stats'} of the converted `backbone` classifier at `directory`
-    (`role`'s backbone_weights), its head left out; a one-line InputError naming the field
-    when the directory holds no checkpoint, a detector, another model, or a classifier
-    trained on other input statistics than `inputs` (the role's)."""
+def check_identity(
+    role: str,
+    directory: str,
+    backbone: str,
+    inputs: normalization.Normalization,
+    saved: dict | None,
+) -> None:
+    """Raises the InputError naming the field unless `saved` (the identity of the
+    checkpoint at `directory`, None without one) is a `backbone` classifier trained on the
+    role's input statistics `inputs`."""
     field = f"{role}.backbone_weights"
     converted = f"a {backbone} classifier converted by mokd-convert --arch={backbone}"
-    saved = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
     if saved is None:
         raise invalid(
             field, directory, f"'' (random initialisation) or a directory holding {converted}"
@@ -74,11 +79,27 @@ def read_backbone(role: str, directory: str, backbone: str, inputs) -> dict:
             f"{normalization.spell(saved_inputs)!r}, the statistics the backbone at "
             f"{directory} ({field}) was trained on",
         )
-    classifier = models.get(backbone, saved.get("num_classes"))
+
+
+def read_backbone(
+    role: str, directory: str, backbone: str, inputs: normalization.Normalization
+) -> dict:
+    """{'params', 'batch_stats'} of the converted `backbone` classifier at `directory`
+    (`role`'s backbone_weights), its head left out; a one-line InputError naming the field
+    when the directory holds no checkpoint, a detector, another model, variables of
+    other shapes, or a classifier trained on other input statistics than `inputs` (the
+    role's)."""
+    saved = checkpoint.read_identity(directory) if epath.Path(directory).is_dir() else None
+    check_identity(role, directory, backbone, inputs, saved)
+    classifier = models.get(backbone, saved["num_classes"])
     variables = checkpoint.load_variables(directory)
     mismatch = shape_mismatch(variables, classifier, _IMAGE_SHAPE)
     if mismatch is not None:
-        raise invalid(field, directory, f"{converted}; {mismatch}")
+        raise invalid(
+            f"{role}.backbone_weights",
+            directory,
+            f"the variables of the {backbone} classifier its identity names; {mismatch}",
+        )
     params = {
         name: value for name, value in variables["params"].items() if name != classifier.head_name
     }
@@ -91,7 +112,9 @@ def detector_params(params: dict, role: str) -> dict:
     return params["student"] if role == "student" else params
 
 
-def with_backbone(state: TrainState, backbone: dict, tx, role: str) -> TrainState:
+def with_backbone(
+    state: TrainState, backbone: dict, tx: optax.GradientTransformation, role: str
+) -> TrainState:
     """`state` whose detector's body holds `backbone` ({'params', 'batch_stats'} of
     `read_backbone`), its optimizer state initialised again for the new parameters. Pure:
     jitted by `start_from_backbone`."""
@@ -105,7 +128,12 @@ def with_backbone(state: TrainState, backbone: dict, tx, role: str) -> TrainStat
 
 
 def start_from_backbone(
-    config: ml_collections.ConfigDict, role: str, inputs, state: TrainState, shardings: Any, tx
+    config: ml_collections.ConfigDict,
+    role: str,
+    inputs: normalization.Normalization,
+    state: TrainState,
+    shardings: Any,
+    tx: optax.GradientTransformation,
 ) -> TrainState:
     """The phase's initial `state` (placed in `shardings`) starting from
     `ROLE.backbone_weights` when that is set and the state is fresh (step 0), else `state`
