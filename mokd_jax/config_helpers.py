@@ -133,13 +133,23 @@ def add_detection_fields(
     for a converted COCO teacher), `distill.teacher_classes` its column of each of the
     dataset's classes (empty: the same classes in the same order; for a COCO teacher, the
     dataset's `category_ids`) and `distill.foreground_weight` the feature loss's extra
-    weight on locations touching a ground-truth box (0: every location alike)."""
+    weight on locations touching a ground-truth box (0: every location alike).
+
+    `ROLE.backbone_weights` is the classifier a detector trained here starts its backbone
+    from (`detection.backbone_weights`: a `mokd-convert` output of `ROLE.model`, such as
+    torchvision's ImageNet ResNets; '' = random initialisation); a restored teacher
+    (`teacher.checkpoint_dir`, WORKDIR/teacher) does not read it. `augment.train_min_sizes`
+    is multi-scale training: each training image's shorter side drawn from these (empty:
+    the evaluation's, `image_size` or the dataset's), the longer still at most the max
+    size (`detection.transforms.Geometry`)."""
     for role, backbone in (("teacher", teacher), ("student", student)):
         config[role].model = backbone
         config[role].variant = "v1"
         config[role].box_loss = "l1"
         config[role].fpn_width = 256
         config[role].head_depth = 4
+        config[role].backbone_weights = ""
+    config.augment.train_min_sizes = ()
     config.teacher.num_classes = 0
     config.distill.teacher_classes = ()
     config.distill.foreground_weight = 0.0

@@ -117,10 +117,13 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     inputs = normalization.spell(normalization.from_identity(identity, FLAGS.output))
+    # A RetinaNet's model is its backbone; its variant is set beside it.
+    variant = f" --config.teacher.variant={identity['variant']}" if "variant" in identity else ""
     print(
         f"wrote {FLAGS.arch} ({count:,} params, {identity['num_classes']} classes, inputs "
         f"normalised with {inputs}) "
-        f"from {FLAGS.input} to {FLAGS.output}; use it with --config.teacher.model={FLAGS.arch} "
+        f"from {FLAGS.input} to {FLAGS.output}; use it with "
+        f"--config.teacher.model={identity['model']}{variant} "
         f"--config.teacher.checkpoint_dir={FLAGS.output}"
     )
 

@@ -114,7 +114,8 @@ class Phase(NamedTuple):
     (classification's images and labels: 2; detection's `DetectionBatch`: 1).
     `batches(start_step)` yields the global batches from `start_step` on, each the tuple of
     the step's batch arguments. `evaluation` evaluates the network on the way and at the
-    end.
+    end. `prepare(state, shardings)`, when given, sees the created or resumed state before
+    the first step (detection starts a fresh state from a converted ImageNet backbone).
     """
 
     name: str
@@ -126,6 +127,7 @@ class Phase(NamedTuple):
     evaluation: PhaseEvaluation
     constants: tuple[Any, ...] = ()
     batch_arguments: int = 2
+    prepare: Callable[[TrainState, Any], TrainState] | None = None
 
 
 def train_phase(
@@ -149,6 +151,8 @@ def train_phase(
         config.mesh.fsdp_min_size,
         phase.name,
     )
+    if phase.prepare is not None:
+        state = phase.prepare(state, shardings)
     compiled = parallel.compiled_step(
         phase.step,
         shardings,

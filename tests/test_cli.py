@@ -87,7 +87,9 @@ def test_train_flags_take_a_bundled_config_by_name_with_overrides(monkeypatch, t
 
 def test_train_flags_refuse_an_unknown_config_naming_the_bundled_ones(monkeypatch):
     flag_values = defined_flags("mokd-train")
-    with pytest.raises(flags.IllegalFlagValueError, match="cifar100, default, detection, imagenet"):
+    with pytest.raises(
+        flags.IllegalFlagValueError, match="cifar100, coco, default, detection, imagenet"
+    ):
         parse(flag_values, ["mokd-train", "--config=nope"], monkeypatch)
 
 

@@ -20,7 +20,7 @@ CONFIGS = os.path.join(REPO, "configs")
 
 def test_a_checkout_bundles_its_configs_directory():
     assert config_files.bundled_dir() == CONFIGS
-    assert config_files.bundled_names() == ["cifar100", "default", "detection", "imagenet"]
+    assert config_files.bundled_names() == ["cifar100", "coco", "default", "detection", "imagenet"]
 
 
 def test_resolve_keeps_an_existing_path_and_its_arg(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_resolve_finds_a_bundled_config_by_name(tmp_path, monkeypatch, value, ar
 @pytest.mark.parametrize("value", ["nope", "configs/nope.py", "nope:smoke"])
 def test_a_value_naming_no_config_lists_the_bundled_ones(tmp_path, monkeypatch, value):
     monkeypatch.chdir(tmp_path)
-    bundled = "cifar100, default, detection, imagenet"
+    bundled = "cifar100, coco, default, detection, imagenet"
     with pytest.raises(InputError, match=rf"^config=.* bundled config: {bundled}"):
         config_files.resolve(value)
 
@@ -55,7 +55,7 @@ def test_load_from_another_directory_equals_the_config_module(tmp_path, monkeypa
     assert config_files.load("default").is_locked  # as --config gives it
 
 
-@pytest.mark.parametrize("name", ["default", "cifar100", "imagenet"])
+@pytest.mark.parametrize("name", config_files.bundled_names())
 def test_config_files_import_only_the_package_and_libraries(name):
     """Not `configs` nor a relative import: a config file loads from any path."""
     with open(os.path.join(CONFIGS, f"{name}.py")) as f:

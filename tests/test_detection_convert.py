@@ -340,7 +340,7 @@ def test_cli_writes_a_retinanet_teacher(tmp_path):
     arch = "--arch=retinanet_resnet50_fpn"
     result = run_cli(arch, f"--input={source}", f"--output={output}", "--bn_epsilon=0")
     assert result.returncode == 0, result.stderr
-    assert checkpoint.read_identity(output) == convert.identity(ARCHS[0], 91)
+    assert checkpoint.read_identity(output) == convert_retinanet.identity(ARCHS[0], 91)
     expected, _ = convert_retinanet.convert(ARCHS[0], state_dict, source_bn_epsilon=0.0)
     jax.tree.map(np.testing.assert_array_equal, checkpoint.load_variables(output), expected)
 

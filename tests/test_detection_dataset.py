@@ -1,6 +1,7 @@
 """Tests for mokd_jax.detection.dataset on a small shapes set: the protocol, exact resume,
 process sharding, evaluation coverage, boxes that follow their images, and input checks."""
 
+import dataclasses
 import inspect
 import itertools
 import json
@@ -205,3 +206,22 @@ def test_load_draws_the_shapes_set_into_a_temporary_folder():
     assert os.path.isdir(folder)
     del shapes
     assert not os.path.exists(folder)
+
+
+def test_multi_scale_training_draws_each_images_shorter_side(shapes):
+    """128 px images, training sides 32 or 48 drawn per row, evaluation at min_size 64."""
+    sides = (32, 48)
+    geometry = dataclasses.replace(GEOMETRY, train_min_sizes=sides)
+    multi_scale = dataclasses.replace(shapes, geometry=geometry)
+    seed, drawn = 3, []
+    for step, batch in enumerate(_take(multi_scale.train_batches(BATCH, seed), 3)):
+        expected = dataset.min_sizes(geometry, seed, step, BATCH)
+        assert batch.image_sizes.tolist() == [[side, side] for side in expected]
+        np.testing.assert_allclose(batch.scales, expected / 128)
+        assert batch.images.shape[1:] == (64, 64, 3)
+        drawn += expected.tolist()
+    assert set(drawn) == set(sides)
+    resumed = _take(multi_scale.train_batches(BATCH, seed, start_step=2), 1)
+    _assert_batches_equal(resumed, [batch])
+    (evaluated, *_) = multi_scale.eval_batches(4)
+    assert evaluated.image_sizes.tolist() == [[64, 64]] * 4

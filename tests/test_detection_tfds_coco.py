@@ -1,76 +1,31 @@
 """Tests for mokd_jax.detection.tfds_coco, offline on `tfds.testing.mock_data`.
 
-tfds's random mock cannot build coco's objects (it draws each field of the sequence with
-its own length), so `_mock_reader` stands in for the file reader: it serves hand-made
-records (tiny JPEGs, known boxes, a crowd object, a box without area) through the real
-feature encoding and decoding, and resolves split slices with TFDS's own arithmetic.
+The records are tests/coco_records.py's hand-made ones (tiny JPEGs, known boxes, a crowd
+object, a box without area), served through the real feature encoding and decoding.
 """
 
 import contextlib
-import functools
+import dataclasses
 import io
 import itertools
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from coco_records import NUM_EXAMPLES, OBJECTS, mock_reader
 from pycocotools.coco import COCO
 
-from mokd_jax.detection import dataset, tfds_coco
+from mokd_jax.detection import dataset, tfds_coco, transforms
 from mokd_jax.detection.transforms import Geometry
 from mokd_jax.errors import InputError
 
-NUM_EXAMPLES = 6
 BATCH = 2
 GEOMETRY = Geometry(min_size=32, max_size=48, max_boxes=3)
-# Normalised [ymin, xmin, ymax, xmax] of each record's objects, with label and crowd flag.
-OBJECTS = [
-    ([0.1, 0.2, 0.5, 0.6], 0, False),
-    ([0.0, 0.5, 1.0, 1.0], 79, False),
-    ([0.3, 0.3, 0.3, 0.9], 3, False),  # no height: dropped
-    ([0.2, 0.0, 0.9, 0.4], 11, True),  # crowd: ground truth only
-]
-
-
-def _record(index):
-    height, width = 24 + 4 * index, 40
-    pixels = np.full((height, width, 3), 10 * index, np.uint8)
-    objects = [
-        {"id": 1, "area": 50, "bbox": tfds.features.BBox(*box), "label": label, "is_crowd": crowd}
-        for box, label, crowd in OBJECTS[: 1 + index % len(OBJECTS)]
-    ]
-    return {
-        "image": pixels,
-        "image/filename": f"{index}.jpg",
-        "image/id": 1000 + index,
-        "objects": objects,
-    }
-
-
-def _mock_reader(self, split, decoders=None, read_config=None, shuffle_files=False):
-    """A `FileReaderBuilder._as_dataset` serving NUM_EXAMPLES records per split."""
-    infos = tfds.core.SplitDict(
-        [
-            tfds.core.SplitInfo(name=name, shard_lengths=[NUM_EXAMPLES], num_bytes=0)
-            for name in ("train", "validation")
-        ]
-    )
-    (instruction,) = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
-    features = self.info.features
-    records = [features.encode_example(_record(index)) for index in range(NUM_EXAMPLES)]
-    records = records[instruction.from_ : instruction.to]
-    signature = tf.nest.map_structure(
-        lambda info: tf.TensorSpec(info.shape, info.tf_dtype), features.get_serialized_info()
-    )
-    examples = tf.data.Dataset.from_generator(lambda: iter(records), output_signature=signature)
-    examples = examples.apply(tf.data.experimental.assert_cardinality(len(records)))
-    return examples.map(functools.partial(features.decode_example, decoders=decoders))
 
 
 @pytest.fixture
 def coco():
-    with tfds.testing.mock_data(as_dataset_fn=_mock_reader):
+    with tfds.testing.mock_data(as_dataset_fn=mock_reader):
         yield dataset.load("coco/2017", geometry=GEOMETRY, workers=2)
 
 
@@ -133,6 +88,26 @@ def test_train_batches_follow_their_records_and_resume_exactly(coco):
             np.testing.assert_allclose(boxes, expected, atol=1e-4)
             flipped += is_flipped
     assert 0 < flipped < 10
+
+
+def test_multi_scale_training_draws_a_shorter_side_per_record_and_resumes_exactly(coco):
+    sides = (16, 24)
+    geometry = dataclasses.replace(GEOMETRY, train_min_sizes=sides)
+    multi_scale = dataclasses.replace(coco, geometry=geometry)
+    batches = _take(multi_scale.train_batches(BATCH, 4), 5)
+    drawn = []
+    for batch in batches:
+        for image_id, size in zip(batch.image_ids, batch.image_sizes.tolist(), strict=True):
+            height, width = 24 + 4 * (int(image_id) - 1000), 40
+            by_side = {
+                side: list(transforms.resized_shape(height, width, side, 48)[:2]) for side in sides
+            }
+            drawn += [side for side, shape in by_side.items() if shape == size]
+    assert len(drawn) == 5 * BATCH and set(drawn) == set(sides)
+    resumed = _take(multi_scale.train_batches(BATCH, 4, start_step=3), 2)
+    for left, right in zip(batches[3:], resumed, strict=True):
+        for left_array, right_array in zip(left, right, strict=True):
+            np.testing.assert_array_equal(left_array, right_array)
 
 
 def test_processes_read_disjoint_slices(coco):

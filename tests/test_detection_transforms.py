@@ -143,3 +143,26 @@ def test_more_boxes_than_max_boxes_is_an_error():
 def test_geometry_checks_its_fields(field):
     with pytest.raises(InputError, match=f"{field}=0 is not allowed: an integer >= 1"):
         Geometry(**{field: 0})
+
+
+def test_a_drawn_shorter_side_replaces_min_size_and_keeps_the_padded_shape():
+    geometry = Geometry(32, 64, train_min_sizes=(16, 24))
+    image = np.zeros((40, 60, 3), np.uint8)
+    boxes = np.float32([[10, 20, 30, 40]])
+    example = transforms.prepare(image, boxes, np.zeros(1), geometry, False, min_size=24)
+    assert tuple(example.image_size) == (24, 36) and example.scale == np.float32(0.6)
+    np.testing.assert_allclose(example.boxes[0], [6, 12, 18, 24], rtol=1e-6)
+    assert example.image.shape == geometry.image_shape == (64, 64, 3)
+    evaluated = transforms.prepare(image, boxes, np.zeros(1), geometry, False)
+    assert tuple(evaluated.image_size) == (32, 48)
+    assert geometry.training_min_sizes == (16, 24)
+    assert Geometry(32, 64).training_min_sizes == (32,)
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [((16, 0), r"^train_min_sizes=0 .*>= 1"), ([16], r"^train_min_sizes=\[16\] .*a tuple")],
+)
+def test_geometry_checks_its_training_sizes(sizes, message):
+    with pytest.raises(InputError, match=message):
+        Geometry(train_min_sizes=sizes)

@@ -24,6 +24,11 @@ Two things a state dict does not say, handled here:
 The class count is the logits conv's outputs / 9 anchors; torchvision's COCO models have 91
 classes, indexed by COCO category id (0 and the ids COCO leaves unused had no examples to
 learn from), not the contiguous indices of a `DetectionBatch`.
+
+A converted RetinaNet is saved with the identity the trainer exports its own RetinaNets
+with (`identity`; `detection.phases.detector_identity`): the backbone as the model
+(resnet50, which `teacher.model` names), the classes, the input statistics, the task and
+the detector's variant and widths, so that a run restores it as its teacher.
 """
 
 import re
@@ -37,7 +42,7 @@ from mokd_jax import convert as torch_convert  # this module's `convert` is the 
 from mokd_jax import normalization
 from mokd_jax.checks import check_choice, check_nonnegative
 from mokd_jax.convert import StateDict
-from mokd_jax.detection.retinanet import NUM_ANCHORS, RetinaNet
+from mokd_jax.detection.retinanet import FPN_WIDTH, NUM_ANCHORS, SUBNET_DEPTH, RetinaNet
 from mokd_jax.errors import invalid
 
 # torchvision's builders (`mokd_jax.torch_layouts.DETECTION_NAMES`) -> our variant.
@@ -138,6 +143,18 @@ def to_flax(
     return variables
 
 
+def identity(arch: str, classes: int, inputs: normalization.Normalization | None = None) -> dict:
+    """What a converted `arch` RetinaNet of `classes` classes is saved with (module
+    docstring); `inputs` by default its backbone's source statistics, ImageNet's."""
+    return {
+        **torch_convert.identity(BACKBONE, classes, inputs),
+        "task": "detection",
+        "variant": VARIANTS[arch],
+        "fpn_width": FPN_WIDTH,
+        "head_depth": SUBNET_DEPTH,
+    }
+
+
 def convert(
     arch: str,
     state_dict: StateDict,
@@ -145,10 +162,10 @@ def convert(
     source_bn_epsilon: float = TORCH_BN_EPSILON,
 ) -> tuple[dict, dict]:
     """(variables, identity) of the RetinaNet holding torchvision's `arch` state dict, as
-    `mokd_jax.convert.convert` gives for a classifier (identity: model, classes, the input
-    statistics, by default ImageNet's); `source_bn_epsilon` as for `to_flax`."""
+    `mokd_jax.convert.convert` gives for a classifier (`identity`); `source_bn_epsilon` as
+    for `to_flax`."""
     check_choice("arch", arch, tuple(VARIANTS))
     classes = num_classes(arch, state_dict)  # its key is the same in both layouts
     abstract = abstract_variables(model(arch, classes))
     variables = to_flax(arch, state_dict, abstract, source_bn_epsilon)
-    return variables, torch_convert.identity(arch, classes, inputs)
+    return variables, identity(arch, classes, inputs)

@@ -11,8 +11,9 @@ Batches are `DetectionBatch`es of static shape (uint8 images padded to
 
 Determinism and resume mirror the classification datasets (`mokd_jax.data.protocol`):
 the global batch at step s is a pure function of (seed, s): its images come from
-`mokd_jax.data.batching.train_batches` (an epoch's order depends on (seed, epoch) only)
-and their flips from a stream keyed by (seed, s). A resumed run (`start_step=s`) therefore
+`mokd_jax.data.batching.train_batches` (an epoch's order depends on (seed, epoch) only),
+their flips and their shorter sides (multi-scale training, `Geometry.train_min_sizes`)
+from streams keyed by (seed, s). A resumed run (`start_step=s`) therefore
 sees the batches of an uninterrupted one, and each of `process_count` processes decodes
 only its own rows of every global batch, so the global batch does not depend on the
 number of processes.
@@ -52,7 +53,9 @@ DEFAULT_GEOMETRIES = {
 }
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 PREFETCH_BATCHES = 2
-_FLIP_STREAM = 1  # keys the flips' random stream apart from the epochs' orders
+# Keys the flips' and the shorter sides' random streams apart from the epochs' orders.
+_FLIP_STREAM = 1
+_MIN_SIZE_STREAM = 2
 
 
 @runtime_checkable
@@ -173,6 +176,13 @@ def flips(seed: int, step: int, batch_size: int) -> np.ndarray:
     return np.random.default_rng([seed, step, _FLIP_STREAM]).random(batch_size) < 0.5
 
 
+def min_sizes(geometry: Geometry, seed: int, step: int, batch_size: int) -> np.ndarray:
+    """int [batch_size]: each row's shorter side in the global batch at `step`, drawn
+    uniformly from `geometry.training_min_sizes`."""
+    rng = np.random.default_rng([seed, step, _MIN_SIZE_STREAM])
+    return rng.choice(np.array(geometry.training_min_sizes), batch_size)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class CocoJsonDataset:
     """A COCO-format folder (`coco_json`) as a `DetectionDataset`.
@@ -203,10 +213,12 @@ class CocoJsonDataset:
     def ground_truth(self) -> dict[str, Any]:
         return copy.deepcopy(self.val_json)
 
-    def _row(self, split: coco_json.CocoSplit, index: int, flip: bool) -> BatchRow:
+    def _row(
+        self, split: coco_json.CocoSplit, index: int, flip: bool, min_size: int | None = None
+    ) -> BatchRow:
         image = read_image(split.paths[index], split.image_sizes[index])
         boxes, labels = split.targets(index)
-        example = prepare(image, boxes, labels, self.geometry, flip)
+        example = prepare(image, boxes, labels, self.geometry, flip, min_size)
         return BatchRow(example, int(split.image_ids[index]), True)
 
     def train_batches(
@@ -229,9 +241,12 @@ class CocoJsonDataset:
         def jobs() -> Iterator[list[Callable[[], BatchRow]]]:
             for step, (indices, _) in enumerate(orders, start_step):
                 flipped = flips(seed, step, batch_size)
+                sides = min_sizes(self.geometry, seed, step, batch_size)
                 yield [
-                    functools.partial(self._row, self.train, int(index), bool(flip))
-                    for index, flip in zip(indices[rows], flipped[rows], strict=True)
+                    functools.partial(self._row, self.train, int(index), bool(flip), int(side))
+                    for index, flip, side in zip(
+                        indices[rows], flipped[rows], sides[rows], strict=True
+                    )
                 ]
 
         return map(stack, in_order(jobs(), self.workers))

@@ -41,6 +41,7 @@ from mokd_jax import checkpoint, normalization, parallel, train
 from mokd_jax.detection import coco_eval, retinanet
 from mokd_jax.detection import dataset as detection_dataset
 from mokd_jax.detection.anchors import retinanet_anchors
+from mokd_jax.detection.backbone_weights import start_from_backbone
 from mokd_jax.detection.batch import DetectionBatch
 from mokd_jax.detection.evaluation import COCO_KEYS, CocoEvaluator
 from mokd_jax.detection.steps import (
@@ -77,11 +78,11 @@ RESULTS_FILE = "detections_val.json"
 
 def dataset_geometry(config: ml_collections.ConfigDict, name: str) -> Geometry:
     """The dataset's default geometry (`detection.dataset.DEFAULT_GEOMETRIES`), with images
-    resized to `image_size` (both sides' bounds) when the config sets it (not 0)."""
+    resized to `image_size` (both sides' bounds) when the config sets it (not 0), and
+    training images' shorter sides drawn from `augment.train_min_sizes`."""
     default = detection_dataset.DEFAULT_GEOMETRIES[name]
-    if not config.image_size:
-        return default
-    return Geometry(config.image_size, config.image_size, default.max_boxes)
+    sizes = (config.image_size,) * 2 if config.image_size else (default.min_size, default.max_size)
+    return Geometry(*sizes, default.max_boxes, tuple(config.augment.train_min_sizes))
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> detection_dataset.DetectionDataset:
@@ -152,6 +153,7 @@ def train_teacher(config, workdir, dataset, mesh, model, inputs) -> tuple[dict, 
         batches=training_batches(config, dataset, mesh),
         evaluation=PhaseEvaluation(evaluator, teacher_variables),
         batch_arguments=1,
+        prepare=functools.partial(start_from_backbone, config, "teacher", inputs, tx=tx),
     )
     variables, metrics, _ = train_phase(config, workdir, mesh, phase)
     return variables, metrics
@@ -244,6 +246,7 @@ def distill_student(config, workdir, dataset, teacher_vars, teacher_input, mesh)
         evaluation=PhaseEvaluation(evaluator, student_variables, best.keep),
         constants=(teacher_vars,),
         batch_arguments=1,
+        prepare=functools.partial(start_from_backbone, config, "student", student_input, tx=tx),
     )
     variables, metrics, means = train_phase(config, workdir, mesh, phase)
     return variables, metrics, best.best, means, evaluator.results

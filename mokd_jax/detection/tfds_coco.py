@@ -11,17 +11,18 @@ when its name matches, and checks its checksum. It writes DIR/coco/2017/<version
 that says this.
 
 TFDS stores each image's objects as `bbox` (normalised [ymin, xmin, ymax, xmax]), `label`
-(contiguous 0..79, in ascending COCO category id: CATEGORIES below) and `is_crowd`.
-Boxes become [x1, y1, x2, y2] pixels, clamped to the image; a box without area after that
-is dropped, as the JSON reader drops it (`coco_json`): real COCO has none, but mock or
-corrupt records may. Crowd objects are not training targets.
+(contiguous 0..79, in ascending COCO category id: `coco_categories.CATEGORIES`) and
+`is_crowd`. Boxes become [x1, y1, x2, y2] pixels, clamped to the image; a box without area
+after that is dropped, as the JSON reader drops it (`coco_json`): real COCO has none, but
+mock or corrupt records may. Crowd objects are not training targets.
 
 Differences from the JSON path (`mokd_jax.detection.dataset`), which TFDS's format forces:
   - Training streams like `mokd_jax.data.tfds_pipeline`: each process reads its own even
     slice of the split (`tfds.split_for_jax_process`), shuffled by file order and a
     SHUFFLE_BUFFER, seeded per (seed, process, epoch); a resumed run skips the records of
     its epoch before decoding them (read, not decoded: up to one epoch of I/O). A process's
-    rows thus depend on the process count, as in classification.
+    rows thus depend on the process count, as in classification. A record's flip and
+    shorter side (multi-scale training) are drawn from its position in the epoch.
   - The ground truth is rebuilt from the validation records (`ground_truth`): boxes in
     pixels from the normalised ones (float32, so within 1e-4 px of the JSON's), TFDS's
     `area` (the segmentation's, as COCOeval's area ranges use), and annotation ids
@@ -43,6 +44,7 @@ from mokd_jax.checks import check_int
 from mokd_jax.data import crops, tfds_pipeline
 from mokd_jax.data.batching import process_slice
 from mokd_jax.detection.batch import DetectionBatch
+from mokd_jax.detection.coco_categories import CATEGORIES, CATEGORY_IDS
 from mokd_jax.detection.coco_json import clip_boxes
 from mokd_jax.detection.dataset import DEFAULT_WORKERS, BatchRow, blank_row, in_order, stack
 from mokd_jax.detection.transforms import Geometry, prepare
@@ -53,34 +55,13 @@ TRAIN_SPLIT = "train"
 EVAL_SPLIT = "validation"
 # Encoded COCO images average ~160 kB: 1,000 of them hold ~160 MB of host memory.
 SHUFFLE_BUFFER = 1_000
+# Folded into a record's key for its shorter side; its flip takes the key as it is.
+_MIN_SIZE_STREAM = 1
 PREPARE = (
     "put train2017.zip, val2017.zip, test2017.zip, annotations_trainval2017.zip and "
     "image_info_test2017.zip (cocodataset.org) in {data_dir}/downloads/manual/ and run "
     "`tfds build coco/2017 --data_dir={data_dir}`"
 )
-
-# (COCO category id, name) of TFDS's labels 0..79, in order: COCO's 80 detection classes,
-# ids 1..90 with the gaps of the 91 categories its paper lists but never annotated.
-CATEGORIES: tuple[tuple[int, str], ...] = (
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"),
-    (6, "bus"), (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"),
-    (11, "fire hydrant"), (13, "stop sign"), (14, "parking meter"), (15, "bench"),
-    (16, "bird"), (17, "cat"), (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"),
-    (22, "elephant"), (23, "bear"), (24, "zebra"), (25, "giraffe"), (27, "backpack"),
-    (28, "umbrella"), (31, "handbag"), (32, "tie"), (33, "suitcase"), (34, "frisbee"),
-    (35, "skis"), (36, "snowboard"), (37, "sports ball"), (38, "kite"),
-    (39, "baseball bat"), (40, "baseball glove"), (41, "skateboard"), (42, "surfboard"),
-    (43, "tennis racket"), (44, "bottle"), (46, "wine glass"), (47, "cup"), (48, "fork"),
-    (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"),
-    (54, "sandwich"), (55, "orange"), (56, "broccoli"), (57, "carrot"), (58, "hot dog"),
-    (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"), (63, "couch"),
-    (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"), (72, "tv"),
-    (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"), (77, "cell phone"),
-    (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"), (82, "refrigerator"),
-    (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"), (88, "teddy bear"),
-    (89, "hair drier"), (90, "toothbrush"),
-)  # fmt: skip
-CATEGORY_IDS = tuple(category_id for category_id, _ in CATEGORIES)
 
 
 def pixel_boxes(normalised: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,12 +88,14 @@ def _decoded(example: dict[str, Any]) -> dict[str, tf.Tensor]:
     return dict(_objects(example), image=crops.decode_jpeg(example["image"]))
 
 
-def _row(example: dict[str, np.ndarray], geometry: Geometry, flip: bool) -> BatchRow:
+def _row(
+    example: dict[str, np.ndarray], geometry: Geometry, flip: bool, min_size: int | None = None
+) -> BatchRow:
     """A decoded record -> its batch row: crowd objects and boxes without area left out."""
     image = example["image"]
     boxes, keep = pixel_boxes(example["bbox"], *image.shape[:2])
     keep &= ~example["is_crowd"]
-    prepared = prepare(image, boxes[keep], example["label"][keep], geometry, flip)
+    prepared = prepare(image, boxes[keep], example["label"][keep], geometry, flip, min_size)
     return BatchRow(prepared, int(example["image_id"]), True)
 
 
@@ -217,6 +200,7 @@ class TFDSCocoDataset:
                 f"1 to {num_examples} per process, the training examples of each",
             )
         steps_per_epoch = num_examples // per_process
+        sides = tf.constant(self.geometry.training_min_sizes, tf.int32)
 
         def epoch(index: int, first_step: int) -> Iterator[dict[str, np.ndarray]]:
             seeds = tfds_pipeline.epoch_seeds(seed, process_index, index)
@@ -231,7 +215,17 @@ class TFDSCocoDataset:
                 key = tf.random.experimental.stateless_fold_in(
                     tf.constant(seeds.augment, tf.int64), position
                 )
-                return dict(_decoded(example), flip=tf.random.stateless_uniform([], key) < 0.5)
+                side = tf.random.stateless_uniform(
+                    [],
+                    tf.random.experimental.stateless_fold_in(key, _MIN_SIZE_STREAM),
+                    maxval=len(sides),
+                    dtype=tf.int32,
+                )
+                return dict(
+                    _decoded(example),
+                    flip=tf.random.stateless_uniform([], key) < 0.5,
+                    min_size=tf.gather(sides, side),
+                )
 
             decoded = examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
             return tfds_pipeline.deterministic(
@@ -244,7 +238,13 @@ class TFDSCocoDataset:
                 examples = epoch(index, first_step)
                 for _ in range(first_step, steps_per_epoch):
                     yield [
-                        functools.partial(_row, example, self.geometry, bool(example["flip"]))
+                        functools.partial(
+                            _row,
+                            example,
+                            self.geometry,
+                            bool(example["flip"]),
+                            int(example["min_size"]),
+                        )
                         for example in itertools.islice(examples, per_process)
                     ]
                 index, first_step = index + 1, 0

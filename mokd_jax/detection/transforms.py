@@ -21,8 +21,13 @@ Choices:
   - The padded shape is square, ceil32(max_size) on each side: every resized side is at
     most max_size, portrait or landscape, so one shape holds both; 32 is torchvision's
     `size_divisible`.
-  - Randomness stays with the caller: `prepare` takes the flip decision, so this module is
-    deterministic and the datasets draw decisions from their (seed, step) streams.
+  - Multi-scale training (`Geometry.train_min_sizes`, the 1x COCO recipes' shorter sides
+    640 to 800): each training image's shorter side is one of those, the longer side still
+    at most max_size, so the padded shape stays the same and steps compile once.
+    Evaluation keeps min_size.
+  - Randomness stays with the caller: `prepare` takes the flip and the shorter side, so
+    this module is deterministic and the datasets draw decisions from their (seed, step)
+    streams.
 """
 
 import dataclasses
@@ -41,16 +46,28 @@ SIZE_DIVISIBLE = 32
 class Geometry:
     """How images are resized and padded: shorter side to `min_size` unless the longer
     would pass `max_size`; at most `max_boxes` boxes per image (COCO 2017 has at most 93
-    annotations on an image, so 100 holds it)."""
+    annotations on an image, so 100 holds it). `train_min_sizes`: the shorter sides a
+    training image is drawn to (multi-scale training; empty: `min_size`)."""
 
     min_size: int = 800
     max_size: int = 1333
     max_boxes: int = 100
+    train_min_sizes: tuple[int, ...] = ()
 
     def __post_init__(self):
         check_int("min_size", self.min_size, 1)
         check_int("max_size", self.max_size, 1)
         check_int("max_boxes", self.max_boxes, 1)
+        if not isinstance(self.train_min_sizes, tuple):
+            raise invalid("train_min_sizes", self.train_min_sizes, "a tuple of integers >= 1")
+        for size in self.train_min_sizes:
+            check_int("train_min_sizes", size, 1)
+
+    @property
+    def training_min_sizes(self) -> tuple[int, ...]:
+        """The shorter sides a training image is drawn from: `train_min_sizes`, or
+        `min_size` alone."""
+        return self.train_min_sizes or (self.min_size,)
 
     @property
     def padded_side(self) -> int:
@@ -140,12 +157,19 @@ def pad(
 
 
 def prepare(
-    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, geometry: Geometry, flip: bool
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    geometry: Geometry,
+    flip: bool,
+    min_size: int | None = None,
 ) -> Example:
-    """Resize, flip if `flip` (training), pad: image uint8 [H, W, 3] with boxes float32
-    [K, 4] in its pixels and labels [K] -> an `Example`."""
+    """Resize (shorter side to `min_size`, by default `geometry.min_size`; a training
+    image's is drawn from `geometry.training_min_sizes`), flip if `flip` (training), pad:
+    image uint8 [H, W, 3] with boxes float32 [K, 4] in its pixels and labels [K] -> an
+    `Example`."""
     image, boxes, scale = resize(
-        image, boxes.astype(np.float32), geometry.min_size, geometry.max_size
+        image, boxes.astype(np.float32), min_size or geometry.min_size, geometry.max_size
     )
     if flip:
         image, boxes = flip_horizontally(image, boxes)
