@@ -65,68 +65,22 @@ ImageNet ResNets need >= 112 px on CPU (the last stage is then 4x4). Measured on
 (resnet34 -> resnet18, 112 px, batch 16, 5 steps): see docs/benchmarks.md.
 """
 
-import dataclasses
-import functools
 import os
-import platform
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 
-from mokd_jax import (
-    cli,
-    config_helpers,
-    measurement,
-    models,
-    networks,
-    normalization,
-    optimizers,
-    steps,
-)
-from mokd_jax import state as state_lib
+from mokd_jax import cli, config_helpers, models
+from mokd_jax.benchmark_ours import MODES, measure_ours
+from mokd_jax.benchmark_peer import PEER_MODES, peer_timer
+from mokd_jax.benchmark_report import config_section, format_table, machine_info
 from mokd_jax.checks import check_choice
-from mokd_jax.config_checks import check_config
 from mokd_jax.errors import InputError, invalid
-from mokd_jax.measurement import (
-    aggregation_time,
-    flop_floor_ratio,
-    forward_flops,
-    peak_bytes,
-    time_step,
-)
-from mokd_jax.state import TrainState
-
-MODES: dict[str, dict[str, Any]] = {
-    "ce": {},
-    "kd_1bwd": {"aggregator": "sum"},
-    "mokd_amortized": {"aggregator": "mokd_amortized"},
-    "kd": {"aggregator": "sum"},
-    "mokd": {"aggregator": "mokd"},
-    "kd_separate": {"aggregator": "sum", "distill.objectives": "separate"},
-    "mokd_separate": {"aggregator": "mokd", "distill.objectives": "separate"},
-}
-"""Config overrides per mode; `ce` and `kd_1bwd` also use their own step (`build_mode`)."""
-
-RATIOS: dict[str, tuple[str, str]] = {
-    "mokd_over_kd": ("mokd", "kd"),
-    "mokd_over_kd_1bwd": ("mokd", "kd_1bwd"),
-    "mokd_amortized_over_kd": ("mokd_amortized", "kd"),
-    "mokd_amortized_over_kd_1bwd": ("mokd_amortized", "kd_1bwd"),
-    "kd_over_kd_1bwd": ("kd", "kd_1bwd"),
-    "kd_1bwd_over_ce": ("kd_1bwd", "ce"),
-}
 
 FRAMEWORKS = ("jax", "torch", "both")
-PEER_MODES = ("kd_1bwd", "mokd")
-"""The modes with a PyTorch peer (`torch_peer.PEER_STEPS`, kept equal by a test): the
-package must import without torch, so the list is not read from there."""
-
 FLAGS = flags.FLAGS
 
 
@@ -178,194 +132,6 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
-    """The base config with the mode's overrides, validated like a training run's."""
-    config = config_helpers.with_overrides(base, MODES[mode])
-    check_config(config)
-    return config
-
-
-def synthetic_batch(
-    batch_size: int, image_size: int, num_classes: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random uint8 images and labels, the dtypes the trainer's batches have."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, (batch_size,), dtype=np.int32)
-    return images, labels
-
-
-def build_mode(
-    mode: str,
-    config: ml_collections.ConfigDict,
-    image_shape: tuple[int, ...],
-    teacher_variables: Mapping[str, Any],
-) -> tuple[Callable, TrainState, tuple]:
-    """(step function, initial state, the step's arguments after the state and batch)."""
-    inputs = normalization.for_dataset(config.dataset)
-    nets = networks.build_networks(
-        config, config.num_classes, image_shape[0], teacher_input=inputs, student_input=inputs
-    )
-    key = jax.random.key(config.seed + 1)
-    if mode == "ce":
-        tx = optimizers.make_optimizer(config.student)
-        create = functools.partial(state_lib.create_teacher_state, nets.student, image_shape, tx)
-        return (
-            functools.partial(steps.teacher_step, model=nets.student, tx=tx, inputs=inputs),
-            jax.jit(create)(key),
-            (),
-        )
-    if mode == "kd_1bwd":
-        tx = optimizers.make_optimizer(config.student)
-        step = functools.partial(
-            steps.summed_distill_step, networks=nets, tx=tx, distill=config.distill
-        )
-    else:
-        tx = optimizers.student_optimizer(config)
-        step = steps.make_distill_step(config, nets, tx)
-    create = functools.partial(state_lib.create_student_state, nets, image_shape, tx)
-    return step, jax.jit(create)(key), (teacher_variables,)
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def ratios(modes: Mapping[str, Mapping[str, Any]], floor: float) -> dict[str, Any]:
-    """Step-time ratios of the modes that were run, and the cost goals against them."""
-    result: dict[str, Any] = {
-        name: modes[a]["step_time_s"] / modes[b]["step_time_s"]
-        for name, (a, b) in RATIOS.items()
-        if a in modes and b in modes
-    }
-    result["goal_mokd"] = f"mokd_over_kd_1bwd <= 1.05 R = {1.05 * floor:.4f}"
-    result["goal_mokd_amortized"] = "mokd_amortized_over_kd_1bwd <= 1.05"
-    if "mokd_over_kd_1bwd" in result:
-        result["goal_mokd_met"] = result["mokd_over_kd_1bwd"] <= 1.05 * floor
-    if "mokd_amortized_over_kd_1bwd" in result:
-        result["goal_mokd_amortized_met"] = result["mokd_amortized_over_kd_1bwd"] <= 1.05
-    return result
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """Our modes' table and figures (when run), then the peer's rows and the ratios."""
-    lines = format_ours(results) if "modes" in results else []
-    if "peer" in results:
-        lines += format_peer(results["peer"], results.get("ratios_vs_peer", {}))
-    return "\n".join(lines)
-
-
-def format_ours(results: Mapping[str, Any]) -> list[str]:
-    lines = [f"{'mode':<16}{'step s':>10}{'images/s':>10}{'temp MiB':>10}"]
-    for mode, row in results["modes"].items():
-        temp = row["compiled_temp_bytes"]
-        temp_text = f"{temp / 2**20:.0f}" if temp is not None else "-"
-        lines.append(
-            f"{mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}{temp_text:>10}"
-        )
-    lines.append(f"flop_floor_ratio R = {results['flop_floor_ratio']:.4f}")
-    for name, value in results["ratios"].items():
-        lines.append(f"{name} = {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    for k, row in results["aggregation"].items():
-        share = row["share"]
-        share_text = f"{100 * share:.3f}% of {row['step']}" if share is not None else "n/a"
-        in_step = row["in_step_share"]
-        in_step_text = f"{100 * in_step:.3f}%" if in_step is not None else "n/a"
-        lines.append(
-            f"aggregation {k}: {1e3 * row['time_s']:.3f} ms alone = {share_text}; "
-            f"in the step: {in_step_text}"
-        )
-    return lines
-
-
-def format_peer(peer: Mapping[str, Any], ratios_vs_peer: Mapping[str, float]) -> list[str]:
-    lines = [f"peer (torch {peer['torch']}, {peer['options']})"]
-    for mode, row in peer["modes"].items():
-        lines.append(f"{'peer ' + mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}")
-    lines += [f"{mode} ours / peer = {value:.4f}" for mode, value in ratios_vs_peer.items()]
-    return lines
-
-
-def import_torch_peer():
-    """`mokd_jax.torch_peer`, or a one-line InputError when torch is not installed."""
-    try:
-        from mokd_jax import torch_peer
-    except ModuleNotFoundError as error:
-        raise InputError(
-            f"--framework needs torch ({error}): pip install .[torch], or --framework=jax"
-        ) from None
-    return torch_peer
-
-
-def peer_timer(
-    base: ml_collections.ConfigDict, image_size: int, steps: int, overrides: Mapping[str, Any]
-) -> tuple[Callable[[str], dict[str, Any]], dict[str, Any]]:
-    """(a function timing one peer mode on fresh models and the benchmark's batch, the
-    JSON `peer` section that its rows go into). The models are checked here, before any
-    of our modes runs, so that a pair without a peer is refused at once."""
-    torch_peer = import_torch_peer()
-    torch_peer.check_architectures(base.teacher.model, base.student.model)
-    options = torch_peer.options_with(overrides)
-    images, labels = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
-    inputs = normalization.for_dataset(base.dataset)
-
-    def time_mode(mode: str) -> dict[str, Any]:
-        log(f"[peer {mode}] building and timing {steps} steps")
-        teacher, student = torch_peer.peer_models(
-            base.teacher.model, base.student.model, base.num_classes, base.seed
-        )
-        setup = torch_peer.build_setup(
-            teacher, student, images, labels, inputs, options, base.student.learning_rate
-        )
-        row = torch_peer.time_mode(
-            mode,
-            setup,
-            base.distill,
-            base.aggregation.mokd.max_norm,
-            steps,
-            measurement.WARMUP_STEPS,
-        )
-        log(f"[peer {mode}] {row['step_time_s']:.4f} s/step")
-        return row
-
-    section = {
-        "torch": torch_peer.torch.__version__,
-        "options": dataclasses.asdict(options),
-        "modes": {},
-    }
-    return time_mode, section
-
-
-def machine_info(load_before: tuple[float, ...]) -> dict[str, Any]:
-    return {
-        "node": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
-    }
-
-
-def config_section(base: ml_collections.ConfigDict, image_size: int, steps: int) -> dict:
-    return {
-        "teacher": base.teacher.model,
-        "student": base.student.model,
-        "image_size": image_size,
-        "batch_size": base.batch_size,
-        "num_classes": base.num_classes,
-        "steps": steps,
-        "warmup_steps": measurement.WARMUP_STEPS,
-        "dtype": base.dtype,
-        "distill": base.distill.to_dict(),
-    }
-
-
 def check_request(mode_names: Sequence[str], framework: str) -> list[str]:
     """The peer modes among `mode_names` (none for `jax`), or an InputError for an unknown
     mode or framework, or a torch framework without any peer mode."""
@@ -404,7 +170,12 @@ def measure(
             "config": config_section(base, image_size, steps),
             "peer": peer,
         }
-    ours = measure_ours(base, image_size, steps, mode_names, time_peer, peer)
+
+    def time_peer_after_ours(mode: str) -> None:
+        if mode in peer_modes:
+            peer["modes"][mode] = time_peer(mode)
+
+    ours = measure_ours(base, image_size, steps, mode_names, time_peer_after_ours)
     results = {"machine": machine_info(load_before), **ours}
     if peer is not None:
         results["peer"] = peer
@@ -413,76 +184,6 @@ def measure(
             for mode, row in peer["modes"].items()
         }
     return results
-
-
-def measure_ours(
-    base: ml_collections.ConfigDict,
-    image_size: int,
-    steps: int,
-    mode_names: Sequence[str],
-    time_peer: Callable[[str], dict[str, Any]] | None,
-    peer: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """Our modes, the FLOP floor and the aggregation's share; a peer mode (`time_peer`) is
-    timed right after ours, its row put in `peer["modes"]`."""
-    image_shape = (image_size, image_size, 3)
-    teacher = networks.build_model(base, "teacher", base.num_classes, image_size)
-    student = networks.build_model(base, "student", base.num_classes, image_size)
-    teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
-        jax.random.key(base.seed)
-    )
-    batch = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
-
-    modes: dict[str, dict[str, Any]] = {}
-    student_params = None
-    for mode in mode_names:
-        config = mode_config(base, mode)
-        log(f"[{mode}] building and compiling")
-        step, state, args = build_mode(mode, config, image_shape, teacher_variables)
-        if mode != "ce" and student_params is None:
-            student_params = jax.tree.map(jnp.zeros_like, state.params)
-        log(f"[{mode}] timing {steps} steps")
-        seconds, temp_bytes = time_step(step, state, args, batch, steps)
-        modes[mode] = {
-            "step_time_s": seconds,
-            "images_per_s": base.batch_size / seconds,
-            "peak_bytes": peak_bytes(),
-            "compiled_temp_bytes": temp_bytes,
-        }
-        log(f"[{mode}] {seconds:.4f} s/step")
-        if time_peer is not None and mode in PEER_MODES:
-            peer["modes"][mode] = time_peer(mode)
-
-    log("FLOPs of the forward passes")
-    floor = flop_floor_ratio(
-        forward_flops(teacher, image_shape, base.batch_size),
-        forward_flops(student, image_shape, base.batch_size),
-    )
-    aggregation_results = {}
-    if student_params is not None:
-        hparams = base.aggregation.mokd.to_dict()
-        for k, reference, summed in ((2, "mokd", "kd"), (3, "mokd_separate", "kd_separate")):
-            log(f"aggregation K={k}")
-            seconds = aggregation_time(student_params, k, hparams)
-            step_time = modes.get(reference, {}).get("step_time_s")
-            summed_time = modes.get(summed, {}).get("step_time_s")
-            aggregation_results[f"K{k}"] = {
-                "time_s": seconds,
-                "share": seconds / step_time if step_time else None,
-                "in_step_share": (
-                    (step_time - summed_time) / step_time if step_time and summed_time else None
-                ),
-                "step": reference,
-            }
-    return {
-        "jax": jax.__version__,
-        "devices": [str(device) for device in jax.devices()],
-        "config": config_section(base, image_size, steps),
-        "modes": modes,
-        "flop_floor_ratio": floor,
-        "ratios": ratios(modes, floor),
-        "aggregation": aggregation_results,
-    }
 
 
 def main(argv: Sequence[str]) -> None:

@@ -93,63 +93,9 @@ def run_benchmark(path, *arguments) -> subprocess.CompletedProcess:
 
 
 def test_the_peer_modes_are_the_peer_steps(torch_peer):
-    from mokd_jax import benchmark
+    from mokd_jax import benchmark_peer
 
-    assert benchmark.PEER_MODES == tuple(torch_peer.PEER_STEPS) == torch_peer.PEER_MODES
-
-
-def our_mokd_weights(rows, losses, max_norm):
-    """Our `mokd` aggregator's raw weights for the gradient rows [2, P]."""
-    import jax.numpy as jnp
-
-    from mokd_jax.aggregation import min_norm
-
-    gram = (rows @ rows.T).astype(np.float32)
-    scale = np.sqrt(gram.diagonal().max()) or 1.0
-    weighting = min_norm.mokd(2, max_norm=max_norm)
-    state = weighting.weigh(
-        jnp.asarray(gram / scale**2), jnp.asarray(scale), jnp.asarray(losses), weighting.init()
-    )
-    return np.asarray(state.weights)
-
-
-def peer_mokd_weights(torch_peer, rows, losses, max_norm):
-    import torch
-
-    gram = torch.from_numpy((rows @ rows.T).astype(np.float32))
-    return torch_peer.mokd_coefficients(gram, torch.from_numpy(losses), max_norm).numpy()
-
-
-@pytest.mark.parametrize("max_norm", [None, 10.0, 1e-3])
-@pytest.mark.parametrize("scales", [(1.0, 1.0), (1.0, 30.0), (1e-3, 1.0)])
-def test_peer_mokd_coefficients_are_our_aggregator_weights(torch_peer, max_norm, scales):
-    """Random gradient pairs of very different norms and losses, with the clip off, loose
-    and biting: the closed form for K = 2 gives our `mokd` aggregator's raw weights."""
-    rng = np.random.default_rng(len(str(scales)) + int(max_norm or 0))
-    rows = rng.normal(size=(2, 50)) * np.asarray(scales)[:, None]
-    rows[1] += 0.5 * rows[0]  # some agreement, so the min-norm point is inside the segment
-    losses = np.array([2.3, 0.4], np.float32)
-    peer = peer_mokd_weights(torch_peer, rows, losses, max_norm)
-    np.testing.assert_allclose(peer, our_mokd_weights(rows, losses, max_norm), rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "rows, losses, expected",
-    [
-        # opposite gradients, equal losses: the min-norm point and the mean both vanish
-        ([[1.0, 2.0], [-1.0, -2.0]], [1.0, 1.0], [0.0, 0.0]),
-        # a zero task gradient: uniform log-loss weights, d along the distillation
-        # gradient with the norm of g_1 + g_2 = (0, 2): c_2 = 1
-        ([[0.0, 0.0], [0.0, 2.0]], [1.0, 0.5], [1.0, 1.0]),
-        # orthogonal unit gradients, equal losses: pi = (1/2, 1/2), rescaled to ||g1 + g2||
-        ([[1.0, 0.0], [0.0, 1.0]], [2.0, 2.0], [1.0, 1.0]),
-    ],
-)
-def test_peer_mokd_coefficients_in_hand_computed_cases(torch_peer, rows, losses, expected):
-    rows, losses = np.asarray(rows), np.asarray(losses, np.float32)
-    peer = peer_mokd_weights(torch_peer, rows, losses, 10.0)
-    np.testing.assert_allclose(peer, our_mokd_weights(rows, losses, 10.0), atol=1e-6)
-    np.testing.assert_allclose(rows.T @ peer, rows.T @ np.asarray(expected), atol=1e-6)
+    assert benchmark_peer.PEER_MODES == tuple(torch_peer.PEER_STEPS) == torch_peer.PEER_MODES
 
 
 def test_peer_losses_equal_ours_on_the_same_weights(torch_peer):
@@ -158,11 +104,11 @@ def test_peer_losses_equal_ours_on_the_same_weights(torch_peer):
     in train mode) equals [CE, T^2 KL] computed by our objectives, to 1e-4; and the step
     moves the student."""
     from test_convert import abstract_variables
-    from torch_references import numpy_state_dict, randomized
+    from torch_references import numpy_state_dict, randomized, torch_resnet
 
     from mokd_jax import config_helpers, convert, models, normalization, objectives
 
-    teacher, student = (randomized(torch_peer.torch_resnet("resnet18"), seed) for seed in (0, 1))
+    teacher, student = (randomized(torch_resnet("resnet18"), seed) for seed in (0, 1))
     module = models.get("resnet18", 10)
     abstract = abstract_variables(module, 64)
     teacher_vars, student_vars = (

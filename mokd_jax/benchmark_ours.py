@@ -1,0 +1,155 @@
+"""Our steps in the benchmark: each mode's config and compiled step, built on synthetic
+data and timed (`mokd_jax.benchmark`), with the FLOP floor and the aggregation's share of
+the step."""
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mokd_jax import config_helpers, networks, normalization, optimizers, steps
+from mokd_jax import state as state_lib
+from mokd_jax.benchmark_report import config_section, log, ratios
+from mokd_jax.config_checks import check_config
+from mokd_jax.measurement import (
+    aggregation_time,
+    flop_floor_ratio,
+    forward_flops,
+    peak_bytes,
+    time_step,
+)
+from mokd_jax.state import TrainState
+
+MODES: dict[str, dict[str, Any]] = {
+    "ce": {},
+    "kd_1bwd": {"aggregator": "sum"},
+    "mokd_amortized": {"aggregator": "mokd_amortized"},
+    "kd": {"aggregator": "sum"},
+    "mokd": {"aggregator": "mokd"},
+    "kd_separate": {"aggregator": "sum", "distill.objectives": "separate"},
+    "mokd_separate": {"aggregator": "mokd", "distill.objectives": "separate"},
+}
+"""Config overrides per mode; `ce` and `kd_1bwd` also use their own step (`build_mode`)."""
+
+
+def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
+    """The base config with the mode's overrides, validated like a training run's."""
+    config = config_helpers.with_overrides(base, MODES[mode])
+    check_config(config)
+    return config
+
+
+def synthetic_batch(
+    batch_size: int, image_size: int, num_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images and labels, the dtypes the trainer's batches have."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (batch_size,), dtype=np.int32)
+    return images, labels
+
+
+def build_mode(
+    mode: str,
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, ...],
+    teacher_variables: Mapping[str, Any],
+) -> tuple[Callable, TrainState, tuple]:
+    """(step function, initial state, the step's arguments after the state and batch)."""
+    inputs = normalization.for_dataset(config.dataset)
+    nets = networks.build_networks(
+        config, config.num_classes, image_shape[0], teacher_input=inputs, student_input=inputs
+    )
+    key = jax.random.key(config.seed + 1)
+    if mode == "ce":
+        tx = optimizers.make_optimizer(config.student)
+        create = functools.partial(state_lib.create_teacher_state, nets.student, image_shape, tx)
+        return (
+            functools.partial(steps.teacher_step, model=nets.student, tx=tx, inputs=inputs),
+            jax.jit(create)(key),
+            (),
+        )
+    if mode == "kd_1bwd":
+        tx = optimizers.make_optimizer(config.student)
+        step = functools.partial(
+            steps.summed_distill_step, networks=nets, tx=tx, distill=config.distill
+        )
+    else:
+        tx = optimizers.student_optimizer(config)
+        step = steps.make_distill_step(config, nets, tx)
+    create = functools.partial(state_lib.create_student_state, nets, image_shape, tx)
+    return step, jax.jit(create)(key), (teacher_variables,)
+
+
+def measure_ours(
+    base: ml_collections.ConfigDict,
+    image_size: int,
+    steps: int,
+    mode_names: Sequence[str],
+    after_mode: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Our modes, the FLOP floor and the aggregation's share; `after_mode(mode)` is called
+    right after each mode is timed (the orchestrator times the peer's mode there, so
+    that ours and the peer's run under the same load)."""
+    image_shape = (image_size, image_size, 3)
+    teacher = networks.build_model(base, "teacher", base.num_classes, image_size)
+    student = networks.build_model(base, "student", base.num_classes, image_size)
+    teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
+        jax.random.key(base.seed)
+    )
+    batch = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
+
+    modes: dict[str, dict[str, Any]] = {}
+    student_params = None
+    for mode in mode_names:
+        config = mode_config(base, mode)
+        log(f"[{mode}] building and compiling")
+        step, state, args = build_mode(mode, config, image_shape, teacher_variables)
+        if mode != "ce" and student_params is None:
+            student_params = jax.tree.map(jnp.zeros_like, state.params)
+        log(f"[{mode}] timing {steps} steps")
+        seconds, temp_bytes = time_step(step, state, args, batch, steps)
+        modes[mode] = {
+            "step_time_s": seconds,
+            "images_per_s": base.batch_size / seconds,
+            "peak_bytes": peak_bytes(),
+            "compiled_temp_bytes": temp_bytes,
+        }
+        log(f"[{mode}] {seconds:.4f} s/step")
+        if after_mode is not None:
+            after_mode(mode)
+
+    log("FLOPs of the forward passes")
+    floor = flop_floor_ratio(
+        forward_flops(teacher, image_shape, base.batch_size),
+        forward_flops(student, image_shape, base.batch_size),
+    )
+    aggregation_results = {}
+    if student_params is not None:
+        hparams = base.aggregation.mokd.to_dict()
+        for k, reference, summed in ((2, "mokd", "kd"), (3, "mokd_separate", "kd_separate")):
+            log(f"aggregation K={k}")
+            seconds = aggregation_time(student_params, k, hparams)
+            step_time = modes.get(reference, {}).get("step_time_s")
+            summed_time = modes.get(summed, {}).get("step_time_s")
+            aggregation_results[f"K{k}"] = {
+                "time_s": seconds,
+                "share": seconds / step_time if step_time else None,
+                "in_step_share": (
+                    (step_time - summed_time) / step_time if step_time and summed_time else None
+                ),
+                "step": reference,
+            }
+    return {
+        "jax": jax.__version__,
+        "devices": [str(device) for device in jax.devices()],
+        "config": config_section(base, image_size, steps),
+        "modes": modes,
+        "flop_floor_ratio": floor,
+        "ratios": ratios(modes, floor),
+        "aggregation": aggregation_results,
+    }

@@ -1,0 +1,105 @@
+"""The benchmark's report: progress lines, the step-time ratios and the cost goals read
+off them, the machine and configuration sections of the JSON, and the table printed at the
+end (`mokd_jax.benchmark`)."""
+
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from mokd_jax import measurement
+
+RATIOS: dict[str, tuple[str, str]] = {
+    "mokd_over_kd": ("mokd", "kd"),
+    "mokd_over_kd_1bwd": ("mokd", "kd_1bwd"),
+    "mokd_amortized_over_kd": ("mokd_amortized", "kd"),
+    "mokd_amortized_over_kd_1bwd": ("mokd_amortized", "kd_1bwd"),
+    "kd_over_kd_1bwd": ("kd", "kd_1bwd"),
+    "kd_1bwd_over_ce": ("kd_1bwd", "ce"),
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ratios(modes: Mapping[str, Mapping[str, Any]], floor: float) -> dict[str, Any]:
+    """Step-time ratios of the modes that were run, and the cost goals against them."""
+    result: dict[str, Any] = {
+        name: modes[a]["step_time_s"] / modes[b]["step_time_s"]
+        for name, (a, b) in RATIOS.items()
+        if a in modes and b in modes
+    }
+    result["goal_mokd"] = f"mokd_over_kd_1bwd <= 1.05 R = {1.05 * floor:.4f}"
+    result["goal_mokd_amortized"] = "mokd_amortized_over_kd_1bwd <= 1.05"
+    if "mokd_over_kd_1bwd" in result:
+        result["goal_mokd_met"] = result["mokd_over_kd_1bwd"] <= 1.05 * floor
+    if "mokd_amortized_over_kd_1bwd" in result:
+        result["goal_mokd_amortized_met"] = result["mokd_amortized_over_kd_1bwd"] <= 1.05
+    return result
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Our modes' table and figures (when run), then the peer's rows and the ratios."""
+    lines = format_ours(results) if "modes" in results else []
+    if "peer" in results:
+        lines += format_peer(results["peer"], results.get("ratios_vs_peer", {}))
+    return "\n".join(lines)
+
+
+def format_ours(results: Mapping[str, Any]) -> list[str]:
+    lines = [f"{'mode':<16}{'step s':>10}{'images/s':>10}{'temp MiB':>10}"]
+    for mode, row in results["modes"].items():
+        temp = row["compiled_temp_bytes"]
+        temp_text = f"{temp / 2**20:.0f}" if temp is not None else "-"
+        lines.append(
+            f"{mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}{temp_text:>10}"
+        )
+    lines.append(f"flop_floor_ratio R = {results['flop_floor_ratio']:.4f}")
+    for name, value in results["ratios"].items():
+        lines.append(f"{name} = {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    for k, row in results["aggregation"].items():
+        share = row["share"]
+        share_text = f"{100 * share:.3f}% of {row['step']}" if share is not None else "n/a"
+        in_step = row["in_step_share"]
+        in_step_text = f"{100 * in_step:.3f}%" if in_step is not None else "n/a"
+        lines.append(
+            f"aggregation {k}: {1e3 * row['time_s']:.3f} ms alone = {share_text}; "
+            f"in the step: {in_step_text}"
+        )
+    return lines
+
+
+def format_peer(peer: Mapping[str, Any], ratios_vs_peer: Mapping[str, float]) -> list[str]:
+    lines = [f"peer (torch {peer['torch']}, {peer['options']})"]
+    for mode, row in peer["modes"].items():
+        lines.append(f"{'peer ' + mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}")
+    lines += [f"{mode} ours / peer = {value:.4f}" for mode, value in ratios_vs_peer.items()]
+    return lines
+
+
+def machine_info(load_before: tuple[float, ...]) -> dict[str, Any]:
+    return {
+        "node": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+    }
+
+
+def config_section(base: ml_collections.ConfigDict, image_size: int, steps: int) -> dict:
+    return {
+        "teacher": base.teacher.model,
+        "student": base.student.model,
+        "image_size": image_size,
+        "batch_size": base.batch_size,
+        "num_classes": base.num_classes,
+        "steps": steps,
+        "warmup_steps": measurement.WARMUP_STEPS,
+        "dtype": base.dtype,
+        "distill": base.distill.to_dict(),
+    }
