@@ -74,6 +74,7 @@ import ml_collections
 from absl import flags
 
 from mokd_jax import cli, config_helpers, models
+from mokd_jax.benchmark_like_peer import LIKE_PEER
 from mokd_jax.benchmark_ours import MODES, measure_ours
 from mokd_jax.benchmark_peer import PEER_MODES, peer_timer
 from mokd_jax.benchmark_report import config_section, format_table, machine_info
@@ -157,9 +158,14 @@ def measure(
     peer_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Times every mode and the aggregation, ours (`jax`), the PyTorch peer's (`torch`) or
-    both, each peer mode right after ours (`both`); returns the JSON-ready results."""
+    both, each peer mode right after ours (`both`); returns the JSON-ready results. With a
+    peer, `base` takes the peer's optimizer and every mode of ours its losses
+    (`benchmark_like_peer`), so that both frameworks run the same step."""
     peer_modes = check_request(mode_names, framework)
     load_before = os.getloadavg()
+    like_peer = bool(peer_modes)
+    if like_peer:
+        base = config_helpers.with_overrides(base, LIKE_PEER)
     time_peer, peer = None, None
     if peer_modes:
         time_peer, peer = peer_timer(base, image_size, steps, peer_overrides or {})
@@ -167,7 +173,7 @@ def measure(
         peer["modes"] = {mode: time_peer(mode) for mode in peer_modes}
         return {
             "machine": machine_info(load_before),
-            "config": config_section(base, image_size, steps),
+            "config": config_section(base, image_size, steps, like_peer),
             "peer": peer,
         }
 
@@ -175,7 +181,7 @@ def measure(
         if mode in peer_modes:
             peer["modes"][mode] = time_peer(mode)
 
-    ours = measure_ours(base, image_size, steps, mode_names, time_peer_after_ours)
+    ours = measure_ours(base, image_size, steps, mode_names, time_peer_after_ours, like_peer)
     results = {"machine": machine_info(load_before), **ours}
     if peer is not None:
         results["peer"] = peer

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from mokd_jax import config_helpers, networks, normalization, optimizers, steps
 from mokd_jax import state as state_lib
+from mokd_jax.benchmark_like_peer import logit_student_functions, logits_only_state
 from mokd_jax.benchmark_report import config_section, log, ratios
 from mokd_jax.config_checks import check_config
 from mokd_jax.measurement import (
@@ -53,11 +55,30 @@ def synthetic_batch(
     return images, labels
 
 
+def distillation_step(
+    mode: str, config: ml_collections.ConfigDict, nets: networks.Networks, like_peer: bool
+) -> tuple[Callable, optax.GradientTransformation]:
+    """(step function, its optimizer) of a distillation mode: `kd_1bwd` the summed loss with
+    one backward and the plain optimizer, the others the trainer's step with the mode's
+    aggregator. `like_peer`: the logits-only losses of the PyTorch peer
+    (`benchmark_like_peer`; the config then carries its `LIKE_PEER` optimizer)."""
+    task = logit_student_functions if like_peer else steps.student_functions
+    if mode == "kd_1bwd":
+        tx = optimizers.make_optimizer(config.student)
+        step = functools.partial(
+            steps.summed_distill_step, networks=nets, tx=tx, distill=config.distill, task=task
+        )
+        return step, tx
+    tx = optimizers.student_optimizer(config)
+    return steps.make_distill_step(config, nets, tx, task=task), tx
+
+
 def build_mode(
     mode: str,
     config: ml_collections.ConfigDict,
     image_shape: tuple[int, ...],
     teacher_variables: Mapping[str, Any],
+    like_peer: bool = False,
 ) -> tuple[Callable, TrainState, tuple]:
     """(step function, initial state, the step's arguments after the state and batch)."""
     inputs = normalization.for_dataset(config.dataset)
@@ -73,15 +94,14 @@ def build_mode(
             jax.jit(create)(key),
             (),
         )
-    if mode == "kd_1bwd":
-        tx = optimizers.make_optimizer(config.student)
-        step = functools.partial(
-            steps.summed_distill_step, networks=nets, tx=tx, distill=config.distill
-        )
+    step, tx = distillation_step(mode, config, nets, like_peer)
+    if like_peer:
+
+        def create(key):
+            return logits_only_state(state_lib.init_model(nets.student, image_shape, key), tx)
+
     else:
-        tx = optimizers.student_optimizer(config)
-        step = steps.make_distill_step(config, nets, tx)
-    create = functools.partial(state_lib.create_student_state, nets, image_shape, tx)
+        create = functools.partial(state_lib.create_student_state, nets, image_shape, tx)
     return step, jax.jit(create)(key), (teacher_variables,)
 
 
@@ -91,10 +111,12 @@ def measure_ours(
     steps: int,
     mode_names: Sequence[str],
     after_mode: Callable[[str], None] | None = None,
+    like_peer: bool = False,
 ) -> dict[str, Any]:
     """Our modes, the FLOP floor and the aggregation's share; `after_mode(mode)` is called
     right after each mode is timed (the orchestrator times the peer's mode there, so
-    that ours and the peer's run under the same load)."""
+    that ours and the peer's run under the same load). `like_peer`: every distillation
+    mode with the peer's losses (`benchmark_like_peer`; `base` then has its optimizer)."""
     image_shape = (image_size, image_size, 3)
     teacher = networks.build_model(base, "teacher", base.num_classes, image_size)
     student = networks.build_model(base, "student", base.num_classes, image_size)
@@ -108,7 +130,7 @@ def measure_ours(
     for mode in mode_names:
         config = mode_config(base, mode)
         log(f"[{mode}] building and compiling")
-        step, state, args = build_mode(mode, config, image_shape, teacher_variables)
+        step, state, args = build_mode(mode, config, image_shape, teacher_variables, like_peer)
         if mode != "ce" and student_params is None:
             student_params = jax.tree.map(jnp.zeros_like, state.params)
         log(f"[{mode}] timing {steps} steps")
@@ -147,7 +169,7 @@ def measure_ours(
     return {
         "jax": jax.__version__,
         "devices": [str(device) for device in jax.devices()],
-        "config": config_section(base, image_size, steps),
+        "config": config_section(base, image_size, steps, like_peer),
         "modes": modes,
         "flop_floor_ratio": floor,
         "ratios": ratios(modes, floor),

@@ -47,7 +47,14 @@ def peer_timer(
             base.teacher.model, base.student.model, base.num_classes, base.seed
         )
         setup = torch_peer.build_setup(
-            teacher, student, images, labels, inputs, options, base.student.learning_rate
+            teacher,
+            student,
+            images,
+            labels,
+            inputs,
+            options,
+            base.student.learning_rate,
+            base.student.weight_decay,
         )
         row = torch_peer.time_mode(
             mode,

@@ -91,7 +91,11 @@ def machine_info(load_before: tuple[float, ...]) -> dict[str, Any]:
     }
 
 
-def config_section(base: ml_collections.ConfigDict, image_size: int, steps: int) -> dict:
+def config_section(
+    base: ml_collections.ConfigDict, image_size: int, steps: int, like_peer: bool
+) -> dict:
+    """The JSON's `config`: what was run. `like_peer`: our steps ran the PyTorch peer's
+    losses and optimizer (`benchmark_like_peer`), recorded with the optimizer's fields."""
     return {
         "teacher": base.teacher.model,
         "student": base.student.model,
@@ -102,4 +106,9 @@ def config_section(base: ml_collections.ConfigDict, image_size: int, steps: int)
         "warmup_steps": measurement.WARMUP_STEPS,
         "dtype": base.dtype,
         "distill": base.distill.to_dict(),
+        "like_peer": like_peer,
+        "student_optimizer": {
+            field: base.student[field]
+            for field in ("optimizer", "learning_rate", "weight_decay", "schedule")
+        },
     }

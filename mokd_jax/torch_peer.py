@@ -7,16 +7,16 @@ torch framework is asked for. The models are `mokd_jax.torch_peer_models`' ResNe
 torchvision's layout), the MoKD weights `mokd_jax.torch_peer_weights`'.
 
 Both peer steps run the teacher in eval mode under `no_grad`, the student in train mode,
-and the loss vector [task_weight * CE, logit_weight * T^2 KL] of our `distill` settings.
-The feature loss of our steps has no peer: it needs our projectors, and the peer measures
-what a plain PyTorch KD step costs.
+and the loss vector [task_weight * CE, logit_weight * T^2 KL] of our `distill` settings;
+the optimizer is SGD with momentum 0.9 and L2 weight decay at a constant rate.
   kd_1bwd  one backward of the summed losses, then SGD;
   mokd     two backward passes (the first keeps the graph) for the two per-objective
            gradients, our `mokd` weights for K = 2 in closed form (min-norm point of the
            log-loss gradients, `sum_norm` rescale, clip), the combination written to
            `.grad`, then SGD.
-SGD rather than our AdamW: the optimizer's cost is the same in both peer modes and small
-next to the backward passes, and the ratio between them is what the goals are about.
+When the benchmark runs a peer, our steps run these losses and this optimizer too
+(`mokd_jax.benchmark_like_peer`, which says why logits only), so that both frameworks do
+the same work.
 """
 
 import dataclasses
@@ -134,14 +134,18 @@ def build_setup(
     inputs: Normalization,
     options: PeerOptions,
     learning_rate: float,
+    weight_decay: float,
 ) -> PeerSetup:
     """Models prepared for the device (teacher in eval mode, student in train mode), the
-    numpy batch copied to the device once, and SGD on the student."""
+    numpy batch copied to the device once, and SGD on the student: momentum 0.9, L2
+    `weight_decay` on every parameter, as our `sgd` (`optimizers.make_optimizer`)."""
     teacher, student = prepared(teacher.eval(), options), prepared(student.train(), options)
     return PeerSetup(
         teacher=teacher,
         student=student,
-        optimizer=torch.optim.SGD(student.parameters(), lr=learning_rate, momentum=0.9),
+        optimizer=torch.optim.SGD(
+            student.parameters(), lr=learning_rate, momentum=0.9, weight_decay=weight_decay
+        ),
         images=torch.as_tensor(images, device=options.device),
         labels=torch.as_tensor(labels, dtype=torch.long, device=options.device),
         inputs=inputs,
