@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mokd_jax import normalization, taps
+from mokd_jax import normalization
 from mokd_jax.objectives import cross_entropy, logit_distillation, weighted_objectives
 from mokd_jax.state import TrainState
-from mokd_jax.steps import accuracy, dropout_rngs
+from mokd_jax.steps import accuracy, student_encoder
 
 LIKE_PEER: dict[str, Any] = {
     "student.optimizer": "sgd",
@@ -64,17 +64,7 @@ def logit_student_functions(
         teacher_variables, normalization.apply(networks.teacher_input, images), train=False
     )
     student_inputs = normalization.apply(networks.student_input, images)
-
-    def encode(student_params):
-        features, updates = student.apply(
-            {"params": student_params, "batch_stats": state.batch_stats},
-            student_inputs,
-            train=True,
-            method="encode",
-            mutable=["batch_stats"],
-            rngs=dropout_rngs(state.step),
-        )
-        return taps.select(features, "pooled"), updates["batch_stats"]
+    encode = student_encoder(student, state, student_inputs, "pooled")
 
     def head_objectives(params, student_taps):
         logits = student.apply({"params": params["student"]}, student_taps[0], method="classify")

@@ -15,7 +15,7 @@ import optax
 from mokd_jax import config_helpers, networks, normalization, optimizers, steps
 from mokd_jax import state as state_lib
 from mokd_jax.benchmark_like_peer import logit_student_functions, logits_only_state
-from mokd_jax.benchmark_report import config_section, log, ratios
+from mokd_jax.benchmark_report import config_section, extra_memory, log, ratios
 from mokd_jax.config_checks import check_config
 from mokd_jax.measurement import (
     aggregation_time,
@@ -23,6 +23,7 @@ from mokd_jax.measurement import (
     forward_flops,
     peak_bytes,
     time_step,
+    tree_bytes,
 )
 from mokd_jax.state import TrainState
 
@@ -105,6 +106,30 @@ def build_mode(
     return step, jax.jit(create)(key), (teacher_variables,)
 
 
+def aggregation_shares(
+    modes: Mapping[str, Mapping[str, Any]], student_params: Any, hparams: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The aggregation's share of the step for K = 2 (`mokd`) and K = 3 (`mokd_separate`):
+    alone (the jitted update on random gradients shaped like `student_params`, over the
+    step) and in the step (against `kd` / `kd_separate`: the same pullbacks, summed); None
+    where a mode it needs was not run."""
+    shares = {}
+    for k, reference, summed in ((2, "mokd", "kd"), (3, "mokd_separate", "kd_separate")):
+        log(f"aggregation K={k}")
+        seconds = aggregation_time(student_params, k, hparams)
+        step_time = modes.get(reference, {}).get("step_time_s")
+        summed_time = modes.get(summed, {}).get("step_time_s")
+        shares[f"K{k}"] = {
+            "time_s": seconds,
+            "share": seconds / step_time if step_time else None,
+            "in_step_share": (
+                (step_time - summed_time) / step_time if step_time and summed_time else None
+            ),
+            "step": reference,
+        }
+    return shares
+
+
 def measure_ours(
     base: ml_collections.ConfigDict,
     image_size: int,
@@ -113,33 +138,33 @@ def measure_ours(
     after_mode: Callable[[str], None] | None = None,
     like_peer: bool = False,
 ) -> dict[str, Any]:
-    """Our modes, the FLOP floor and the aggregation's share; `after_mode(mode)` is called
-    right after each mode is timed (the orchestrator times the peer's mode there, so
-    that ours and the peer's run under the same load). `like_peer`: every distillation
-    mode with the peer's losses (`benchmark_like_peer`; `base` then has its optimizer)."""
+    """Our modes, the FLOP floor, the memory goal and the aggregation's share;
+    `after_mode(mode)` is called right after each mode is timed (the orchestrator times
+    the peer's mode there, so that ours and the peer's run under the same load).
+    `like_peer`: every distillation mode with the peer's losses (`benchmark_like_peer`;
+    `base` then has its optimizer)."""
     image_shape = (image_size, image_size, 3)
     teacher = networks.build_model(base, "teacher", base.num_classes, image_size)
     student = networks.build_model(base, "student", base.num_classes, image_size)
-    teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
-        jax.random.key(base.seed)
-    )
+    key = jax.random.key(base.seed)
+    teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(key)
+    student_params = jax.eval_shape(
+        functools.partial(state_lib.init_model, student, image_shape), key
+    )["params"]
     batch = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
 
     modes: dict[str, dict[str, Any]] = {}
-    student_params = None
     for mode in mode_names:
         config = mode_config(base, mode)
         log(f"[{mode}] building and compiling")
         step, state, args = build_mode(mode, config, image_shape, teacher_variables, like_peer)
-        if mode != "ce" and student_params is None:
-            student_params = jax.tree.map(jnp.zeros_like, state.params)
         log(f"[{mode}] timing {steps} steps")
-        seconds, temp_bytes = time_step(step, state, args, batch, steps)
+        seconds, memory = time_step(step, state, args, batch, steps)
         modes[mode] = {
             "step_time_s": seconds,
             "images_per_s": base.batch_size / seconds,
             "peak_bytes": peak_bytes(),
-            "compiled_temp_bytes": temp_bytes,
+            "compiled_memory": memory,
         }
         log(f"[{mode}] {seconds:.4f} s/step")
         if after_mode is not None:
@@ -150,22 +175,11 @@ def measure_ours(
         forward_flops(teacher, image_shape, base.batch_size),
         forward_flops(student, image_shape, base.batch_size),
     )
-    aggregation_results = {}
-    if student_params is not None:
-        hparams = base.aggregation.mokd.to_dict()
-        for k, reference, summed in ((2, "mokd", "kd"), (3, "mokd_separate", "kd_separate")):
-            log(f"aggregation K={k}")
-            seconds = aggregation_time(student_params, k, hparams)
-            step_time = modes.get(reference, {}).get("step_time_s")
-            summed_time = modes.get(summed, {}).get("step_time_s")
-            aggregation_results[f"K{k}"] = {
-                "time_s": seconds,
-                "share": seconds / step_time if step_time else None,
-                "in_step_share": (
-                    (step_time - summed_time) / step_time if step_time and summed_time else None
-                ),
-                "step": reference,
-            }
+    aggregation = {}
+    if set(mode_names) - {"ce"}:
+        zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), student_params)
+        shared = {"student": zeros, "projector": {}}
+        aggregation = aggregation_shares(modes, shared, base.aggregation.mokd.to_dict())
     return {
         "jax": jax.__version__,
         "devices": [str(device) for device in jax.devices()],
@@ -173,5 +187,6 @@ def measure_ours(
         "modes": modes,
         "flop_floor_ratio": floor,
         "ratios": ratios(modes, floor),
-        "aggregation": aggregation_results,
+        "memory": extra_memory(modes, tree_bytes(student_params)),
+        "aggregation": aggregation,
     }

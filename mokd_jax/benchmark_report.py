@@ -42,6 +42,42 @@ def ratios(modes: Mapping[str, Mapping[str, Any]], floor: float) -> dict[str, An
     return result
 
 
+EXTRA_OBJECTIVES = {"mokd": 1, "mokd_separate": 2}
+"""The MoKD modes whose memory is compared with one-backward KD's, with the objectives
+they add (K - 1): one gradient copy each is the goal's allowance."""
+
+
+def extra_memory(
+    modes: Mapping[str, Mapping[str, Any]],
+    gradient_bytes: int,
+    baseline: str = "kd_1bwd",
+    extra_objectives: Mapping[str, int] = EXTRA_OBJECTIVES,
+) -> dict[str, Any]:
+    """The memory goal read off the compiled steps' plans: for each MoKD mode of
+    `extra_objectives` run with `baseline`, its implied peak bytes over the baseline's, and
+    that in units of one gradient copy (`gradient_bytes`, the student's parameter bytes).
+    Goal: at most one gradient copy per extra objective (the K per-objective gradients
+    against one summed one)."""
+    result: dict[str, Any] = {
+        "baseline": baseline,
+        "gradient_copy_bytes": gradient_bytes,
+        "goal": "extra_gradient_copies <= extra_objectives (K - 1)",
+    }
+    base = modes.get(baseline, {}).get("compiled_memory")
+    for mode, objectives in extra_objectives.items():
+        memory = modes.get(mode, {}).get("compiled_memory")
+        if base is None or memory is None:
+            continue
+        extra = memory["peak_bytes"] - base["peak_bytes"]
+        result[mode] = {
+            "extra_bytes": extra,
+            "extra_gradient_copies": extra / gradient_bytes,
+            "extra_objectives": objectives,
+            "goal_met": extra <= objectives * gradient_bytes,
+        }
+    return result
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """Our modes' table and figures (when run), then the peer's rows and the ratios."""
     lines = format_ours(results) if "modes" in results else []
@@ -50,18 +86,43 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_ours(results: Mapping[str, Any]) -> list[str]:
-    lines = [f"{'mode':<16}{'step s':>10}{'images/s':>10}{'temp MiB':>10}"]
-    for mode, row in results["modes"].items():
-        temp = row["compiled_temp_bytes"]
-        temp_text = f"{temp / 2**20:.0f}" if temp is not None else "-"
+def mebibytes(value: int | None) -> str:
+    return f"{value / 2**20:.1f}" if value is not None else "-"
+
+
+def format_modes(modes: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A row per mode: step time, images/s, the compiled step's implied peak and its
+    temporaries (MiB)."""
+    lines = [f"{'mode':<16}{'step s':>10}{'images/s':>10}{'peak MiB':>10}{'temp MiB':>10}"]
+    for mode, row in modes.items():
+        memory = row["compiled_memory"] or {}
         lines.append(
-            f"{mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}{temp_text:>10}"
+            f"{mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}"
+            f"{mebibytes(memory.get('peak_bytes')):>10}{mebibytes(memory.get('temp_bytes')):>10}"
         )
+    return lines
+
+
+def format_memory(memory: Mapping[str, Any]) -> list[str]:
+    copy = memory["gradient_copy_bytes"]
+    lines = [f"one gradient copy (student parameters) = {mebibytes(copy)} MiB"]
+    for mode, row in memory.items():
+        if isinstance(row, Mapping):
+            lines.append(
+                f"{mode} over {memory['baseline']}: {mebibytes(row['extra_bytes'])} MiB = "
+                f"{row['extra_gradient_copies']:.2f} gradient copies "
+                f"(goal <= {row['extra_objectives']}: {'met' if row['goal_met'] else 'not met'})"
+            )
+    return lines
+
+
+def format_ours(results: Mapping[str, Any]) -> list[str]:
+    lines = format_modes(results["modes"])
     lines.append(f"flop_floor_ratio R = {results['flop_floor_ratio']:.4f}")
     for name, value in results["ratios"].items():
         lines.append(f"{name} = {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    for k, row in results["aggregation"].items():
+    lines += format_memory(results["memory"])
+    for k, row in results.get("aggregation", {}).items():
         share = row["share"]
         share_text = f"{100 * share:.3f}% of {row['step']}" if share is not None else "n/a"
         in_step = row["in_step_share"]

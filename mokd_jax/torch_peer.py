@@ -235,8 +235,16 @@ def time_peer_step(
     return statistics.median(times)
 
 
+def reset_peak_bytes(device: str) -> None:
+    """Starts the allocator's peak count afresh on a GPU, so that each mode's `peak_bytes`
+    is its own (the teacher and student of earlier modes are freed by then)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_bytes(device: str) -> int | None:
-    """The device allocator's peak so far (None on CPU, where torch keeps no count)."""
+    """`torch.cuda.max_memory_allocated` on a GPU: the peak since `reset_peak_bytes`; None
+    on CPU, where torch's allocator keeps no such count."""
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
@@ -266,6 +274,7 @@ def time_mode(
 ) -> dict[str, float | int | None]:
     """The benchmark's row of a peer mode: median step seconds, images/s, peak bytes."""
     step = functools.partial(PEER_STEPS[mode], setup, distill, max_norm)
+    reset_peak_bytes(setup.options.device)
     seconds = time_peer_step(step, setup.options.device, steps, warmup_steps)
     return {
         "step_time_s": seconds,
