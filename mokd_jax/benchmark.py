@@ -6,9 +6,14 @@
         [--modes=ce,kd_1bwd,mokd_amortized,kd,mokd,kd_separate,mokd_separate] \\
         [--num_classes=1000] \\
         [--dtype=bfloat16] [--framework=jax|torch|both]
+    mokd-benchmark --task=detection [--teacher=resnet50 --student=resnet18 \\
+        --image_size=512 --batch_size=8 --num_classes=80 --fpn_width=256 --head_depth=4] \\
+        [--modes=kd,mokd]
 
-(or `python -m mokd_jax.benchmark ...`). Modes (each the base config of configs/default.py,
-`config_helpers.base_config()`, with the teacher, student and batch size set):
+(or `python -m mokd_jax.benchmark ...`; unset flags take the task's defaults,
+`TASK_DEFAULTS`). The modes of `--task=classification` (the default; each the base config
+of configs/default.py, `config_helpers.base_config()`, with the teacher, student and batch
+size set; built and timed by `mokd_jax.benchmark_ours`):
   ce              the student alone, cross-entropy, one forward + one backward, no teacher
                   (`steps.teacher_step` run on the student: it is exactly that step);
   kd              aggregator `sum` in `steps.distill_step`: summed KD as the trainer runs it,
@@ -19,8 +24,10 @@
   mokd_amortized  aggregator `mokd_amortized`, one weighted row pulled back;
   kd_separate     aggregator `sum` with `distill.objectives='separate'`, K = 3 rows;
   mokd_separate   aggregator `mokd` with `distill.objectives='separate'`, K = 3 rows.
-Every distillation mode keeps the default feature loss, so all of them compute the same
-forward; only the backward and the aggregation differ.
+Every distillation mode keeps the default feature loss (with a peer, the peer's logits-only
+losses instead: below), so all of them compute the same forward; only the backward and the
+aggregation differ. `--task=detection` times the RetinaNet distillation step instead, `kd`
+(summed, one backward) against `mokd` (`mokd_jax.benchmark_detection`).
 
 Each step is jitted with the state donated, compiled outside the timing, run twice to warm
 up and then `--steps` times; the median wall time (after `block_until_ready`) is reported.
@@ -28,11 +35,16 @@ Weights are random (`state_lib.init_model`): step cost does not depend on them. 
 sets the models' compute dtype (`config.dtype`; parameters, optimizer state and the
 aggregation stay float32).
 
-Memory: `peak_bytes` is the device allocator's peak so far in this process, where the
+Memory, two figures per mode. `compiled_memory` is XLA's plan of the mode's compiled step
+alone, on every backend (CPU included): its argument, output, temporary and aliased
+(donated) bytes, and the peak they imply (`measurement.compiled_memory`). The JSON's
+`memory` section reads the goal "MoKD's extra memory <= one gradient copy per extra
+objective" off it: each MoKD mode's implied peak over the one-backward baseline's
+(`kd_1bwd`; detection: `kd`), in bytes and in gradient copies (the student's parameter
+bytes). `peak_bytes` is the device allocator's peak so far in this process, where the
 backend reports one (GPU, TPU; None on CPU). Peaks only grow, so a mode's figure is exact
 when the modes before it needed less: the default order runs them from the least to the
-most memory they should need. `compiled_temp_bytes` is XLA's planned scratch memory of the
-mode's compiled step alone.
+most memory they should need.
 
 The FLOP floor R = (F_t + 5 F_s) / (F_t + 3 F_s), with F_t and F_s the XLA cost-analysis
 FLOPs of the teacher's and the student's forward passes (a backward costs about two
@@ -51,9 +63,15 @@ The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) a
                   is computed in both, and XLA computes the aggregator's identical Gram
                   only once, so this counts the weights and the combination, not the Gram.
 
-PyTorch peer (`--framework=torch` or `both`; needs torch, `pip install .[torch]`): the
-`kd_1bwd` and `mokd` steps written as a PyTorch user would (`mokd_jax.torch_peer`), on the
-same models (resnet18/34/50), batch and data, timed the same way (warm-up, then the median).
+PyTorch peer (`--framework=torch` or `both`, classification only; needs torch,
+`pip install .[torch]`): the `kd_1bwd` and `mokd` steps written as a PyTorch user would
+(`mokd_jax.torch_peer`), on the same models (resnet18/34/50), batch and data, timed the
+same way (warm-up, then the median; `mokd_jax.benchmark_peer`). With a peer, every mode of
+ours runs the peer's losses (CE + T^2 KL on the logits, no projector) and both frameworks
+the same optimizer (SGD, momentum 0.9, the config's weight decay, constant rate), so that
+the ratios compare the same work (`mokd_jax.benchmark_like_peer` says why logits only);
+the JSON's `config.like_peer` says which recipe ran. The peer's `peak_bytes` is
+`torch.cuda.max_memory_allocated` per mode on a GPU, None on CPU.
 `both` times ours and the peer's one mode after the other in one process (ours, peer, for
 kd_1bwd then mokd) and adds a `peer` section and `ratios_vs_peer` (ours / peer per mode).
 `--peer_device`, `--peer_bf16`, `--peer_channels_last`, `--peer_compile` override the
@@ -74,6 +92,7 @@ import ml_collections
 from absl import flags
 
 from mokd_jax import cli, config_helpers, models
+from mokd_jax.benchmark_detection import DETECTION_MODES, measure_detection
 from mokd_jax.benchmark_like_peer import LIKE_PEER
 from mokd_jax.benchmark_ours import MODES, measure_ours
 from mokd_jax.benchmark_peer import PEER_MODES, peer_timer
@@ -85,28 +104,64 @@ FRAMEWORKS = ("jax", "torch", "both")
 FLAGS = flags.FLAGS
 
 
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {
+        "teacher": "resnet34",
+        "student": "resnet18",
+        "image_size": 112,
+        "batch_size": 16,
+        "num_classes": 1000,
+    },
+    "detection": {
+        "teacher": "resnet50",
+        "student": "resnet18",
+        "image_size": 512,
+        "batch_size": 8,
+        "num_classes": 80,
+    },
+}
+"""Each task's defaults for the flags left unset: ImageNet ResNets at a size a CPU runs
+(classification), torchvision's RetinaNet pair at a realistic COCO size (detection)."""
+
+TASK_MODES = {"classification": tuple(MODES), "detection": tuple(DETECTION_MODES)}
+
+
 def define_flags(flag_values: flags.FlagValues) -> None:
     """Defined by `run` only, so that importing this module defines no flag."""
-    flags.DEFINE_string("teacher", "resnet34", "Teacher model name.", flag_values=flag_values)
-    flags.DEFINE_string("student", "resnet18", "Student model name.", flag_values=flag_values)
-    flags.DEFINE_integer(
-        "image_size",
-        112,
-        "Square image side (>= 112 for ImageNet ResNets on CPU).",
+    flags.DEFINE_enum(
+        "task",
+        "classification",
+        tuple(TASK_DEFAULTS),
+        "What to benchmark.",
         flag_values=flag_values,
     )
-    flags.DEFINE_integer("batch_size", 16, "Images per step.", flag_values=flag_values)
+    for name, kind, what in (
+        ("teacher", flags.DEFINE_string, "Teacher model (detection: its backbone)."),
+        ("student", flags.DEFINE_string, "Student model (detection: its backbone)."),
+        ("image_size", flags.DEFINE_integer, "Square image side (CPU: >= 112 for ResNets)."),
+        ("batch_size", flags.DEFINE_integer, "Images per step."),
+        ("num_classes", flags.DEFINE_integer, "Classes of the synthetic labels and heads."),
+    ):
+        defaults = ", ".join(f"{task} {values[name]}" for task, values in TASK_DEFAULTS.items())
+        kind(name, None, f"{what} Default: {defaults}.", flag_values=flag_values)
     flags.DEFINE_integer(
         "steps", 5, "Timed steps per mode (after 2 warm-up steps).", flag_values=flag_values
     )
-    flags.DEFINE_integer(
-        "num_classes",
-        1000,
-        "Classes of the synthetic labels and model heads.",
-        flag_values=flag_values,
-    )
+    for name, default, what in (
+        ("fpn_width", 256, "FPN and head channels"),
+        ("head_depth", 4, "convs in each head before its output"),
+    ):
+        flags.DEFINE_integer(
+            name,
+            default,
+            f"Detection: both RetinaNets' {what} (torchvision's: {default}).",
+            flag_values=flag_values,
+        )
     flags.DEFINE_list(
-        "modes", list(MODES), f"Modes to time, from {list(MODES)}.", flag_values=flag_values
+        "modes",
+        None,
+        f"Modes to time (default: all of the task's), from {dict(TASK_MODES)}.",
+        flag_values=flag_values,
     )
     flags.DEFINE_enum(
         "dtype", "float32", models.DTYPES, "Compute dtype of the models.", flag_values=flag_values
@@ -133,15 +188,18 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
 
 
-def check_request(mode_names: Sequence[str], framework: str) -> list[str]:
-    """The peer modes among `mode_names` (none for `jax`), or an InputError for an unknown
-    mode or framework, or a torch framework without any peer mode."""
+def check_request(task: str, mode_names: Sequence[str], framework: str) -> list[str]:
+    """The peer modes among `mode_names` (none for `jax`), or an InputError for a mode the
+    task lacks, an unknown framework, a torch framework without any peer mode, or one
+    asked for detection (the peer has none)."""
     check_choice("framework", framework, FRAMEWORKS)
     for mode in mode_names:
-        if mode not in MODES:
-            raise invalid("modes", mode, f"one of {list(MODES)}")
+        if mode not in TASK_MODES[task]:
+            raise invalid("modes", mode, f"with --task={task}, one of {list(TASK_MODES[task])}")
     if framework == "jax":
         return []
+    if task != "classification":
+        raise invalid("framework", framework, f"jax with --task={task} (no PyTorch peer)")
     peer_modes = [mode for mode in mode_names if mode in PEER_MODES]
     if not peer_modes:
         allowed = f"with --framework={framework}, at least one of {', '.join(PEER_MODES)}"
@@ -161,7 +219,7 @@ def measure(
     both, each peer mode right after ours (`both`); returns the JSON-ready results. With a
     peer, `base` takes the peer's optimizer and every mode of ours its losses
     (`benchmark_like_peer`), so that both frameworks run the same step."""
-    peer_modes = check_request(mode_names, framework)
+    peer_modes = check_request("classification", mode_names, framework)
     load_before = os.getloadavg()
     like_peer = bool(peer_modes)
     if like_peer:
@@ -192,28 +250,49 @@ def measure(
     return results
 
 
+def task_settings(task: str) -> dict[str, Any]:
+    """The flags of TASK_DEFAULTS, each the task's default where left unset."""
+    return {
+        name: default if FLAGS[name].value is None else FLAGS[name].value
+        for name, default in TASK_DEFAULTS[task].items()
+    }
+
+
+def measure_task(base: ml_collections.ConfigDict, task: str, image_size: int) -> dict[str, Any]:
+    """The results of the flags' request: `measure` for classification, the detection
+    benchmark (`benchmark_detection`) for detection."""
+    mode_names = FLAGS.modes or list(TASK_MODES[task])
+    if task == "classification":
+        peer_overrides = {
+            "device": FLAGS.peer_device,
+            "bf16": FLAGS.peer_bf16,
+            "channels_last": FLAGS.peer_channels_last,
+            "compile": FLAGS.peer_compile,
+        }
+        return measure(base, image_size, FLAGS.steps, mode_names, FLAGS.framework, peer_overrides)
+    check_request(task, mode_names, FLAGS.framework)
+    load_before = os.getloadavg()
+    results = measure_detection(
+        base, image_size, FLAGS.steps, mode_names, FLAGS.fpn_width, FLAGS.head_depth
+    )
+    return {"machine": machine_info(load_before), **results}
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
-    base = config_helpers.with_overrides(
-        config_helpers.base_config(),
-        {
-            "teacher.model": FLAGS.teacher,
-            "student.model": FLAGS.student,
-            "batch_size": FLAGS.batch_size,
-            "num_classes": FLAGS.num_classes,
-            "dtype": FLAGS.dtype,
-        },
-    )
-    peer_overrides = {
-        "device": FLAGS.peer_device,
-        "bf16": FLAGS.peer_bf16,
-        "channels_last": FLAGS.peer_channels_last,
-        "compile": FLAGS.peer_compile,
-    }
+    settings = task_settings(FLAGS.task)
     try:
-        results = measure(
-            base, FLAGS.image_size, FLAGS.steps, FLAGS.modes, FLAGS.framework, peer_overrides
+        base = config_helpers.with_overrides(
+            config_helpers.base_config(),
+            {
+                "teacher.model": settings["teacher"],
+                "student.model": settings["student"],
+                "batch_size": settings["batch_size"],
+                "num_classes": settings["num_classes"],
+                "dtype": FLAGS.dtype,
+            },
         )
+        results = measure_task(base, FLAGS.task, settings["image_size"])
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

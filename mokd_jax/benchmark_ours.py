@@ -17,14 +17,7 @@ from mokd_jax import state as state_lib
 from mokd_jax.benchmark_like_peer import logit_student_functions, logits_only_state
 from mokd_jax.benchmark_report import config_section, extra_memory, log, ratios
 from mokd_jax.config_checks import check_config
-from mokd_jax.measurement import (
-    aggregation_time,
-    flop_floor_ratio,
-    forward_flops,
-    peak_bytes,
-    time_step,
-    tree_bytes,
-)
+from mokd_jax.measurement import aggregation_time, mode_row, models_flop_floor, tree_bytes
 from mokd_jax.state import TrainState
 
 MODES: dict[str, dict[str, Any]] = {
@@ -159,22 +152,13 @@ def measure_ours(
         log(f"[{mode}] building and compiling")
         step, state, args = build_mode(mode, config, image_shape, teacher_variables, like_peer)
         log(f"[{mode}] timing {steps} steps")
-        seconds, memory = time_step(step, state, args, batch, steps)
-        modes[mode] = {
-            "step_time_s": seconds,
-            "images_per_s": base.batch_size / seconds,
-            "peak_bytes": peak_bytes(),
-            "compiled_memory": memory,
-        }
-        log(f"[{mode}] {seconds:.4f} s/step")
+        modes[mode] = mode_row(step, state, args, batch, steps)
+        log(f"[{mode}] {modes[mode]['step_time_s']:.4f} s/step")
         if after_mode is not None:
             after_mode(mode)
 
     log("FLOPs of the forward passes")
-    floor = flop_floor_ratio(
-        forward_flops(teacher, image_shape, base.batch_size),
-        forward_flops(student, image_shape, base.batch_size),
-    )
+    floor = models_flop_floor(teacher, student, image_shape, base.batch_size)
     aggregation = {}
     if set(mode_names) - {"ce"}:
         zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), student_params)

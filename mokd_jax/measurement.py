@@ -48,6 +48,20 @@ def time_step(
     return statistics.median(times), memory
 
 
+def mode_row(
+    step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
+) -> dict[str, Any]:
+    """A benchmark mode's row: `time_step`'s median seconds and compiled memory, images/s
+    (the batch's leading dimension) and the device's peak bytes so far."""
+    seconds, memory = time_step(step, state, args, batch, steps)
+    return {
+        "step_time_s": seconds,
+        "images_per_s": len(jax.tree.leaves(batch)[0]) / seconds,
+        "peak_bytes": peak_bytes(),
+        "compiled_memory": memory,
+    }
+
+
 def compiled_memory(compiled) -> dict[str, int] | None:
     """XLA's memory plan of a compiled step (None where the backend has none): the bytes of
     its arguments, outputs, temporaries and of the outputs aliased to (donated) arguments,
@@ -100,6 +114,14 @@ def forward_flops(model, image_shape: tuple[int, ...], batch_size: int) -> float
     )
     forward = functools.partial(model.apply, train=False)
     return cost_flops(jax.jit(forward).lower(variables, images).compile().cost_analysis())
+
+
+def models_flop_floor(teacher, student, image_shape: tuple[int, ...], batch_size: int) -> float:
+    """`flop_floor_ratio` of two models' eval-mode forward passes on a batch."""
+    return flop_floor_ratio(
+        forward_flops(teacher, image_shape, batch_size),
+        forward_flops(student, image_shape, batch_size),
+    )
 
 
 def flop_floor_ratio(teacher_flops: float, student_flops: float) -> float:

@@ -37,7 +37,8 @@ def results(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_json_has_every_section(results):
-    for key in ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios"):
+    keys = ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios", "memory")
+    for key in keys:
         assert key in results
     assert set(results["modes"]) == set(MODES.split(","))
     assert results["config"]["student"] == "cnn_small"
@@ -50,6 +51,19 @@ def test_step_times_are_positive(results):
         assert row["step_time_s"] > 0
         assert row["images_per_s"] == pytest.approx(8 / row["step_time_s"])
         assert row["peak_bytes"] is None or row["peak_bytes"] > 0
+        assert row["compiled_memory"]["peak_bytes"] >= row["compiled_memory"]["argument_bytes"]
+
+
+@pytest.mark.slow
+def test_memory_section_reads_mokd_against_kd_1bwd_in_gradient_copies(results):
+    memory = results["memory"]
+    assert memory["gradient_copy_bytes"] > 0 and memory["baseline"] == "kd_1bwd"
+    for mode, extra_objectives in (("mokd", 1), ("mokd_separate", 2)):
+        row = memory[mode]
+        assert row["extra_objectives"] == extra_objectives
+        assert row["extra_gradient_copies"] == pytest.approx(
+            row["extra_bytes"] / memory["gradient_copy_bytes"]
+        )
 
 
 @pytest.mark.slow
@@ -149,3 +163,51 @@ def test_a_bad_framework_request_is_refused_in_one_line(tmp_path, arguments, mes
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line
     assert not (tmp_path / "bench.json").exists()
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize(
+    "mode_names, framework, message",
+    [
+        (["kd"], "both", "framework='both' is not allowed: jax with --task=detection"),
+        (["kd_1bwd"], "jax", "modes='kd_1bwd' is not allowed: with --task=detection, one of"),
+    ],
+)
+def test_a_detection_request_takes_its_own_modes_and_no_peer(mode_names, framework, message):
+    from mokd_jax import benchmark
+    from mokd_jax.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        benchmark.check_request("detection", mode_names, framework)
+
+
+@pytest.fixture(scope="module")
+def detection_results(tmp_path_factory) -> dict:
+    """A tiny RetinaNet pair (64 px, batch 1, 8-channel heads one conv deep), one step."""
+    path = tmp_path_factory.mktemp("detection") / "bench.json"
+    tiny = ["--image_size=64", "--batch_size=1", "--fpn_width=8", "--head_depth=1"]
+    pair = ["--teacher=resnet18", "--student=resnet18", "--num_classes=3", "--steps=1"]
+    result = run_benchmark(path, "--task=detection", *tiny, *pair)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_the_detection_task_writes_the_classification_json_shape(detection_results):
+    results = detection_results
+    for key in ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios"):
+        assert key in results
+    assert results["config"]["task"] == "detection" and results["config"]["fpn_width"] == 8
+    assert set(results["modes"]) == {"kd", "mokd"}
+    for row in results["modes"].values():
+        assert row["images_per_s"] == pytest.approx(1 / row["step_time_s"])
+        assert row["compiled_memory"]["peak_bytes"] > 0
+    assert 1 < results["flop_floor_ratio"] < 5 / 3
+    assert results["ratios"]["mokd_over_kd"] > 0
+    assert (
+        results["memory"]["baseline"] == "kd"
+        and "extra_gradient_copies" in (results["memory"]["mokd"])
+    )
