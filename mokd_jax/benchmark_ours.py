@@ -1,6 +1,8 @@
-"""Our steps in the benchmark: each mode's config and compiled step, built on synthetic
-data and timed (`mokd_jax.benchmark`), with the FLOP floor and the aggregation's share of
-the step."""
+"""Our classification steps in the benchmark (`mokd_jax.benchmark`): each mode's config
+and compiled step, built on synthetic data, timed and its memory plan read
+(`measurement.mode_row`), then the FLOP floor, the memory goal and the aggregation's share
+of the step. With the PyTorch peer, the distillation modes run its losses
+(`benchmark_like_peer`)."""
 
 import functools
 from collections.abc import Callable, Mapping, Sequence

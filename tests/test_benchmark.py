@@ -103,7 +103,7 @@ def torch_peer():
 
 def run_benchmark(path, *arguments) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mokd_jax.benchmark", *arguments, f"--json={path}"]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_the_peer_modes_are_the_peer_steps(torch_peer):

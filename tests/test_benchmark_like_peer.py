@@ -68,8 +68,9 @@ def like_peer_config(mode: str):
 def test_one_step_of_ours_and_of_the_peer_agree(torch_peer, mode):
     """Losses to 1e-4 and every updated student parameter to 1e-4: the same losses, the
     same gradients (MoKD's combination included) and the same SGD with weight decay.
-    `kd_1bwd` is slow only for its own compile (about 6 CPU seconds): `mokd` runs the same
-    losses and optimizer, and a second backward."""
+    `kd_1bwd` is marked slow because it adds a second compile of about the same cost while
+    checking little more: `mokd` runs the same losses and optimizer, and a second
+    backward."""
     teacher, student, module = narrow_resnets()
     teacher_vars, student_vars = to_flax(module, teacher), to_flax(module, student)
     config = like_peer_config(mode)
