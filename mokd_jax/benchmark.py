@@ -6,9 +6,14 @@
         [--modes=ce,kd_1bwd,mokd_amortized,kd,mokd,kd_separate,mokd_separate] \\
         [--num_classes=1000] \\
         [--dtype=bfloat16] [--framework=jax|torch|both]
+    mokd-benchmark --task=detection [--teacher=resnet50 --student=resnet18 \\
+        --image_size=512 --batch_size=8 --num_classes=80 --fpn_width=256 --head_depth=4] \\
+        [--modes=kd,mokd]
 
-(or `python -m mokd_jax.benchmark ...`). Modes (each the base config of configs/default.py,
-`config_helpers.base_config()`, with the teacher, student and batch size set):
+(or `python -m mokd_jax.benchmark ...`; unset flags take the task's defaults,
+`TASK_DEFAULTS`). The modes of `--task=classification` (the default; each the base config
+of configs/default.py, `config_helpers.base_config()`, with the teacher, student and batch
+size set; built and timed by `mokd_jax.benchmark_ours`):
   ce              the student alone, cross-entropy, one forward + one backward, no teacher
                   (`steps.teacher_step` run on the student: it is exactly that step);
   kd              aggregator `sum` in `steps.distill_step`: summed KD as the trainer runs it,
@@ -19,8 +24,10 @@
   mokd_amortized  aggregator `mokd_amortized`, one weighted row pulled back;
   kd_separate     aggregator `sum` with `distill.objectives='separate'`, K = 3 rows;
   mokd_separate   aggregator `mokd` with `distill.objectives='separate'`, K = 3 rows.
-Every distillation mode keeps the default feature loss, so all of them compute the same
-forward; only the backward and the aggregation differ.
+Every distillation mode keeps the default feature loss (with a peer, the peer's logits-only
+losses instead: below), so all of them compute the same forward; only the backward and the
+aggregation differ. `--task=detection` times the RetinaNet distillation step instead, `kd`
+(summed, one backward) against `mokd` (`mokd_jax.benchmark_detection`).
 
 Each step is jitted with the state donated, compiled outside the timing, run twice to warm
 up and then `--steps` times; the median wall time (after `block_until_ready`) is reported.
@@ -28,11 +35,16 @@ Weights are random (`state_lib.init_model`): step cost does not depend on them. 
 sets the models' compute dtype (`config.dtype`; parameters, optimizer state and the
 aggregation stay float32).
 
-Memory: `peak_bytes` is the device allocator's peak so far in this process, where the
+Memory, two figures per mode. `compiled_memory` is XLA's plan of the mode's compiled step
+alone, on every backend (CPU included): its argument, output, temporary and aliased
+(donated) bytes, and the peak they imply (`measurement.compiled_memory`). The JSON's
+`memory` section reads the goal "MoKD's extra memory <= one gradient copy per extra
+objective" off it: each MoKD mode's implied peak over the one-backward baseline's
+(`kd_1bwd`; detection: `kd`), in bytes and in gradient copies (the student's parameter
+bytes). `peak_bytes` is the device allocator's peak so far in this process, where the
 backend reports one (GPU, TPU; None on CPU). Peaks only grow, so a mode's figure is exact
 when the modes before it needed less: the default order runs them from the least to the
-most memory they should need. `compiled_temp_bytes` is XLA's planned scratch memory of the
-mode's compiled step alone.
+most memory they should need.
 
 The FLOP floor R = (F_t + 5 F_s) / (F_t + 3 F_s), with F_t and F_s the XLA cost-analysis
 FLOPs of the teacher's and the student's forward passes (a backward costs about two
@@ -51,9 +63,15 @@ The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) a
                   is computed in both, and XLA computes the aggregator's identical Gram
                   only once, so this counts the weights and the combination, not the Gram.
 
-PyTorch peer (`--framework=torch` or `both`; needs torch, `pip install .[torch]`): the
-`kd_1bwd` and `mokd` steps written as a PyTorch user would (`mokd_jax.torch_peer`), on the
-same models (resnet18/34/50), batch and data, timed the same way (warm-up, then the median).
+PyTorch peer (`--framework=torch` or `both`, classification only; needs torch,
+`pip install .[torch]`): the `kd_1bwd` and `mokd` steps written as a PyTorch user would
+(`mokd_jax.torch_peer`), on the same models (resnet18/34/50), batch and data, timed the
+same way (warm-up, then the median; `mokd_jax.benchmark_peer`). With a peer, every mode of
+ours runs the peer's losses (CE + T^2 KL on the logits, no projector) and both frameworks
+the same optimizer (SGD, momentum 0.9, the config's weight decay, constant rate), so that
+the ratios compare the same work (`mokd_jax.benchmark_like_peer` says why logits only);
+the JSON's `config.like_peer` says which recipe ran. The peer's `peak_bytes` is
+`torch.cuda.max_memory_allocated` per mode on a GPU, None on CPU.
 `both` times ours and the peer's one mode after the other in one process (ours, peer, for
 kd_1bwd then mokd) and adds a `peer` section and `ratios_vs_peer` (ours / peer per mode).
 `--peer_device`, `--peer_bf16`, `--peer_channels_last`, `--peer_compile` override the
@@ -65,93 +83,85 @@ ImageNet ResNets need >= 112 px on CPU (the last stage is then 4x4). Measured on
 (resnet34 -> resnet18, 112 px, batch 16, 5 steps): see docs/benchmarks.md.
 """
 
-import dataclasses
-import functools
 import os
-import platform
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 
-from mokd_jax import (
-    cli,
-    config_helpers,
-    measurement,
-    models,
-    networks,
-    normalization,
-    optimizers,
-    steps,
-)
-from mokd_jax import state as state_lib
+from mokd_jax import cli, config_helpers, models
+from mokd_jax.benchmark_detection import DETECTION_MODES, measure_detection
+from mokd_jax.benchmark_like_peer import LIKE_PEER
+from mokd_jax.benchmark_ours import MODES, measure_ours
+from mokd_jax.benchmark_peer import PEER_MODES, peer_timer
+from mokd_jax.benchmark_report import config_section, format_table, machine_info
 from mokd_jax.checks import check_choice
-from mokd_jax.config_checks import check_config
 from mokd_jax.errors import InputError, invalid
-from mokd_jax.measurement import (
-    aggregation_time,
-    flop_floor_ratio,
-    forward_flops,
-    peak_bytes,
-    time_step,
-)
-from mokd_jax.state import TrainState
-
-MODES: dict[str, dict[str, Any]] = {
-    "ce": {},
-    "kd_1bwd": {"aggregator": "sum"},
-    "mokd_amortized": {"aggregator": "mokd_amortized"},
-    "kd": {"aggregator": "sum"},
-    "mokd": {"aggregator": "mokd"},
-    "kd_separate": {"aggregator": "sum", "distill.objectives": "separate"},
-    "mokd_separate": {"aggregator": "mokd", "distill.objectives": "separate"},
-}
-"""Config overrides per mode; `ce` and `kd_1bwd` also use their own step (`build_mode`)."""
-
-RATIOS: dict[str, tuple[str, str]] = {
-    "mokd_over_kd": ("mokd", "kd"),
-    "mokd_over_kd_1bwd": ("mokd", "kd_1bwd"),
-    "mokd_amortized_over_kd": ("mokd_amortized", "kd"),
-    "mokd_amortized_over_kd_1bwd": ("mokd_amortized", "kd_1bwd"),
-    "kd_over_kd_1bwd": ("kd", "kd_1bwd"),
-    "kd_1bwd_over_ce": ("kd_1bwd", "ce"),
-}
 
 FRAMEWORKS = ("jax", "torch", "both")
-PEER_MODES = ("kd_1bwd", "mokd")
-"""The modes with a PyTorch peer (`torch_peer.PEER_STEPS`, kept equal by a test): the
-package must import without torch, so the list is not read from there."""
-
 FLAGS = flags.FLAGS
+
+
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {
+        "teacher": "resnet34",
+        "student": "resnet18",
+        "image_size": 112,
+        "batch_size": 16,
+        "num_classes": 1000,
+    },
+    "detection": {
+        "teacher": "resnet50",
+        "student": "resnet18",
+        "image_size": 512,
+        "batch_size": 8,
+        "num_classes": 80,
+    },
+}
+"""Each task's defaults for the flags left unset: ImageNet ResNets at a size a CPU runs
+(classification), torchvision's RetinaNet pair at a realistic COCO size (detection)."""
+
+TASK_MODES = {"classification": tuple(MODES), "detection": tuple(DETECTION_MODES)}
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """Defined by `run` only, so that importing this module defines no flag."""
-    flags.DEFINE_string("teacher", "resnet34", "Teacher model name.", flag_values=flag_values)
-    flags.DEFINE_string("student", "resnet18", "Student model name.", flag_values=flag_values)
-    flags.DEFINE_integer(
-        "image_size",
-        112,
-        "Square image side (>= 112 for ImageNet ResNets on CPU).",
+    flags.DEFINE_enum(
+        "task",
+        "classification",
+        tuple(TASK_DEFAULTS),
+        "What to benchmark.",
         flag_values=flag_values,
     )
-    flags.DEFINE_integer("batch_size", 16, "Images per step.", flag_values=flag_values)
+    for name, kind, what in (
+        ("teacher", flags.DEFINE_string, "Teacher model (detection: its backbone)."),
+        ("student", flags.DEFINE_string, "Student model (detection: its backbone)."),
+        ("image_size", flags.DEFINE_integer, "Square image side (CPU: >= 112 for ResNets)."),
+        ("batch_size", flags.DEFINE_integer, "Images per step."),
+        ("num_classes", flags.DEFINE_integer, "Classes of the synthetic labels and heads."),
+    ):
+        defaults = ", ".join(f"{task} {values[name]}" for task, values in TASK_DEFAULTS.items())
+        kind(name, None, f"{what} Default: {defaults}.", flag_values=flag_values)
     flags.DEFINE_integer(
         "steps", 5, "Timed steps per mode (after 2 warm-up steps).", flag_values=flag_values
     )
-    flags.DEFINE_integer(
-        "num_classes",
-        1000,
-        "Classes of the synthetic labels and model heads.",
-        flag_values=flag_values,
-    )
+    for name, default, what in (
+        ("fpn_width", 256, "FPN and head channels"),
+        ("head_depth", 4, "convs in each head before its output"),
+    ):
+        flags.DEFINE_integer(
+            name,
+            default,
+            f"Detection: both RetinaNets' {what} (torchvision's: {default}).",
+            flag_values=flag_values,
+        )
     flags.DEFINE_list(
-        "modes", list(MODES), f"Modes to time, from {list(MODES)}.", flag_values=flag_values
+        "modes",
+        None,
+        f"Modes to time (default: all of the task's), from {dict(TASK_MODES)}.",
+        flag_values=flag_values,
     )
     flags.DEFINE_enum(
         "dtype", "float32", models.DTYPES, "Compute dtype of the models.", flag_values=flag_values
@@ -178,203 +188,18 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     )
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def mode_config(base: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
-    """The base config with the mode's overrides, validated like a training run's."""
-    config = config_helpers.with_overrides(base, MODES[mode])
-    check_config(config)
-    return config
-
-
-def synthetic_batch(
-    batch_size: int, image_size: int, num_classes: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random uint8 images and labels, the dtypes the trainer's batches have."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, (batch_size,), dtype=np.int32)
-    return images, labels
-
-
-def build_mode(
-    mode: str,
-    config: ml_collections.ConfigDict,
-    image_shape: tuple[int, ...],
-    teacher_variables: Mapping[str, Any],
-) -> tuple[Callable, TrainState, tuple]:
-    """(step function, initial state, the step's arguments after the state and batch)."""
-    inputs = normalization.for_dataset(config.dataset)
-    nets = networks.build_networks(
-        config, config.num_classes, image_shape[0], teacher_input=inputs, student_input=inputs
-    )
-    key = jax.random.key(config.seed + 1)
-    if mode == "ce":
-        tx = optimizers.make_optimizer(config.student)
-        create = functools.partial(state_lib.create_teacher_state, nets.student, image_shape, tx)
-        return (
-            functools.partial(steps.teacher_step, model=nets.student, tx=tx, inputs=inputs),
-            jax.jit(create)(key),
-            (),
-        )
-    if mode == "kd_1bwd":
-        tx = optimizers.make_optimizer(config.student)
-        step = functools.partial(
-            steps.summed_distill_step, networks=nets, tx=tx, distill=config.distill
-        )
-    else:
-        tx = optimizers.student_optimizer(config)
-        step = steps.make_distill_step(config, nets, tx)
-    create = functools.partial(state_lib.create_student_state, nets, image_shape, tx)
-    return step, jax.jit(create)(key), (teacher_variables,)
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def ratios(modes: Mapping[str, Mapping[str, Any]], floor: float) -> dict[str, Any]:
-    """Step-time ratios of the modes that were run, and the cost goals against them."""
-    result: dict[str, Any] = {
-        name: modes[a]["step_time_s"] / modes[b]["step_time_s"]
-        for name, (a, b) in RATIOS.items()
-        if a in modes and b in modes
-    }
-    result["goal_mokd"] = f"mokd_over_kd_1bwd <= 1.05 R = {1.05 * floor:.4f}"
-    result["goal_mokd_amortized"] = "mokd_amortized_over_kd_1bwd <= 1.05"
-    if "mokd_over_kd_1bwd" in result:
-        result["goal_mokd_met"] = result["mokd_over_kd_1bwd"] <= 1.05 * floor
-    if "mokd_amortized_over_kd_1bwd" in result:
-        result["goal_mokd_amortized_met"] = result["mokd_amortized_over_kd_1bwd"] <= 1.05
-    return result
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """Our modes' table and figures (when run), then the peer's rows and the ratios."""
-    lines = format_ours(results) if "modes" in results else []
-    if "peer" in results:
-        lines += format_peer(results["peer"], results.get("ratios_vs_peer", {}))
-    return "\n".join(lines)
-
-
-def format_ours(results: Mapping[str, Any]) -> list[str]:
-    lines = [f"{'mode':<16}{'step s':>10}{'images/s':>10}{'temp MiB':>10}"]
-    for mode, row in results["modes"].items():
-        temp = row["compiled_temp_bytes"]
-        temp_text = f"{temp / 2**20:.0f}" if temp is not None else "-"
-        lines.append(
-            f"{mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}{temp_text:>10}"
-        )
-    lines.append(f"flop_floor_ratio R = {results['flop_floor_ratio']:.4f}")
-    for name, value in results["ratios"].items():
-        lines.append(f"{name} = {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    for k, row in results["aggregation"].items():
-        share = row["share"]
-        share_text = f"{100 * share:.3f}% of {row['step']}" if share is not None else "n/a"
-        in_step = row["in_step_share"]
-        in_step_text = f"{100 * in_step:.3f}%" if in_step is not None else "n/a"
-        lines.append(
-            f"aggregation {k}: {1e3 * row['time_s']:.3f} ms alone = {share_text}; "
-            f"in the step: {in_step_text}"
-        )
-    return lines
-
-
-def format_peer(peer: Mapping[str, Any], ratios_vs_peer: Mapping[str, float]) -> list[str]:
-    lines = [f"peer (torch {peer['torch']}, {peer['options']})"]
-    for mode, row in peer["modes"].items():
-        lines.append(f"{'peer ' + mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}")
-    lines += [f"{mode} ours / peer = {value:.4f}" for mode, value in ratios_vs_peer.items()]
-    return lines
-
-
-def import_torch_peer():
-    """`mokd_jax.torch_peer`, or a one-line InputError when torch is not installed."""
-    try:
-        from mokd_jax import torch_peer
-    except ModuleNotFoundError as error:
-        raise InputError(
-            f"--framework needs torch ({error}): pip install .[torch], or --framework=jax"
-        ) from None
-    return torch_peer
-
-
-def peer_timer(
-    base: ml_collections.ConfigDict, image_size: int, steps: int, overrides: Mapping[str, Any]
-) -> tuple[Callable[[str], dict[str, Any]], dict[str, Any]]:
-    """(a function timing one peer mode on fresh models and the benchmark's batch, the
-    JSON `peer` section that its rows go into). The models are checked here, before any
-    of our modes runs, so that a pair without a peer is refused at once."""
-    torch_peer = import_torch_peer()
-    torch_peer.check_architectures(base.teacher.model, base.student.model)
-    options = torch_peer.options_with(overrides)
-    images, labels = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
-    inputs = normalization.for_dataset(base.dataset)
-
-    def time_mode(mode: str) -> dict[str, Any]:
-        log(f"[peer {mode}] building and timing {steps} steps")
-        teacher, student = torch_peer.peer_models(
-            base.teacher.model, base.student.model, base.num_classes, base.seed
-        )
-        setup = torch_peer.build_setup(
-            teacher, student, images, labels, inputs, options, base.student.learning_rate
-        )
-        row = torch_peer.time_mode(
-            mode,
-            setup,
-            base.distill,
-            base.aggregation.mokd.max_norm,
-            steps,
-            measurement.WARMUP_STEPS,
-        )
-        log(f"[peer {mode}] {row['step_time_s']:.4f} s/step")
-        return row
-
-    section = {
-        "torch": torch_peer.torch.__version__,
-        "options": dataclasses.asdict(options),
-        "modes": {},
-    }
-    return time_mode, section
-
-
-def machine_info(load_before: tuple[float, ...]) -> dict[str, Any]:
-    return {
-        "node": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
-    }
-
-
-def config_section(base: ml_collections.ConfigDict, image_size: int, steps: int) -> dict:
-    return {
-        "teacher": base.teacher.model,
-        "student": base.student.model,
-        "image_size": image_size,
-        "batch_size": base.batch_size,
-        "num_classes": base.num_classes,
-        "steps": steps,
-        "warmup_steps": measurement.WARMUP_STEPS,
-        "dtype": base.dtype,
-        "distill": base.distill.to_dict(),
-    }
-
-
-def check_request(mode_names: Sequence[str], framework: str) -> list[str]:
-    """The peer modes among `mode_names` (none for `jax`), or an InputError for an unknown
-    mode or framework, or a torch framework without any peer mode."""
+def check_request(task: str, mode_names: Sequence[str], framework: str) -> list[str]:
+    """The peer modes among `mode_names` (none for `jax`), or an InputError for a mode the
+    task lacks, an unknown framework, a torch framework without any peer mode, or one
+    asked for detection (the peer has none)."""
     check_choice("framework", framework, FRAMEWORKS)
     for mode in mode_names:
-        if mode not in MODES:
-            raise invalid("modes", mode, f"one of {list(MODES)}")
+        if mode not in TASK_MODES[task]:
+            raise invalid("modes", mode, f"with --task={task}, one of {list(TASK_MODES[task])}")
     if framework == "jax":
         return []
+    if task != "classification":
+        raise invalid("framework", framework, f"jax with --task={task} (no PyTorch peer)")
     peer_modes = [mode for mode in mode_names if mode in PEER_MODES]
     if not peer_modes:
         allowed = f"with --framework={framework}, at least one of {', '.join(PEER_MODES)}"
@@ -391,9 +216,14 @@ def measure(
     peer_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Times every mode and the aggregation, ours (`jax`), the PyTorch peer's (`torch`) or
-    both, each peer mode right after ours (`both`); returns the JSON-ready results."""
-    peer_modes = check_request(mode_names, framework)
+    both, each peer mode right after ours (`both`); returns the JSON-ready results. With a
+    peer, `base` takes the peer's optimizer and every mode of ours its losses
+    (`benchmark_like_peer`), so that both frameworks run the same step."""
+    peer_modes = check_request("classification", mode_names, framework)
     load_before = os.getloadavg()
+    like_peer = bool(peer_modes)
+    if like_peer:
+        base = config_helpers.with_overrides(base, LIKE_PEER)
     time_peer, peer = None, None
     if peer_modes:
         time_peer, peer = peer_timer(base, image_size, steps, peer_overrides or {})
@@ -401,10 +231,15 @@ def measure(
         peer["modes"] = {mode: time_peer(mode) for mode in peer_modes}
         return {
             "machine": machine_info(load_before),
-            "config": config_section(base, image_size, steps),
+            "config": config_section(base, image_size, steps, like_peer),
             "peer": peer,
         }
-    ours = measure_ours(base, image_size, steps, mode_names, time_peer, peer)
+
+    def time_peer_after_ours(mode: str) -> None:
+        if mode in peer_modes:
+            peer["modes"][mode] = time_peer(mode)
+
+    ours = measure_ours(base, image_size, steps, mode_names, time_peer_after_ours, like_peer)
     results = {"machine": machine_info(load_before), **ours}
     if peer is not None:
         results["peer"] = peer
@@ -415,98 +250,49 @@ def measure(
     return results
 
 
-def measure_ours(
-    base: ml_collections.ConfigDict,
-    image_size: int,
-    steps: int,
-    mode_names: Sequence[str],
-    time_peer: Callable[[str], dict[str, Any]] | None,
-    peer: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """Our modes, the FLOP floor and the aggregation's share; a peer mode (`time_peer`) is
-    timed right after ours, its row put in `peer["modes"]`."""
-    image_shape = (image_size, image_size, 3)
-    teacher = networks.build_model(base, "teacher", base.num_classes, image_size)
-    student = networks.build_model(base, "student", base.num_classes, image_size)
-    teacher_variables = jax.jit(functools.partial(state_lib.init_model, teacher, image_shape))(
-        jax.random.key(base.seed)
-    )
-    batch = synthetic_batch(base.batch_size, image_size, base.num_classes, base.seed)
-
-    modes: dict[str, dict[str, Any]] = {}
-    student_params = None
-    for mode in mode_names:
-        config = mode_config(base, mode)
-        log(f"[{mode}] building and compiling")
-        step, state, args = build_mode(mode, config, image_shape, teacher_variables)
-        if mode != "ce" and student_params is None:
-            student_params = jax.tree.map(jnp.zeros_like, state.params)
-        log(f"[{mode}] timing {steps} steps")
-        seconds, temp_bytes = time_step(step, state, args, batch, steps)
-        modes[mode] = {
-            "step_time_s": seconds,
-            "images_per_s": base.batch_size / seconds,
-            "peak_bytes": peak_bytes(),
-            "compiled_temp_bytes": temp_bytes,
-        }
-        log(f"[{mode}] {seconds:.4f} s/step")
-        if time_peer is not None and mode in PEER_MODES:
-            peer["modes"][mode] = time_peer(mode)
-
-    log("FLOPs of the forward passes")
-    floor = flop_floor_ratio(
-        forward_flops(teacher, image_shape, base.batch_size),
-        forward_flops(student, image_shape, base.batch_size),
-    )
-    aggregation_results = {}
-    if student_params is not None:
-        hparams = base.aggregation.mokd.to_dict()
-        for k, reference, summed in ((2, "mokd", "kd"), (3, "mokd_separate", "kd_separate")):
-            log(f"aggregation K={k}")
-            seconds = aggregation_time(student_params, k, hparams)
-            step_time = modes.get(reference, {}).get("step_time_s")
-            summed_time = modes.get(summed, {}).get("step_time_s")
-            aggregation_results[f"K{k}"] = {
-                "time_s": seconds,
-                "share": seconds / step_time if step_time else None,
-                "in_step_share": (
-                    (step_time - summed_time) / step_time if step_time and summed_time else None
-                ),
-                "step": reference,
-            }
+def task_settings(task: str) -> dict[str, Any]:
+    """The flags of TASK_DEFAULTS, each the task's default where left unset."""
     return {
-        "jax": jax.__version__,
-        "devices": [str(device) for device in jax.devices()],
-        "config": config_section(base, image_size, steps),
-        "modes": modes,
-        "flop_floor_ratio": floor,
-        "ratios": ratios(modes, floor),
-        "aggregation": aggregation_results,
+        name: default if FLAGS[name].value is None else FLAGS[name].value
+        for name, default in TASK_DEFAULTS[task].items()
     }
+
+
+def measure_task(base: ml_collections.ConfigDict, task: str, image_size: int) -> dict[str, Any]:
+    """The results of the flags' request: `measure` for classification, the detection
+    benchmark (`benchmark_detection`) for detection."""
+    mode_names = FLAGS.modes or list(TASK_MODES[task])
+    if task == "classification":
+        peer_overrides = {
+            "device": FLAGS.peer_device,
+            "bf16": FLAGS.peer_bf16,
+            "channels_last": FLAGS.peer_channels_last,
+            "compile": FLAGS.peer_compile,
+        }
+        return measure(base, image_size, FLAGS.steps, mode_names, FLAGS.framework, peer_overrides)
+    check_request(task, mode_names, FLAGS.framework)
+    load_before = os.getloadavg()
+    results = measure_detection(
+        base, image_size, FLAGS.steps, mode_names, FLAGS.fpn_width, FLAGS.head_depth
+    )
+    return {"machine": machine_info(load_before), **results}
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    base = config_helpers.with_overrides(
-        config_helpers.base_config(),
-        {
-            "teacher.model": FLAGS.teacher,
-            "student.model": FLAGS.student,
-            "batch_size": FLAGS.batch_size,
-            "num_classes": FLAGS.num_classes,
-            "dtype": FLAGS.dtype,
-        },
-    )
-    peer_overrides = {
-        "device": FLAGS.peer_device,
-        "bf16": FLAGS.peer_bf16,
-        "channels_last": FLAGS.peer_channels_last,
-        "compile": FLAGS.peer_compile,
-    }
+    settings = task_settings(FLAGS.task)
     try:
-        results = measure(
-            base, FLAGS.image_size, FLAGS.steps, FLAGS.modes, FLAGS.framework, peer_overrides
+        base = config_helpers.with_overrides(
+            config_helpers.base_config(),
+            {
+                "teacher.model": settings["teacher"],
+                "student.model": settings["student"],
+                "batch_size": settings["batch_size"],
+                "num_classes": settings["num_classes"],
+                "dtype": FLAGS.dtype,
+            },
         )
+        results = measure_task(base, FLAGS.task, settings["image_size"])
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

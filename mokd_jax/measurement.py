@@ -1,5 +1,5 @@
-"""Measurements of compiled steps for the benchmark: median step time, XLA's planned
-temporary bytes and the device's peak bytes, FLOP counts and the FLOP floor ratio, and the
+"""Measurements of compiled steps for the benchmark: median step time, XLA's memory plan
+of the step and the device's peak bytes, FLOP counts and the FLOP floor ratio, and the
 aggregation's own cost.
 
 Times are medians over repeated calls of one compiled executable, after compilation and
@@ -30,12 +30,12 @@ def block(tree: Any) -> None:
 
 def time_step(
     step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
-) -> tuple[float, int | None]:
-    """(Median seconds per step, compiled temporary bytes or None). The state is donated
-    (as in training), so each call consumes the previous call's state; compilation and
-    WARMUP_STEPS calls happen before the clock starts."""
+) -> tuple[float, dict[str, int] | None]:
+    """(Median seconds per step, the compiled step's `compiled_memory` or None). The state
+    is donated (as in training), so each call consumes the previous call's state;
+    compilation and WARMUP_STEPS calls happen before the clock starts."""
     compiled = jax.jit(step, donate_argnums=0).lower(state, *args, *batch).compile()
-    temp_bytes = memory_analysis_bytes(compiled)
+    memory = compiled_memory(compiled)
     for _ in range(WARMUP_STEPS):
         state, metrics = compiled(state, *args, *batch)
     block((state, metrics))
@@ -45,16 +45,51 @@ def time_step(
         state, metrics = compiled(state, *args, *batch)
         block((state, metrics))
         times.append(time.perf_counter() - start)
-    return statistics.median(times), temp_bytes
+    return statistics.median(times), memory
 
 
-def memory_analysis_bytes(compiled) -> int | None:
-    """XLA's planned temporary buffer bytes of a compiled step (None where unsupported):
-    unlike `memory_stats`, it exists on CPU."""
+def mode_row(
+    step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
+) -> dict[str, Any]:
+    """A benchmark mode's row: `time_step`'s median seconds and compiled memory, images/s
+    (the batch's leading dimension) and the device's peak bytes so far."""
+    seconds, memory = time_step(step, state, args, batch, steps)
+    return {
+        "step_time_s": seconds,
+        "images_per_s": len(jax.tree.leaves(batch)[0]) / seconds,
+        "peak_bytes": peak_bytes(),
+        "compiled_memory": memory,
+    }
+
+
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """XLA's memory plan of a compiled step (None where the backend has none): the bytes of
+    its arguments, outputs, temporaries and of the outputs aliased to (donated) arguments,
+    and the peak they imply, arguments + outputs - aliased + temporaries: every buffer the
+    step holds at once at most. Unlike the allocator's `memory_stats`, it exists on every
+    backend, CPU included, and counts the one step alone."""
     try:
-        return int(compiled.memory_analysis().temp_size_in_bytes)
+        stats = compiled.memory_analysis()
+        memory = {
+            "argument_bytes": int(stats.argument_size_in_bytes),
+            "output_bytes": int(stats.output_size_in_bytes),
+            "temp_bytes": int(stats.temp_size_in_bytes),
+            "alias_bytes": int(stats.alias_size_in_bytes),
+        }
     except (AttributeError, NotImplementedError, TypeError):
         return None
+    memory["peak_bytes"] = (
+        memory["argument_bytes"]
+        + memory["output_bytes"]
+        - memory["alias_bytes"]
+        + memory["temp_bytes"]
+    )
+    return memory
+
+
+def tree_bytes(tree: Any) -> int:
+    """The bytes of a pytree's arrays (or shape-dtype structs)."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def peak_bytes() -> int | None:
@@ -79,6 +114,14 @@ def forward_flops(model, image_shape: tuple[int, ...], batch_size: int) -> float
     )
     forward = functools.partial(model.apply, train=False)
     return cost_flops(jax.jit(forward).lower(variables, images).compile().cost_analysis())
+
+
+def models_flop_floor(teacher, student, image_shape: tuple[int, ...], batch_size: int) -> float:
+    """`flop_floor_ratio` of two models' eval-mode forward passes on a batch."""
+    return flop_floor_ratio(
+        forward_flops(teacher, image_shape, batch_size),
+        forward_flops(student, image_shape, batch_size),
+    )
 
 
 def flop_floor_ratio(teacher_flops: float, student_flops: float) -> float:

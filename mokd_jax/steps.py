@@ -151,6 +151,24 @@ The first tap is the representation, where a representation method (GradDrop) co
 the objectives' gradients (`representation_gradients`)."""
 
 
+def student_encoder(student, state: TrainState, student_inputs: jax.Array, tap_set: str):
+    """Classification's `encode`: the student's parameters -> (its taps of `tap_set` from
+    one train-mode forward pass on the normalised `student_inputs`, new batch_stats)."""
+
+    def encode(student_params):
+        features, updates = student.apply(
+            {"params": student_params, "batch_stats": state.batch_stats},
+            student_inputs,
+            train=True,
+            method="encode",
+            mutable=["batch_stats"],
+            rngs=dropout_rngs(state.step),
+        )
+        return taps.select(features, tap_set), updates["batch_stats"]
+
+    return encode
+
+
 def student_functions(
     state: TrainState,
     teacher_variables: Mapping[str, Any],
@@ -173,17 +191,7 @@ def student_functions(
     )
     student_inputs = normalization.apply(networks.student_input, images)
     teacher_taps = taps.select(teacher_features, networks.taps)
-
-    def encode(student_params):
-        features, updates = student.apply(
-            {"params": student_params, "batch_stats": state.batch_stats},
-            student_inputs,
-            train=True,
-            method="encode",
-            mutable=["batch_stats"],
-            rngs=dropout_rngs(state.step),
-        )
-        return taps.select(features, networks.taps), updates["batch_stats"]
+    encode = student_encoder(student, state, student_inputs, networks.taps)
 
     def head_objectives(params, student_taps):
         pooled = student_taps[0]

@@ -3,21 +3,20 @@
 that our jitted steps are timed against it on the same shapes and data.
 
 Needs torch (`pip install .[torch]`): `mokd_jax.benchmark` imports this module only when a
-torch framework is asked for. torchvision is not imported: beside the CPU-only torch it
-cannot be imported without a test shim, so the ResNets are written here with torch.nn under
-torchvision's module names (its state-dict keys, so `mokd_jax.convert` reads them).
+torch framework is asked for. The models are `mokd_jax.torch_peer_models`' ResNets (in
+torchvision's layout), the MoKD weights `mokd_jax.torch_peer_weights`'.
 
 Both peer steps run the teacher in eval mode under `no_grad`, the student in train mode,
-and the loss vector [task_weight * CE, logit_weight * T^2 KL] of our `distill` settings.
-The feature loss of our steps has no peer: it needs our projectors, and the peer measures
-what a plain PyTorch KD step costs.
+and the loss vector [task_weight * CE, logit_weight * T^2 KL] of our `distill` settings;
+the optimizer is SGD with momentum 0.9 and L2 weight decay at a constant rate.
   kd_1bwd  one backward of the summed losses, then SGD;
   mokd     two backward passes (the first keeps the graph) for the two per-objective
            gradients, our `mokd` weights for K = 2 in closed form (min-norm point of the
            log-loss gradients, `sum_norm` rescale, clip), the combination written to
            `.grad`, then SGD.
-SGD rather than our AdamW: the optimizer's cost is the same in both peer modes and small
-next to the backward passes, and the ratio between them is what the goals are about.
+When the benchmark runs a peer, our steps run these losses and this optimizer too
+(`mokd_jax.benchmark_like_peer`, which says why logits only), so that both frameworks do
+the same work.
 """
 
 import dataclasses
@@ -30,119 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mokd_jax.aggregation.gram import EPS
 from mokd_jax.checks import check_choice
 from mokd_jax.normalization import Normalization
+from mokd_jax.torch_peer_models import TORCH_RESNETS, torch_resnet
+from mokd_jax.torch_peer_weights import mokd_coefficients
 
 PEER_MODES = ("kd_1bwd", "mokd")
-VANISHING = 1e-5
-"""As in `aggregation.min_norm`: a combination shorter than this, relative to its longest
-term, counts as zero, and the weights fall back to uniform."""
 
 
 # ----------------------------------------------------------------------------- models
-
-
-class BasicBlock(nn.Module):
-    """torchvision.models.resnet.BasicBlock, also RepDistiller's resnet.py BasicBlock."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """torchvision.models.resnet.Bottleneck (v1.5: the stride on the 3x3 conv)."""
-
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class TorchResNet(nn.Module):
-    """torchvision.models.resnet.ResNet, with the stem and stage widths as arguments
-    (torchvision's are 64 and (64, 128, 256, 512)) so that tests can shrink it. `cifar`:
-    RepDistiller's resnet.py ResNet instead (conv3x3 stride-1 stem, no max-pool; its
-    AvgPool2d(8) is the global pool at 32 px)."""
-
-    def __init__(
-        self, block, layers, num_classes, widths=(64, 128, 256, 512), stem=64, cifar=False
-    ):
-        super().__init__()
-        self.inplanes = stem
-        kernel, stride = (3, 1) if cifar else (7, 2)
-        self.conv1 = nn.Conv2d(3, stem, kernel, stride, kernel // 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
-        self.stages = len(layers)
-        for stage, (blocks, width) in enumerate(zip(layers, widths, strict=True), start=1):
-            stride = 1 if stage == 1 else 2
-            setattr(self, f"layer{stage}", self._make_layer(block, width, blocks, stride))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
-
-    def _make_layer(self, block, planes, blocks, stride):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in range(1, self.stages + 1):
-            x = getattr(self, f"layer{stage}")(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-TORCH_RESNETS = {  # torchvision's builders
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-}
-
-
-def torch_resnet(arch, num_classes=10, **kwargs):
-    block, layers = TORCH_RESNETS[arch]
-    return TorchResNet(block, layers, num_classes, **kwargs)
-
-
 # ----------------------------------------------------------------------------- options
 
 
@@ -215,68 +110,6 @@ def normalized(images: torch.Tensor, inputs: Normalization) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- mokd weights
-
-
-def nonzero(divisor: torch.Tensor) -> torch.Tensor:
-    """`divisor`, 1 where it is 0: for normalising by a maximum that may be 0."""
-    return torch.where(divisor == 0, 1.0, divisor)
-
-
-def combination_norm(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """||sum_k w_k g_k|| from the Gram matrix of the g_k; the weights are divided by their
-    largest magnitude first, so that 1 / (L + eps) factors cannot overflow the square."""
-    peak = torch.max(torch.abs(weights))
-    unit = weights / nonzero(peak)
-    return peak * torch.sqrt(torch.clamp(unit @ gram @ unit, min=0.0))
-
-
-def length_and_usable(
-    gram: torch.Tensor, coefficients: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||sum_k c_k g_k||, whether it is longer than VANISHING times its longest term)."""
-    norms = torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0))
-    length = combination_norm(gram, coefficients)
-    return length, length > VANISHING * torch.max(torch.abs(coefficients) * norms)
-
-
-def two_objective_min_norm(gram: torch.Tensor) -> torch.Tensor:
-    """The min-norm point of the segment between two gradients, as simplex weights: the
-    closed form w_1 = <g_2 - g_1, g_2> / ||g_1 - g_2||^2, clamped to [0, 1], on the Gram
-    matrix normalised to largest diagonal 1; (0.5, 0.5) when the gradients (nearly)
-    coincide, where every point of the segment is the same. Both weights come straight from
-    the Gram matrix (not w_2 = 1 - w_1), so that a weight far below float32's resolution
-    near 1 keeps its digits."""
-    gram = gram / nonzero(torch.max(torch.diagonal(gram)))
-    spread = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]
-    pulls = torch.stack([gram[1, 1] - gram[0, 1], gram[0, 0] - gram[0, 1]])
-    usable = spread > EPS
-    weights = pulls / torch.where(usable, spread, 1.0)
-    return torch.clamp(torch.where(usable, weights, 0.5), 0.0, 1.0)
-
-
-def mokd_coefficients(
-    gram: torch.Tensor, losses: torch.Tensor, max_norm: float | None
-) -> torch.Tensor:
-    """c with d = c_1 g_1 + c_2 g_2, our `mokd` aggregator for K = 2 on the raw Gram matrix
-    of the task and distillation gradients: min-norm weights pi of the log-loss gradients
-    g_k / (L_k + eps), uniform where their combination vanishes (one gradient zero, or the
-    two cancelling), rescaled so that ||d|| = ||g_1 + g_2|| (`sum_norm`; d = 0 where even
-    the uniform combination vanishes), then clipped to `max_norm` (None: no clip). The
-    factors are divided by their largest one before they rescale the Gram matrix, so that
-    it stays within float32."""
-    factors = 1.0 / (torch.clamp(losses, min=0.0) + EPS)
-    unit = factors / torch.max(factors)
-    pi = two_objective_min_norm(unit[:, None] * gram * unit[None, :])
-    _, usable = length_and_usable(gram, pi * factors)
-    coefficients = torch.where(usable, pi, 0.5) * factors
-    length, usable = length_and_usable(gram, coefficients)
-    plain = combination_norm(gram, torch.ones_like(coefficients))
-    coefficients = coefficients * torch.where(usable, plain / torch.where(usable, length, 1.0), 0.0)
-    if max_norm is None:
-        return coefficients
-    return coefficients * (max_norm / torch.clamp(combination_norm(gram, coefficients), max_norm))
-
-
 # ----------------------------------------------------------------------------- steps
 
 
@@ -301,14 +134,18 @@ def build_setup(
     inputs: Normalization,
     options: PeerOptions,
     learning_rate: float,
+    weight_decay: float,
 ) -> PeerSetup:
     """Models prepared for the device (teacher in eval mode, student in train mode), the
-    numpy batch copied to the device once, and SGD on the student."""
+    numpy batch copied to the device once, and SGD on the student: momentum 0.9, L2
+    `weight_decay` on every parameter, as our `sgd` (`optimizers.make_optimizer`)."""
     teacher, student = prepared(teacher.eval(), options), prepared(student.train(), options)
     return PeerSetup(
         teacher=teacher,
         student=student,
-        optimizer=torch.optim.SGD(student.parameters(), lr=learning_rate, momentum=0.9),
+        optimizer=torch.optim.SGD(
+            student.parameters(), lr=learning_rate, momentum=0.9, weight_decay=weight_decay
+        ),
         images=torch.as_tensor(images, device=options.device),
         labels=torch.as_tensor(labels, dtype=torch.long, device=options.device),
         inputs=inputs,
@@ -398,8 +235,16 @@ def time_peer_step(
     return statistics.median(times)
 
 
+def reset_peak_bytes(device: str) -> None:
+    """Starts the allocator's peak count afresh on a GPU, so that each mode's `peak_bytes`
+    is its own (the teacher and student of earlier modes are freed by then)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_bytes(device: str) -> int | None:
-    """The device allocator's peak so far (None on CPU, where torch keeps no count)."""
+    """`torch.cuda.max_memory_allocated` on a GPU: the peak since `reset_peak_bytes`; None
+    on CPU, where torch's allocator keeps no such count."""
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
@@ -429,6 +274,7 @@ def time_mode(
 ) -> dict[str, float | int | None]:
     """The benchmark's row of a peer mode: median step seconds, images/s, peak bytes."""
     step = functools.partial(PEER_STEPS[mode], setup, distill, max_norm)
+    reset_peak_bytes(setup.options.device)
     seconds = time_peer_step(step, setup.options.device, steps, warmup_steps)
     return {
         "step_time_s": seconds,

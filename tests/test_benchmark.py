@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +37,12 @@ def results(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_json_has_every_section(results):
-    for key in ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios"):
+    keys = ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios", "memory")
+    for key in keys:
         assert key in results
     assert set(results["modes"]) == set(MODES.split(","))
     assert results["config"]["student"] == "cnn_small"
+    assert results["config"]["like_peer"] is False  # no peer: the config's recipe
 
 
 @pytest.mark.slow
@@ -50,6 +51,19 @@ def test_step_times_are_positive(results):
         assert row["step_time_s"] > 0
         assert row["images_per_s"] == pytest.approx(8 / row["step_time_s"])
         assert row["peak_bytes"] is None or row["peak_bytes"] > 0
+        assert row["compiled_memory"]["peak_bytes"] >= row["compiled_memory"]["argument_bytes"]
+
+
+@pytest.mark.slow
+def test_memory_section_reads_mokd_against_kd_1bwd_in_gradient_copies(results):
+    memory = results["memory"]
+    assert memory["gradient_copy_bytes"] > 0 and memory["baseline"] == "kd_1bwd"
+    for mode, extra_objectives in (("mokd", 1), ("mokd_separate", 2)):
+        row = memory[mode]
+        assert row["extra_objectives"] == extra_objectives
+        assert row["extra_gradient_copies"] == pytest.approx(
+            row["extra_bytes"] / memory["gradient_copy_bytes"]
+        )
 
 
 @pytest.mark.slow
@@ -89,111 +103,13 @@ def torch_peer():
 
 def run_benchmark(path, *arguments) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mokd_jax.benchmark", *arguments, f"--json={path}"]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_the_peer_modes_are_the_peer_steps(torch_peer):
-    from mokd_jax import benchmark
+    from mokd_jax import benchmark_peer
 
-    assert benchmark.PEER_MODES == tuple(torch_peer.PEER_STEPS) == torch_peer.PEER_MODES
-
-
-def our_mokd_weights(rows, losses, max_norm):
-    """Our `mokd` aggregator's raw weights for the gradient rows [2, P]."""
-    import jax.numpy as jnp
-
-    from mokd_jax.aggregation import min_norm
-
-    gram = (rows @ rows.T).astype(np.float32)
-    scale = np.sqrt(gram.diagonal().max()) or 1.0
-    weighting = min_norm.mokd(2, max_norm=max_norm)
-    state = weighting.weigh(
-        jnp.asarray(gram / scale**2), jnp.asarray(scale), jnp.asarray(losses), weighting.init()
-    )
-    return np.asarray(state.weights)
-
-
-def peer_mokd_weights(torch_peer, rows, losses, max_norm):
-    import torch
-
-    gram = torch.from_numpy((rows @ rows.T).astype(np.float32))
-    return torch_peer.mokd_coefficients(gram, torch.from_numpy(losses), max_norm).numpy()
-
-
-@pytest.mark.parametrize("max_norm", [None, 10.0, 1e-3])
-@pytest.mark.parametrize("scales", [(1.0, 1.0), (1.0, 30.0), (1e-3, 1.0)])
-def test_peer_mokd_coefficients_are_our_aggregator_weights(torch_peer, max_norm, scales):
-    """Random gradient pairs of very different norms and losses, with the clip off, loose
-    and biting: the closed form for K = 2 gives our `mokd` aggregator's raw weights."""
-    rng = np.random.default_rng(len(str(scales)) + int(max_norm or 0))
-    rows = rng.normal(size=(2, 50)) * np.asarray(scales)[:, None]
-    rows[1] += 0.5 * rows[0]  # some agreement, so the min-norm point is inside the segment
-    losses = np.array([2.3, 0.4], np.float32)
-    peer = peer_mokd_weights(torch_peer, rows, losses, max_norm)
-    np.testing.assert_allclose(peer, our_mokd_weights(rows, losses, max_norm), rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "rows, losses, expected",
-    [
-        # opposite gradients, equal losses: the min-norm point and the mean both vanish
-        ([[1.0, 2.0], [-1.0, -2.0]], [1.0, 1.0], [0.0, 0.0]),
-        # a zero task gradient: uniform log-loss weights, d along the distillation
-        # gradient with the norm of g_1 + g_2 = (0, 2): c_2 = 1
-        ([[0.0, 0.0], [0.0, 2.0]], [1.0, 0.5], [1.0, 1.0]),
-        # orthogonal unit gradients, equal losses: pi = (1/2, 1/2), rescaled to ||g1 + g2||
-        ([[1.0, 0.0], [0.0, 1.0]], [2.0, 2.0], [1.0, 1.0]),
-    ],
-)
-def test_peer_mokd_coefficients_in_hand_computed_cases(torch_peer, rows, losses, expected):
-    rows, losses = np.asarray(rows), np.asarray(losses, np.float32)
-    peer = peer_mokd_weights(torch_peer, rows, losses, 10.0)
-    np.testing.assert_allclose(peer, our_mokd_weights(rows, losses, 10.0), atol=1e-6)
-    np.testing.assert_allclose(rows.T @ peer, rows.T @ np.asarray(expected), atol=1e-6)
-
-
-def test_peer_losses_equal_ours_on_the_same_weights(torch_peer):
-    """A torch teacher and student with random weights and BatchNorm statistics, converted
-    to our ResNets (`convert.to_flax`): the loss vector of a peer `mokd` step (the student
-    in train mode) equals [CE, T^2 KL] computed by our objectives, to 1e-4; and the step
-    moves the student."""
-    from test_convert import abstract_variables
-    from torch_references import numpy_state_dict, randomized
-
-    from mokd_jax import config_helpers, convert, models, normalization, objectives
-
-    teacher, student = (randomized(torch_peer.torch_resnet("resnet18"), seed) for seed in (0, 1))
-    module = models.get("resnet18", 10)
-    abstract = abstract_variables(module, 64)
-    teacher_vars, student_vars = (
-        convert.to_flax("resnet18", numpy_state_dict(model), abstract)
-        for model in (teacher, student)
-    )
-    # 64 px: at 32 px the last stage is 1 x 1, and train-mode BatchNorm over 2 values
-    # amplifies round-off (5e-3 apart in the logits); here the logits agree to 1e-5.
-    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    labels = np.array([3, 7], np.int32)
-    inputs = normalization.IMAGENET
-    distill = config_helpers.base_config().distill
-    distill.task_weight, distill.logit_weight = 0.1, 0.9
-
-    x = normalization.apply(inputs, images)
-    teacher_logits = module.apply(teacher_vars, x, train=False)
-    student_logits, _ = module.apply(student_vars, x, train=True, mutable=["batch_stats"])
-    ours = np.array(
-        [
-            distill.task_weight * objectives.cross_entropy(student_logits, labels),
-            distill.logit_weight
-            * objectives.hinton_kd(student_logits, teacher_logits, distill.temperature),
-        ]
-    )
-
-    options = torch_peer.default_options("cpu")
-    setup = torch_peer.build_setup(teacher, student, images, labels, inputs, options, 0.1)
-    before = setup.student.fc.weight.detach().clone()
-    peer = torch_peer.mokd_step(setup, distill, 10.0).numpy()
-    np.testing.assert_allclose(peer, ours, rtol=1e-4, atol=1e-4)
-    assert not np.allclose(setup.student.fc.weight.detach().numpy(), before.numpy())
+    assert benchmark_peer.PEER_MODES == tuple(torch_peer.PEER_STEPS) == torch_peer.PEER_MODES
 
 
 def test_an_unknown_peer_architecture_is_refused(torch_peer):
@@ -211,6 +127,8 @@ def test_the_peer_frameworks_write_every_section(tmp_path, torch_peer, framework
     with open(tmp_path / "bench.json") as f:
         results = json.load(f)
     assert {"machine", "config", "peer"} <= set(results)
+    assert results["config"]["like_peer"] is True  # ours ran the peer's losses and optimizer
+    assert results["config"]["student_optimizer"]["optimizer"] == "sgd"
     assert results["peer"]["options"] == {
         "device": "cpu",
         "bf16": False,
@@ -245,3 +163,51 @@ def test_a_bad_framework_request_is_refused_in_one_line(tmp_path, arguments, mes
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line
     assert not (tmp_path / "bench.json").exists()
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize(
+    "mode_names, framework, message",
+    [
+        (["kd"], "both", "framework='both' is not allowed: jax with --task=detection"),
+        (["kd_1bwd"], "jax", "modes='kd_1bwd' is not allowed: with --task=detection, one of"),
+    ],
+)
+def test_a_detection_request_takes_its_own_modes_and_no_peer(mode_names, framework, message):
+    from mokd_jax import benchmark
+    from mokd_jax.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        benchmark.check_request("detection", mode_names, framework)
+
+
+@pytest.fixture(scope="module")
+def detection_results(tmp_path_factory) -> dict:
+    """A tiny RetinaNet pair (64 px, batch 1, 8-channel heads one conv deep), one step."""
+    path = tmp_path_factory.mktemp("detection") / "bench.json"
+    tiny = ["--image_size=64", "--batch_size=1", "--fpn_width=8", "--head_depth=1"]
+    pair = ["--teacher=resnet18", "--student=resnet18", "--num_classes=3", "--steps=1"]
+    result = run_benchmark(path, "--task=detection", *tiny, *pair)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_the_detection_task_writes_the_classification_json_shape(detection_results):
+    results = detection_results
+    for key in ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios"):
+        assert key in results
+    assert results["config"]["task"] == "detection" and results["config"]["fpn_width"] == 8
+    assert set(results["modes"]) == {"kd", "mokd"}
+    for row in results["modes"].values():
+        assert row["images_per_s"] == pytest.approx(1 / row["step_time_s"])
+        assert row["compiled_memory"]["peak_bytes"] > 0
+    assert 1 < results["flop_floor_ratio"] < 5 / 3
+    assert results["ratios"]["mokd_over_kd"] > 0
+    assert (
+        results["memory"]["baseline"] == "kd"
+        and "extra_gradient_copies" in (results["memory"]["mokd"])
+    )

@@ -23,7 +23,8 @@ COMMANDS = {
         "mokd_jax.benchmark",
         {"teacher", "student", "image_size", "batch_size", "steps", "num_classes"}
         | {"modes", "dtype", "json", "framework"}
-        | {"peer_device", "peer_bf16", "peer_channels_last", "peer_compile"},
+        | {"peer_device", "peer_bf16", "peer_channels_last", "peer_compile"}
+        | {"task", "fpn_width", "head_depth"},
     ),
     "mokd-pipeline-benchmark": (
         "mokd_jax.pipeline_benchmark",

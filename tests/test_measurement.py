@@ -10,3 +10,33 @@ def test_flop_floor_ratio_formula():
     assert measurement.flop_floor_ratio(0.0, 1.0) == pytest.approx(5 / 3)
     assert measurement.cost_flops([{"flops": 2.0}, {"flops": 3.0}]) == 5.0
     assert measurement.cost_flops({"flops": 4.0}) == 4.0
+
+
+def test_compiled_memory_implies_the_peak_of_a_donating_step():
+    """A step that donates its [1000] float32 argument and returns one of that shape: XLA
+    plans the output into the argument (aliased), so the implied peak is argument +
+    output - alias + temporaries."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(1000)
+    compiled = jax.jit(lambda x: (x * 2, x.sum()), donate_argnums=0).lower(x).compile()
+    memory = measurement.compiled_memory(compiled)
+    assert memory["argument_bytes"] == 4000
+    assert memory["output_bytes"] >= 4004  # the new x and the sum
+    assert memory["alias_bytes"] == 4000
+    expected = (
+        memory["argument_bytes"]
+        + memory["output_bytes"]
+        - memory["alias_bytes"]
+        + memory["temp_bytes"]
+    )
+    assert memory["peak_bytes"] == expected
+
+
+def test_tree_bytes_counts_every_leaf_in_its_dtype():
+    import jax
+    import jax.numpy as jnp
+
+    tree = {"a": jnp.zeros((2, 3)), "b": [jax.ShapeDtypeStruct((4,), jnp.bfloat16)]}
+    assert measurement.tree_bytes(tree) == 6 * 4 + 4 * 2

@@ -1,8 +1,8 @@
 """PyTorch reference models for the tests, written with torch.nn under the real libraries'
 module names (torchvision and timm cannot be installed beside the pinned CPU torch), so that
 their state-dict keys are the real ones; and helpers that give them random weights. The
-ResNets live in the package (`mokd_jax.torch_peer`, the benchmark's PyTorch peer) and are
-re-exported here.
+ResNets live in the package (`mokd_jax.torch_peer_models`, for the benchmark's PyTorch
+peer) and are re-exported here.
 
 Imported by the tests that need torch, after `pytest.importorskip("torch")`.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mokd_jax.torch_peer import (  # noqa: F401  (the package's torch ResNets, re-exported)
+from mokd_jax.torch_peer_models import (  # noqa: F401  (the package's torch ResNets, re-exported)
     TORCH_RESNETS,
     BasicBlock,
     Bottleneck,
