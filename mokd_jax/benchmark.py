@@ -278,20 +278,26 @@ def measure_task(base: ml_collections.ConfigDict, task: str, image_size: int) ->
     return {"machine": machine_info(load_before), **results}
 
 
+def benchmark_base(settings: Mapping[str, Any], dtype: str) -> ml_collections.ConfigDict:
+    """The base config of configs/default.py with the request's models, batch size, class
+    count (`settings`, as `task_settings` gives them) and compute `dtype`."""
+    return config_helpers.with_overrides(
+        config_helpers.base_config(),
+        {
+            "teacher.model": settings["teacher"],
+            "student.model": settings["student"],
+            "batch_size": settings["batch_size"],
+            "num_classes": settings["num_classes"],
+            "dtype": dtype,
+        },
+    )
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     settings = task_settings(FLAGS.task)
     try:
-        base = config_helpers.with_overrides(
-            config_helpers.base_config(),
-            {
-                "teacher.model": settings["teacher"],
-                "student.model": settings["student"],
-                "batch_size": settings["batch_size"],
-                "num_classes": settings["num_classes"],
-                "dtype": FLAGS.dtype,
-            },
-        )
+        base = benchmark_base(settings, FLAGS.dtype)
         results = measure_task(base, FLAGS.task, settings["image_size"])
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

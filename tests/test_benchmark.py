@@ -81,16 +81,11 @@ def test_aggregation_shares_are_fractions(results):
 
 
 # ----------------------------------------------------------------------------- PyTorch peer
+# In-process (`benchmark.measure`, `benchmark_detection.measure_detection`): the command line
+# around them is the same as the classification run's above, and a fresh interpreter per run
+# would pay JAX's, TensorFlow's and torch's imports again.
 
-PEER_RUN = [
-    "--teacher=resnet18",
-    "--student=resnet18",
-    "--image_size=32",
-    "--batch_size=2",
-    "--steps=1",
-    "--num_classes=10",
-    "--modes=kd_1bwd,mokd",
-]
+PEER_SETTINGS = {"teacher": "resnet18", "student": "resnet18", "batch_size": 2, "num_classes": 10}
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +96,10 @@ def torch_peer():
     return torch_peer
 
 
-def run_benchmark(path, *arguments) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mokd_jax.benchmark", *arguments, f"--json={path}"]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def measured(framework: str, settings=PEER_SETTINGS, modes=("kd_1bwd", "mokd")) -> dict:
+    from mokd_jax import benchmark
+
+    return benchmark.measure(benchmark.benchmark_base(settings, "float32"), 32, 1, modes, framework)
 
 
 def test_the_peer_modes_are_the_peer_steps(torch_peer):
@@ -119,13 +115,7 @@ def test_an_unknown_peer_architecture_is_refused(torch_peer):
         torch_peer.peer_models("resnet18", "cnn_small", 10, 0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("framework", ["torch", "both"])
-def test_the_peer_frameworks_write_every_section(tmp_path, torch_peer, framework):
-    result = run_benchmark(tmp_path / "bench.json", *PEER_RUN, f"--framework={framework}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    with open(tmp_path / "bench.json") as f:
-        results = json.load(f)
+def check_peer_section(results: dict) -> None:
     assert {"machine", "config", "peer"} <= set(results)
     assert results["config"]["like_peer"] is True  # ours ran the peer's losses and optimizer
     assert results["config"]["student_optimizer"]["optimizer"] == "sgd"
@@ -139,66 +129,80 @@ def test_the_peer_frameworks_write_every_section(tmp_path, torch_peer, framework
     for row in results["peer"]["modes"].values():
         assert row["step_time_s"] > 0
         assert row["images_per_s"] == pytest.approx(2 / row["step_time_s"])
-    assert "peer mokd" in result.stdout
-    if framework == "both":
-        assert {"modes", "ratios", "aggregation", "ratios_vs_peer"} <= set(results)
-        for mode, ratio in results["ratios_vs_peer"].items():
-            ours = results["modes"][mode]["step_time_s"]
-            assert ratio == pytest.approx(ours / results["peer"]["modes"][mode]["step_time_s"])
-    else:
-        assert "modes" not in results and "ratios_vs_peer" not in results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["--framework=tf"], "framework='tf' is not allowed: one of jax, torch, both"),
-        (["--framework=torch", "--modes=ce"], "with --framework=torch, at least one of"),
-    ],
-)
-def test_a_bad_framework_request_is_refused_in_one_line(tmp_path, arguments, message):
-    result = run_benchmark(tmp_path / "bench.json", *arguments)
+def test_the_torch_framework_times_the_peer_alone(torch_peer):
+    results = measured("torch")
+    check_peer_section(results)
+    assert "modes" not in results and "ratios_vs_peer" not in results
+
+
+@pytest.mark.slow
+def test_both_frameworks_write_every_section_and_their_ratios(torch_peer):
+    from mokd_jax.benchmark_report import format_table
+
+    results = measured("both")
+    check_peer_section(results)
+    assert {"modes", "ratios", "aggregation", "ratios_vs_peer"} <= set(results)
+    for mode, ratio in results["ratios_vs_peer"].items():
+        ours = results["modes"][mode]["step_time_s"]
+        assert ratio == pytest.approx(ours / results["peer"]["modes"][mode]["step_time_s"])
+    assert "peer mokd" in format_table(results)
+
+
+@pytest.mark.slow
+def test_a_bad_request_is_refused_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "mokd_jax.benchmark", "--framework=tf"]
+    result = subprocess.run(
+        [*command, f"--json={tmp_path / 'bench.json'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: ") and message in line
+    assert line == "error: framework='tf' is not allowed: one of jax, torch, both"
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize(
+    "task, mode_names, framework, message",
+    [
+        ("classification", ["ce"], "torch", "with --framework=torch, at least one of"),
+        ("detection", ["kd"], "both", "framework='both' is not allowed: jax with --task=detection"),
+        (
+            "detection",
+            ["kd_1bwd"],
+            "jax",
+            "modes='kd_1bwd' is not allowed: with --task=detection, one of",
+        ),
+    ],
+)
+def test_a_request_the_task_or_framework_cannot_run_is_refused(
+    task, mode_names, framework, message
+):
+    from mokd_jax import benchmark
+    from mokd_jax.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        benchmark.check_request(task, mode_names, framework)
 
 
 # ----------------------------------------------------------------------------- detection
 
 
-@pytest.mark.parametrize(
-    "mode_names, framework, message",
-    [
-        (["kd"], "both", "framework='both' is not allowed: jax with --task=detection"),
-        (["kd_1bwd"], "jax", "modes='kd_1bwd' is not allowed: with --task=detection, one of"),
-    ],
-)
-def test_a_detection_request_takes_its_own_modes_and_no_peer(mode_names, framework, message):
-    from mokd_jax import benchmark
-    from mokd_jax.errors import InputError
-
-    with pytest.raises(InputError, match=message):
-        benchmark.check_request("detection", mode_names, framework)
-
-
-@pytest.fixture(scope="module")
-def detection_results(tmp_path_factory) -> dict:
-    """A tiny RetinaNet pair (64 px, batch 1, 8-channel heads one conv deep), one step."""
-    path = tmp_path_factory.mktemp("detection") / "bench.json"
-    tiny = ["--image_size=64", "--batch_size=1", "--fpn_width=8", "--head_depth=1"]
-    pair = ["--teacher=resnet18", "--student=resnet18", "--num_classes=3", "--steps=1"]
-    result = run_benchmark(path, "--task=detection", *tiny, *pair)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with open(path) as f:
-        return json.load(f)
-
-
 @pytest.mark.slow
-def test_the_detection_task_writes_the_classification_json_shape(detection_results):
-    results = detection_results
-    for key in ("machine", "jax", "devices", "config", "modes", "flop_floor_ratio", "ratios"):
+def test_the_detection_task_writes_the_classification_json_shape():
+    """A tiny RetinaNet pair (64 px, batch 1, 8-channel heads one conv deep), one step."""
+    from mokd_jax import benchmark
+    from mokd_jax.benchmark_detection import measure_detection
+
+    settings = {"teacher": "resnet18", "student": "resnet18", "batch_size": 1, "num_classes": 3}
+    base = benchmark.benchmark_base(settings, "float32")
+    results = measure_detection(base, 64, 1, ["kd", "mokd"], fpn_width=8, head_depth=1)
+    for key in ("jax", "devices", "config", "modes", "flop_floor_ratio", "ratios"):
         assert key in results
     assert results["config"]["task"] == "detection" and results["config"]["fpn_width"] == 8
     assert set(results["modes"]) == {"kd", "mokd"}
