@@ -82,6 +82,13 @@ def expand_mask(mask: Mask | None, tree: Any) -> Any:
         ) from error
 
 
+RESCALINGS = (1.0, 2.0**-80, 2.0**80)
+"""Factors J is multiplied by before the products, all in the same pass: J as it is, then
+for gradients too large to square in float32 (entries up to float32's largest), then for
+ones too small (down to its subnormals). Powers of two, so scaling is exact. For rows of up
+to ~1e9 entries every float32 J has at least one candidate that `_is_exact_enough`."""
+
+
 def gram_matrix(stacked_tree: Any, shared_mask: Mask | None = None) -> tuple[jax.Array, jax.Array]:
     """Gram matrix of the per-objective gradients over the shared leaves, overflow-safe.
 
@@ -96,74 +103,76 @@ def gram_matrix(stacked_tree: Any, shared_mask: Mask | None = None) -> tuple[jax
       the true Gram matrix is scale**2 * gram. The shared leaves count as ONE vector per
       objective.
 
-    One pass over the gradients (`_raw_gram`) gives the unscaled J J^T. Only when that
-    overflowed, or is too small for float32 underflow to be negligible
-    (`_is_exact_enough`), a `lax.cond` takes a second pass with J first divided by its
-    largest absolute entry, where no product can overflow or underflow. Every entry is
-    renormalised by the largest diagonal entry either way.
+    One pass over the gradients (`_raw_grams`) gives J J^T for each of the RESCALINGS of J;
+    the first one that `_is_exact_enough` is kept, renormalised by its largest diagonal
+    entry. Branch-free on purpose: a `lax.cond` taking a rescaled second pass only when
+    needed was as fast, but kept the gradients alive for its branch and raised the planned
+    scratch memory of the `kd` step by 109 MiB (ResNet-18, 112 px, batch 16).
     """
     num_objectives = jax.tree.leaves(stacked_tree)[0].shape[0]
     flags = jax.tree.leaves(expand_mask(shared_mask, stacked_tree))
     leaves = [leaf for flag, leaf in zip(flags, jax.tree.leaves(stacked_tree), strict=True) if flag]
     if not leaves:
         return jnp.zeros((num_objectives, num_objectives), jnp.float32), jnp.zeros((), jnp.float32)
-    raw = _raw_gram(leaves, jnp.ones((), jnp.float32))
     row_size = sum(leaf.size // num_objectives for leaf in leaves)
-    unit, factor = jax.lax.cond(
-        _is_exact_enough(raw, row_size),
-        lambda: (raw, jnp.ones((), jnp.float32)),
-        lambda: _peak_scaled_gram(leaves),
-    )
+    candidates = _raw_grams(leaves, RESCALINGS)
+    unit, factor = candidates[-1], jnp.float32(1.0 / RESCALINGS[-1])
+    for raw, rescaling in reversed(list(zip(candidates[:-1], RESCALINGS[:-1], strict=True))):
+        usable = _is_exact_enough(raw, row_size)
+        unit = jnp.where(usable, raw, unit)
+        factor = jnp.where(usable, jnp.float32(1.0 / rescaling), factor)
     top = jnp.max(jnp.diagonal(unit))
     return unit / nonzero(top), factor * jnp.sqrt(top)
 
 
 def _is_exact_enough(raw: jax.Array, row_size: int) -> jax.Array:
-    """Whether the unscaled Gram matrix `raw` of rows with `row_size` entries is as good as
-    the rescaled one: every entry finite, and the largest diagonal entry so far above
-    float32's smallest normal number that products flushed to zero (at most `row_size` of
-    them, each below that number) change no entry by more than float32's epsilon relative
-    to it, i.e. by less than the normalised Gram matrix's own round-off."""
+    """Whether the Gram matrix `raw` of rows with `row_size` entries is as good as exact
+    arithmetic would make it in float32: every entry finite, and the largest diagonal entry
+    so far above float32's smallest normal number that products flushed to zero (at most
+    `row_size` of them, each below that number) change no entry by more than float32's
+    epsilon relative to it, i.e. by less than the normalised Gram matrix's own round-off."""
     info = jnp.finfo(jnp.float32)
     threshold = row_size * float(info.tiny) / float(info.eps)
     return jnp.all(jnp.isfinite(raw)) & (jnp.max(jnp.diagonal(raw)) >= threshold)
 
 
-def _peak_scaled_gram(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(Gram matrix of J / peak, peak), with peak the largest absolute entry of J: the
-    fallback for gradients so large or small that their squares leave float32's range."""
-    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(jnp.float32) for leaf in leaves]))
-    return _raw_gram(leaves, 1.0 / nonzero(peak)), peak
-
-
-def _raw_gram(leaves: list[jax.Array], factor: jax.Array) -> jax.Array:
-    """(factor J) (factor J)^T in float32, J the rows of the K-stacked `leaves` side by side.
+def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax.Array]:
+    """(c J) (c J)^T in float32 for every c in `rescalings`, J the rows of the K-stacked
+    `leaves` side by side.
 
     Each leaf is read once: ONE variadic reduction computes all K (K + 1) / 2 products of
-    its rows together (`_pair_sums`), with the scaling, the casts and the products fused
-    into it, and no reshape, slice or concatenation is materialised. Alternatives measured
-    on 2 CPU cores for ResNet-18 (11.7 M parameters, K = 2; see docs/benchmarks.md): the
-    previous per-pair reductions after a separate peak pass, or concatenating the leaves
-    into one [K, P] matrix (XLA copies it: 94 MB of scratch) and reducing or multiplying
-    that, were all 4-10x slower than this. Under a mesh each device reduces its shard of a
-    leaf and XLA gathers only the partial sums (seen in the compiled HLO on 8 simulated
-    devices, where the previous reshape to [K, n] gathered the whole sharded leaves).
+    its rows for every rescaling together (`_pair_sums`), with the scaling, the casts and
+    the products fused into it, and no reshape, slice or concatenation is materialised.
+    Alternatives measured on 2 CPU cores for ResNet-18 (11.7 M parameters, K = 2; see
+    docs/benchmarks.md): the previous per-pair reductions after a separate peak pass, or
+    concatenating the leaves into one [K, P] matrix (XLA copies it: 94 MB of scratch) and
+    reducing or multiplying that, were all 4-10x slower. Under a mesh each device reduces
+    its shard of a leaf and XLA gathers only the partial sums (seen in the compiled HLO on
+    8 simulated devices, where the previous reshape to [K, n] gathered whole leaves).
     """
     num_objectives = leaves[0].shape[0]
     pairs = [(i, j) for i in range(num_objectives) for j in range(i, num_objectives)]
-    per_leaf = [_pair_sums(leaf, factor, pairs) for leaf in leaves]
-    totals = [sum(sums) for sums in zip(*per_leaf, strict=True)]
-    entries = dict(zip(pairs, totals, strict=True))
-    return jnp.stack(
-        [
-            jnp.stack([entries[min(i, j), max(i, j)] for j in range(num_objectives)])
-            for i in range(num_objectives)
-        ]
-    )
+    # Behind a barrier, or XLA folds (x c) (y c) into (x y) c^2, which overflows again.
+    factors = jax.lax.optimization_barrier([jnp.float32(c) for c in rescalings])
+    terms = [(c, pair) for c in factors for pair in pairs]
+    per_leaf = [_pair_sums(leaf, terms) for leaf in leaves]
+    totals = iter([sum(sums) for sums in zip(*per_leaf, strict=True)])
+    grams = []
+    for _ in rescalings:
+        entries = {pair: next(totals) for pair in pairs}
+        grams.append(
+            jnp.stack(
+                [
+                    jnp.stack([entries[min(i, j), max(i, j)] for j in range(num_objectives)])
+                    for i in range(num_objectives)
+                ]
+            )
+        )
+    return grams
 
 
-def _pair_sums(leaf: jax.Array, factor: jax.Array, pairs: list[tuple[int, int]]) -> list[jax.Array]:
-    """sum((factor leaf[i]) * (factor leaf[j])) for every pair (i, j), as float32 scalars.
+def _pair_sums(leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]) -> list[jax.Array]:
+    """sum((c leaf[i]) * (c leaf[j])) for every (c, (i, j)) in `terms`, as float32 scalars.
 
     Two levels, for float32 accuracy: the variadic reduction sums along the row's last axis
     (a leaf's channels or features) in a loop, then each [*row_shape[:-1]] array of partial
@@ -172,8 +181,8 @@ def _pair_sums(leaf: jax.Array, factor: jax.Array, pairs: list[tuple[int, int]])
     levels match the per-pair reductions (5e-8) at the one loop's speed. A 1-D row (a bias,
     a norm's scale) is short and summed by the loop alone; a scalar one needs no sum.
     """
-    rows = [leaf[k].astype(jnp.float32) * factor for k in range(leaf.shape[0])]
-    products = tuple(rows[i] * rows[j] for i, j in pairs)
+    rows = [leaf[k].astype(jnp.float32) for k in range(leaf.shape[0])]
+    products = tuple((rows[i] * c) * (rows[j] * c) for c, (i, j) in terms)
     if leaf.ndim > 1:
         products = jax.lax.reduce(
             products,
