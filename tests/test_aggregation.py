@@ -317,8 +317,8 @@ def test_one_pass_gram_equals_the_sum_of_per_leaf_grams(num_objectives):
 
 @pytest.mark.parametrize("magnitude", [1e-25, 1e25])
 def test_gram_of_tiny_or_huge_gradients_matches_that_of_ordinary_ones(magnitude):
-    """Squares of these leave float32's range, so the rescaled second pass must give the
-    same normalised Gram matrix as the one pass does for gradients of norm ~1."""
+    """Squares of these leave float32's range, so a rescaled candidate of the one pass
+    must give the same normalised Gram matrix as J itself does for gradients of norm ~1."""
     mask = {**MIXED_MASK, "dense": False, "bias": False}  # out of (b)float16's range
     gram_fn = jax.jit(functools.partial(aggregation.gram_matrix, shared_mask=mask))
     gram, scale = gram_fn(mixed_tree(3))
