@@ -276,6 +276,57 @@ def test_gram_matrix_uses_only_the_shared_leaves():
     np.testing.assert_allclose(float(scale) ** 2 * np.asarray(gram), expected, rtol=1e-5)
 
 
+def mixed_tree(num_objectives: int, magnitude: float = 1.0) -> dict[str, jax.Array]:
+    """K-stacked gradients with every kind of leaf the one-pass Gram must handle: float32,
+    bfloat16 and float16 leaves, a scalar parameter (rows of shape []), a 1-D and a 4-D one,
+    and an excluded leaf full of NaN that must not reach the result."""
+    rng = np.random.default_rng(1)
+
+    def leaf(shape, dtype):
+        return jnp.asarray(rng.standard_normal((num_objectives, *shape)) * magnitude, dtype)
+
+    return {
+        "conv": leaf((3, 3, 4, 8), jnp.float32),
+        "dense": leaf((8, 5), jnp.bfloat16),
+        "bias": leaf((5,), jnp.float16),
+        "temperature": leaf((), jnp.float32),
+        "excluded": jnp.full((num_objectives, 6), jnp.nan, jnp.float32),
+    }
+
+
+MIXED_MASK = {"conv": True, "dense": True, "bias": True, "temperature": True, "excluded": False}
+
+
+def per_leaf_gram(tree: dict[str, jax.Array], mask: dict[str, bool]) -> np.ndarray:
+    """sum over the shared leaves of each leaf's own J_l J_l^T, in float64."""
+    return sum(
+        (rows := np.asarray(leaf, np.float64).reshape(leaf.shape[0], -1)) @ rows.T
+        for name, leaf in tree.items()
+        if mask[name]
+    )
+
+
+@pytest.mark.parametrize("num_objectives", [2, 3])
+def test_one_pass_gram_equals_the_sum_of_per_leaf_grams(num_objectives):
+    tree = mixed_tree(num_objectives)
+    gram, scale = jax.jit(functools.partial(aggregation.gram_matrix, shared_mask=MIXED_MASK))(tree)
+    expected = per_leaf_gram(tree, MIXED_MASK)
+    np.testing.assert_allclose(float(scale) ** 2 * np.asarray(gram), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.max(np.diagonal(gram)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", [1e-25, 1e25])
+def test_gram_of_tiny_or_huge_gradients_matches_that_of_ordinary_ones(magnitude):
+    """Squares of these leave float32's range, so a rescaled candidate of the one pass
+    must give the same normalised Gram matrix as J itself does for gradients of norm ~1."""
+    mask = {**MIXED_MASK, "dense": False, "bias": False}  # out of (b)float16's range
+    gram_fn = jax.jit(functools.partial(aggregation.gram_matrix, shared_mask=mask))
+    gram, scale = gram_fn(mixed_tree(3))
+    far_gram, far_scale = gram_fn(mixed_tree(3, magnitude))
+    np.testing.assert_allclose(np.asarray(far_gram), np.asarray(gram), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(far_scale), float(scale) * magnitude, rtol=1e-5)
+
+
 def test_conflict_diagnostics_are_finite_for_zero_gradients():
     rows = np.zeros((2, SIZE))
     stats = aggregation.conflict_diagnostics(aggregation.gram_matrix(to_tree(rows))[0])

@@ -82,54 +82,116 @@ def expand_mask(mask: Mask | None, tree: Any) -> Any:
         ) from error
 
 
+RESCALINGS = (1.0, 2.0**-80, 2.0**80)
+"""Factors J is multiplied by before the products, all in the same pass: J as it is, then
+for gradients too large to square in float32 (entries up to float32's largest), then for
+ones too small (down to its subnormals). Powers of two, so scaling is exact. For rows of up
+to ~1e9 entries every float32 J has at least one candidate that `_is_exact_enough`."""
+
+
 def gram_matrix(stacked_tree: Any, shared_mask: Mask | None = None) -> tuple[jax.Array, jax.Array]:
     """Gram matrix of the per-objective gradients over the shared leaves, overflow-safe.
 
     Args:
-      stacked_tree: pytree whose leaves have a leading objective axis K.
+      stacked_tree: pytree whose leaves have a leading objective axis K (any float dtypes;
+        the products are taken in float32).
       shared_mask: pytree (or prefix) of Python bools selecting the shared leaves; None: all.
 
     Returns:
       (gram, scale): float32 [K, K] with largest diagonal entry 1 (all zeros when every
       gradient is zero) and float32 scale, the largest per-objective gradient norm, such that
       the true Gram matrix is scale**2 * gram. The shared leaves count as ONE vector per
-      objective. J is first divided by its largest absolute entry, so no product can
-      overflow or underflow, then G is renormalised by its largest diagonal entry.
+      objective.
+
+    One pass over the gradients (`_raw_grams`) gives J J^T for each of the RESCALINGS of J;
+    the first one that `_is_exact_enough` is kept, renormalised by its largest diagonal
+    entry. Branch-free on purpose: a `lax.cond` taking a rescaled second pass only when
+    needed was faster alone (ResNet-18 on CPU: 8 ms instead of 13 for K = 2, 20 instead of
+    60 for K = 3), but it kept the gradients alive for its branch, which raised the planned
+    scratch memory of the benchmark's `kd` step (112 px, batch 16) from 201 to 310 MiB.
     """
     num_objectives = jax.tree.leaves(stacked_tree)[0].shape[0]
     flags = jax.tree.leaves(expand_mask(shared_mask, stacked_tree))
-    rows = [
-        leaf.reshape(num_objectives, -1).astype(jnp.float32)
-        for flag, leaf in zip(flags, jax.tree.leaves(stacked_tree), strict=True)
-        if flag
-    ]
-    if not rows:
+    leaves = [leaf for flag, leaf in zip(flags, jax.tree.leaves(stacked_tree), strict=True) if flag]
+    if not leaves:
         return jnp.zeros((num_objectives, num_objectives), jnp.float32), jnp.zeros((), jnp.float32)
-    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(row)) for row in rows]))
-    inverse_peak = 1.0 / nonzero(peak)
-    raw = sum(_unit_gram(row, inverse_peak) for row in rows)
-    top = jnp.max(jnp.diagonal(raw))
-    return raw / nonzero(top), peak * jnp.sqrt(top)
+    row_size = sum(leaf.size // num_objectives for leaf in leaves)
+    candidates = _raw_grams(leaves, RESCALINGS)
+    unit, factor = candidates[-1], jnp.float32(1.0 / RESCALINGS[-1])
+    for raw, rescaling in reversed(list(zip(candidates[:-1], RESCALINGS[:-1], strict=True))):
+        usable = _is_exact_enough(raw, row_size)
+        unit = jnp.where(usable, raw, unit)
+        factor = jnp.where(usable, jnp.float32(1.0 / rescaling), factor)
+    top = jnp.max(jnp.diagonal(unit))
+    return unit / nonzero(top), factor * jnp.sqrt(top)
 
 
-def _unit_gram(row: jax.Array, inverse_peak: jax.Array) -> jax.Array:
-    """(row * inverse_peak) (row * inverse_peak)^T for a [K, n] row block.
+def _is_exact_enough(raw: jax.Array, row_size: int) -> jax.Array:
+    """Whether the Gram matrix `raw` of rows with `row_size` entries is as good as exact
+    arithmetic would make it in float32: every entry finite, and the largest diagonal entry
+    so far above float32's smallest normal number that products flushed to zero (at most
+    `row_size` of them, each below that number) change no entry by more than float32's
+    epsilon relative to it, i.e. by less than the normalised Gram matrix's own round-off."""
+    info = jnp.finfo(jnp.float32)
+    threshold = row_size * float(info.tiny) / float(info.eps)
+    return jnp.all(jnp.isfinite(raw)) & (jnp.max(jnp.diagonal(raw)) >= threshold)
 
-    Written as K (K + 1) / 2 products reduced over n, not as a [K, n] x [n, K] matrix
-    product: XLA fuses the scaling, the product and the sum of each entry into one loop,
-    while the matrix product first materialises the scaled copy and runs a GEMM of a
-    degenerate shape. Measured on CPU for ResNet-18's 11.7 M parameters: 28 ms instead of
-    62 ms for K = 2, 53 ms instead of 77 ms for K = 3 (a broadcast [K, K, n] product
-    reduced at once took 51 ms for K = 2)."""
-    unit = row * inverse_peak
-    num_objectives = row.shape[0]
-    entries = {}
-    for i in range(num_objectives):
-        for j in range(i, num_objectives):
-            entries[i, j] = entries[j, i] = jnp.sum(unit[i] * unit[j])
-    return jnp.stack(
-        [jnp.stack([entries[i, j] for j in range(num_objectives)]) for i in range(num_objectives)]
-    )
+
+def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax.Array]:
+    """(c J) (c J)^T in float32 for every c in `rescalings`, J the rows of the K-stacked
+    `leaves` side by side.
+
+    Each leaf is read once: ONE variadic reduction computes all K (K + 1) / 2 products of
+    its rows for every rescaling together (`_pair_sums`), with the scaling, the casts and
+    the products fused into it, and no reshape, slice or concatenation is materialised.
+    Alternatives measured on 2 CPU cores for ResNet-18 (11.7 M parameters, K = 2; see
+    docs/benchmarks.md): the previous per-pair reductions after a separate peak pass, or
+    concatenating the leaves into one [K, P] matrix (XLA copies it: 94 MB of scratch) and
+    reducing or multiplying that, were all 4-10x slower. Under a mesh each device reduces
+    its shard of a leaf and XLA gathers only the partial sums (seen in the compiled HLO on
+    8 simulated devices, where the previous reshape to [K, n] gathered whole leaves).
+    """
+    num_objectives = leaves[0].shape[0]
+    pairs = [(i, j) for i in range(num_objectives) for j in range(i, num_objectives)]
+    # Behind a barrier, or XLA folds (x c) (y c) into (x y) c^2, which overflows again.
+    factors = jax.lax.optimization_barrier([jnp.float32(c) for c in rescalings])
+    terms = [(c, pair) for c in factors for pair in pairs]
+    per_leaf = [_pair_sums(leaf, terms) for leaf in leaves]
+    totals = iter([sum(sums) for sums in zip(*per_leaf, strict=True)])
+    grams = []
+    for _ in rescalings:
+        entries = {pair: next(totals) for pair in pairs}
+        grams.append(
+            jnp.stack(
+                [
+                    jnp.stack([entries[min(i, j), max(i, j)] for j in range(num_objectives)])
+                    for i in range(num_objectives)
+                ]
+            )
+        )
+    return grams
+
+
+def _pair_sums(leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]) -> list[jax.Array]:
+    """sum((c leaf[i]) * (c leaf[j])) for every (c, (i, j)) in `terms`, as float32 scalars.
+
+    Two levels, for float32 accuracy: the variadic reduction sums along the row's last axis
+    (a leaf's channels or features) in a loop, then each [*row_shape[:-1]] array of partial
+    sums is reduced by `jnp.sum`. XLA's CPU loop accumulates serially, so one loop over a
+    whole 2.4 M-entry row was 5e-4 off in relative terms (against float64), while the two
+    levels match the per-pair reductions (5e-8) at the one loop's speed. A 1-D row (a bias,
+    a norm's scale) is short and summed by the loop alone; a scalar one needs no sum.
+    """
+    rows = [leaf[k].astype(jnp.float32) for k in range(leaf.shape[0])]
+    products = tuple((rows[i] * c) * (rows[j] * c) for c, (i, j) in terms)
+    if leaf.ndim > 1:
+        products = jax.lax.reduce(
+            products,
+            (jnp.zeros((), jnp.float32),) * len(products),
+            lambda left, right: tuple(a + b for a, b in zip(left, right, strict=True)),
+            (leaf.ndim - 2,),
+        )
+    return [jnp.sum(partial) for partial in products]
 
 
 def combination_norm(gram: jax.Array, weights: jax.Array) -> jax.Array:
