@@ -16,7 +16,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "mokd_colab.ipynb")
-METHODS = ("ce", "mokd")  # the student alone and the main run's method: both compile what other runs do
+METHODS = ("ce", "mokd")
+"""The student alone and the notebook's own method: programs the other runs compile too."""
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
