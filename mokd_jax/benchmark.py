@@ -55,7 +55,7 @@ The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) a
 (`mokd_separate`):
   share           the jitted `mokd` update alone, on random K-stacked gradients shaped like
                   the student's parameters, over the mokd step time: an upper bound, since
-                  alone its ~60 per-leaf reductions run as separate kernels that inside the
+                  alone its per-leaf reductions (one per leaf) run as separate kernels that inside the
                   step XLA fuses with the backward pass and the optimizer;
   in_step_share   (mokd - kd) / mokd, where `kd` (`kd_separate` for K = 3) is the same step
                   (same K pullbacks, same diagnostics) with the summing aggregator: what
