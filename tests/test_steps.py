@@ -62,7 +62,10 @@ def parts_and_step(config) -> tuple[StepParts, object]:
 
 @functools.cache
 def _teacher_variables(teacher, image_shape: tuple[int, ...], seed: int) -> dict:
-    return state.init_model(teacher, image_shape, jax.random.key(seed))
+    """Computed concretely even when first asked for inside a trace (a jitted forward), so
+    that the cache never keeps a tracer."""
+    with jax.ensure_compile_time_eval():
+        return state.init_model(teacher, image_shape, jax.random.key(seed))
 
 
 def teacher_variables_for(parts: StepParts, seed: int = 1) -> dict:
@@ -264,7 +267,9 @@ DARK = Normalization(mean=(0.2,), std=(0.1,))
 def forward(parts: StepParts, teacher_input, student_input):
     """The distillation step's forward pass (`steps.student_functions`, which
     `distill_step` differentiates) with each network fed through the given statistics:
-    (task loss, KD logit loss, student logits)."""
+    (task loss, KD logit loss, student logits). The statistics are pure jnp inputs
+    (`normalization.apply`), so a jitted `forward` takes them as traced arguments: one
+    compilation serves every pair."""
     config = default.get_config("smoke")
     nets = parts.networks._replace(teacher_input=teacher_input, student_input=student_input)
     student_state = parts.create_state(jax.random.key(2))
@@ -279,16 +284,18 @@ def forward(parts: StepParts, teacher_input, student_input):
     logits = nets.student.apply(
         {"params": student_state.params["student"]}, pooled, method="classify"
     )
-    return float(losses[0]), float(loss_parts["kd_logit"]), logits
+    return losses[0], loss_parts["kd_logit"], logits
 
 
 def test_each_network_in_the_distill_step_sees_its_own_input_statistics():
     """The task loss follows the student's statistics only; the KD loss both networks'; and
     the KD loss is that of the teacher's logits on its own statistics (predicted apart)."""
     parts = step_parts(default.get_config("smoke"))
-    task, kd, _ = forward(parts, UNIT, UNIT)
-    dark_teacher_task, dark_teacher_kd, student_logits = forward(parts, DARK, UNIT)
-    dark_student_task, dark_student_kd, _ = forward(parts, UNIT, DARK)
+    jitted_forward = jax.jit(functools.partial(forward, parts))
+    task, kd, _ = jitted_forward(UNIT, UNIT)
+    dark_teacher_task, dark_teacher_kd, student_logits = jitted_forward(DARK, UNIT)
+    dark_student_task, dark_student_kd, _ = jitted_forward(UNIT, DARK)
+    assert jitted_forward._cache_size() == 1
     assert dark_teacher_task == task and dark_student_task != task
     assert dark_teacher_kd != kd and dark_student_kd != kd
 
@@ -300,5 +307,5 @@ def test_each_network_in_the_distill_step_sees_its_own_input_statistics():
         temperature = default.get_config("smoke").distill.temperature
         return float(objectives.hinton_kd(student_logits, teacher_logits, temperature))
 
-    np.testing.assert_allclose(dark_teacher_kd, kd_from(DARK), rtol=1e-5)
+    np.testing.assert_allclose(float(dark_teacher_kd), kd_from(DARK), rtol=1e-5)
     assert abs(dark_teacher_kd - kd_from(UNIT)) > 1e-3 * abs(dark_teacher_kd)
