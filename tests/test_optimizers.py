@@ -111,9 +111,12 @@ def test_step_schedule_decays_at_its_boundaries_after_warmup():
 
 @pytest.fixture(scope="module")
 def vit_params():
-    """A tiny ViT's parameters: every kind of leaf timm's rule sorts."""
+    """A tiny ViT's parameters, every kind of leaf timm's rule sorts, all ones: the masks
+    read only the tree, and the decay test only needs nonzero values, so the init is traced
+    for its shapes (`jax.eval_shape`) and never computed."""
     model = models.get("vit_tiny", 5, image_size=16).clone(depth=1, patch_size=8)
-    return model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    return jax.tree.map(lambda leaf: jnp.ones(leaf.shape, leaf.dtype), shapes)
 
 
 def test_timm_mask_spares_biases_norms_pos_embed_and_cls_token(vit_params):

@@ -28,8 +28,14 @@ class StepParts(NamedTuple):
     create_state: functools.partial  # key -> a fresh student TrainState
 
 
+@functools.cache
+def digits():
+    """The bundled digits, loaded once per session."""
+    return data.load("digits")
+
+
 def step_parts(config) -> StepParts:
-    dataset = data.load("digits")
+    dataset = digits()
     images, labels = dataset.train_images[:16], dataset.train_labels[:16]
     nets = networks.build_networks(
         config, dataset.num_classes, images.shape[1], teacher_input=UNIT, student_input=UNIT
@@ -39,14 +45,37 @@ def step_parts(config) -> StepParts:
     return StepParts(images, labels, nets, tx, create_state)
 
 
+_PARTS_AND_STEPS: dict[str, tuple[StepParts, object]] = {}
+
+
+def parts_and_step(config) -> tuple[StepParts, object]:
+    """The step parts and the jitted distillation step of `config`, shared by every test of
+    the session on an equal config (keyed by its JSON): one trace and one compilation, most
+    of such a test's time, instead of one per test."""
+    key = config.to_json_best_effort(sort_keys=True)
+    if key not in _PARTS_AND_STEPS:
+        parts = step_parts(config)
+        step = jax.jit(steps.make_distill_step(config, parts.networks, parts.tx))
+        _PARTS_AND_STEPS[key] = parts, step
+    return _PARTS_AND_STEPS[key]
+
+
+@functools.cache
+def _teacher_variables(teacher, image_shape: tuple[int, ...], seed: int) -> dict:
+    """Computed concretely even when first asked for inside a trace (a jitted forward), so
+    that the cache never keeps a tracer."""
+    with jax.ensure_compile_time_eval():
+        return state.init_model(teacher, image_shape, jax.random.key(seed))
+
+
 def teacher_variables_for(parts: StepParts, seed: int = 1) -> dict:
-    return state.init_model(parts.networks.teacher, parts.images.shape[1:], jax.random.key(seed))
+    """Fresh teacher variables (initialised once per network, shape and seed)."""
+    return _teacher_variables(parts.networks.teacher, parts.images.shape[1:], seed)
 
 
 def run_one_step(config):
     """(state before, state after, metrics) of one jitted distillation step."""
-    parts = step_parts(config)
-    step = jax.jit(steps.make_distill_step(config, parts.networks, parts.tx))
+    parts, step = parts_and_step(config)
     before = parts.create_state(jax.random.key(2))
     after, metrics = step(before, teacher_variables_for(parts), parts.images, parts.labels)
     return before, after, metrics
@@ -59,13 +88,18 @@ def changed(before, after) -> bool:
     )
 
 
-def test_distill_step_updates_student_and_projector_only():
+def moving_smoke_config():
+    """The smoke config with a non-zero learning rate on the first step (no warm-up): the
+    config of the mokd step that several tests share (`parts_and_step`)."""
     config = default.get_config("smoke")
-    config.student.warmup_steps = 0  # a non-zero learning rate on the first step
-    parts = step_parts(config)
+    config.student.warmup_steps = 0
+    return config
+
+
+def test_distill_step_updates_student_and_projector_only():
+    parts, step = parts_and_step(moving_smoke_config())
     teacher_variables = teacher_variables_for(parts)
     before = parts.create_state(jax.random.key(2))
-    step = jax.jit(steps.make_distill_step(config, parts.networks, parts.tx))
     teacher_before = jax.tree.map(np.array, teacher_variables)
     after, metrics = step(before, teacher_variables, parts.images, parts.labels)
 
@@ -86,9 +120,7 @@ def test_distill_step_updates_student_and_projector_only():
 
 def test_teacher_is_an_argument_of_the_step_not_a_constant():
     """Different teacher variables through the same compiled step give different updates."""
-    config = default.get_config("smoke")
-    parts = step_parts(config)
-    step = jax.jit(steps.make_distill_step(config, parts.networks, parts.tx))
+    parts, step = parts_and_step(moving_smoke_config())
     losses = [
         float(step(parts.create_state(jax.random.key(0)), teacher_variables_for(parts, seed),
                    parts.images, parts.labels)[1]["loss_distill"])
@@ -104,9 +136,8 @@ def test_every_registered_aggregator_runs_through_the_trainers_step(name):
     contract decides the backward pass): the student moves, every metric is finite, the
     weights are logged, and the conflict diagnostics exist exactly for the methods given
     the per-objective gradients."""
-    config = default.get_config("smoke")
+    config = moving_smoke_config()
     config.aggregator = name
-    config.student.warmup_steps = 0
     if aggregation.spec(name).owns_momentum:
         config.student.optimizer = "sgd"
     before, after, metrics = run_one_step(config)
@@ -126,12 +157,22 @@ def test_three_objectives_with_dkd_log_every_objective():
     assert all(np.isfinite(float(value)) for value in metrics.values())
 
 
-def test_representation_path_with_everything_kept_equals_the_plain_sum():
-    """GradDrop's two pullbacks (head, then encoder with the combined representation
-    gradient and the other taps' gradients) reproduce the one-pullback gradient of the
-    summed losses when nothing is dropped: the plumbing of `representation_gradients` is
-    exact, the second tap of the default multi-scale set included."""
+class RepresentationPath(NamedTuple):
+    """The student's functions of one smoke step and its parameters, with the jitted
+    `representation_gradients` rows (params, keep) -> [K]-row gradients, whose combination
+    keeps `keep` x everything at the pooled features: `keep` is traced, so keeping
+    everything (1) and nothing (0) share one compilation."""
+
+    encode: object
+    head_objectives: object
+    params: dict
+    rows: object
+
+
+@functools.cache
+def representation_path(tap_set: str) -> RepresentationPath:
     config = default.get_config("smoke")
+    config.projector.taps = tap_set
     parts = step_parts(config)
     student_state = parts.create_state(jax.random.key(2))
     encode, head_objectives = steps.student_functions(
@@ -139,17 +180,26 @@ def test_representation_path_with_everything_kept_equals_the_plain_sum():
         networks=parts.networks, distill=config.distill,
     )  # fmt: skip
 
-    def summed(params):
-        student_taps, _ = encode(params["student"])
-        return head_objectives(params, student_taps)[0].sum()
+    def rows(params, keep):
+        combine = lambda g: (keep * g.sum(0), keep * jnp.ones(2))  # noqa: E731
+        return steps.representation_gradients(encode, head_objectives, params, combine)[0]
 
-    keep_everything = lambda g: (g.sum(0), jnp.ones(2))  # noqa: E731
-    rows, _, _, _ = jax.jit(
-        lambda params: steps.representation_gradients(
-            encode, head_objectives, params, keep_everything
-        )
-    )(student_state.params)
-    expected = jax.jit(jax.grad(summed))(student_state.params)
+    return RepresentationPath(encode, head_objectives, student_state.params, jax.jit(rows))
+
+
+def test_representation_path_with_everything_kept_equals_the_plain_sum():
+    """GradDrop's two pullbacks (head, then encoder with the combined representation
+    gradient and the other taps' gradients) reproduce the one-pullback gradient of the
+    summed losses when nothing is dropped: the plumbing of `representation_gradients` is
+    exact, the second tap of the default multi-scale set included."""
+    path = representation_path("multi_scale")
+
+    def summed(params):
+        student_taps, _ = path.encode(params["student"])
+        return path.head_objectives(params, student_taps)[0].sum()
+
+    rows = path.rows(path.params, 1.0)
+    expected = jax.jit(jax.grad(summed))(path.params)
     jax.tree.map(
         lambda row, want: np.testing.assert_allclose(row[0], want, rtol=2e-4, atol=1e-6),
         rows, expected,
@@ -159,24 +209,11 @@ def test_representation_path_with_everything_kept_equals_the_plain_sum():
 def encoder_gradients_with_the_representation_dropped(tap_set: str) -> dict:
     """The student's gradient from `representation_gradients` when the combination keeps
     nothing at the pooled features."""
-    config = default.get_config("smoke")
-    config.projector.taps = tap_set
-    parts = step_parts(config)
-    student_state = parts.create_state(jax.random.key(2))
-    encode, head_objectives = steps.student_functions(
-        student_state, teacher_variables_for(parts), parts.images, parts.labels,
-        networks=parts.networks, distill=config.distill,
-    )  # fmt: skip
-    drop_everything = lambda g: (jnp.zeros_like(g[0]), jnp.zeros(2))  # noqa: E731
-    rows, _, _, _ = jax.jit(
-        lambda params: steps.representation_gradients(
-            encode, head_objectives, params, drop_everything
-        )
-    )(student_state.params)
-    return rows["student"]
+    path = representation_path(tap_set)
+    return path.rows(path.params, 0.0)["student"]
 
 
-@pytest.mark.slow  # two trainer steps compiled, multi-scale and pooled (about 12 s)
+@pytest.mark.slow  # the pooled-only step compiled (the multi-scale one is shared)
 def test_the_other_taps_reach_the_encoder_past_the_representation():
     """GradDrop's representation is the pooled features; with several taps, the second
     tap's feature loss reaches the encoder through the ordinary pullback, so the first stage
@@ -192,11 +229,9 @@ def test_the_other_taps_reach_the_encoder_past_the_representation():
 def test_orthogonal_student_lifts_stay_orthogonal_through_the_trainers_steps():
     """Three trainer steps with `projector.orthogonal`: every tap's lift has moved and its
     map still has orthonormal rows (cnn_small's taps, 48 and 32 wide, into 192 and 128)."""
-    config = default.get_config("smoke")
+    config = moving_smoke_config()
     config.projector.orthogonal = True
-    config.student.warmup_steps = 0
-    parts = step_parts(config)
-    step = jax.jit(steps.make_distill_step(config, parts.networks, parts.tx))
+    parts, step = parts_and_step(config)
     before = parts.create_state(jax.random.key(2))
     after = before
     for _ in range(3):
@@ -232,7 +267,9 @@ DARK = Normalization(mean=(0.2,), std=(0.1,))
 def forward(parts: StepParts, teacher_input, student_input):
     """The distillation step's forward pass (`steps.student_functions`, which
     `distill_step` differentiates) with each network fed through the given statistics:
-    (task loss, KD logit loss, student logits)."""
+    (task loss, KD logit loss, student logits). The statistics are pure jnp inputs
+    (`normalization.apply`), so a jitted `forward` takes them as traced arguments: one
+    compilation serves every pair."""
     config = default.get_config("smoke")
     nets = parts.networks._replace(teacher_input=teacher_input, student_input=student_input)
     student_state = parts.create_state(jax.random.key(2))
@@ -247,16 +284,18 @@ def forward(parts: StepParts, teacher_input, student_input):
     logits = nets.student.apply(
         {"params": student_state.params["student"]}, pooled, method="classify"
     )
-    return float(losses[0]), float(loss_parts["kd_logit"]), logits
+    return losses[0], loss_parts["kd_logit"], logits
 
 
 def test_each_network_in_the_distill_step_sees_its_own_input_statistics():
     """The task loss follows the student's statistics only; the KD loss both networks'; and
     the KD loss is that of the teacher's logits on its own statistics (predicted apart)."""
     parts = step_parts(default.get_config("smoke"))
-    task, kd, _ = forward(parts, UNIT, UNIT)
-    dark_teacher_task, dark_teacher_kd, student_logits = forward(parts, DARK, UNIT)
-    dark_student_task, dark_student_kd, _ = forward(parts, UNIT, DARK)
+    jitted_forward = jax.jit(functools.partial(forward, parts))
+    task, kd, _ = jitted_forward(UNIT, UNIT)
+    dark_teacher_task, dark_teacher_kd, student_logits = jitted_forward(DARK, UNIT)
+    dark_student_task, dark_student_kd, _ = jitted_forward(UNIT, DARK)
+    assert jitted_forward._cache_size() == 1
     assert dark_teacher_task == task and dark_student_task != task
     assert dark_teacher_kd != kd and dark_student_kd != kd
 
@@ -268,5 +307,5 @@ def test_each_network_in_the_distill_step_sees_its_own_input_statistics():
         temperature = default.get_config("smoke").distill.temperature
         return float(objectives.hinton_kd(student_logits, teacher_logits, temperature))
 
-    np.testing.assert_allclose(dark_teacher_kd, kd_from(DARK), rtol=1e-5)
+    np.testing.assert_allclose(float(dark_teacher_kd), kd_from(DARK), rtol=1e-5)
     assert abs(dark_teacher_kd - kd_from(UNIT)) > 1e-3 * abs(dark_teacher_kd)
