@@ -55,8 +55,8 @@ The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) a
 (`mokd_separate`):
   share           the jitted `mokd` update alone, on random K-stacked gradients shaped like
                   the student's parameters, over the mokd step time: an upper bound, since
-                  alone its per-leaf reductions (one per leaf) run as separate kernels that inside the
-                  step XLA fuses with the backward pass and the optimizer;
+                  alone its reductions (one per parameter leaf) run as separate kernels
+                  that inside the step XLA fuses with the backward pass and the optimizer;
   in_step_share   (mokd - kd) / mokd, where `kd` (`kd_separate` for K = 3) is the same step
                   (same K pullbacks, same diagnostics) with the summing aggregator: what
                   MoKD's aggregation adds to the compiled step. The diagnostics' Gram matrix
