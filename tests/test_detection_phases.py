@@ -1,9 +1,9 @@
 """The detection phases end to end (`mokd_jax.detection.phases` through
-`train.train_and_evaluate`) on configs/detection.py's smoke run: the shapes set at 64 px,
-4 teacher and 4 student steps of resnet18 RetinaNets with 16-channel heads. The run
-compiles a teacher step, a distillation step and two evaluation programs (about 80 s on
-2 idle CPU cores, 3 to 4 minutes on busy ones; the rerun 35 to 70 s), so it is slow; the
-fast tier checks the configs and the `task` field.
+`train.train_and_evaluate`) on configs/detection.py's smoke run: the shapes set at 32 px,
+2 teacher and 2 student steps of the lightest RetinaNets (`detection.shrink_to_smoke`).
+The run compiles a teacher step, a distillation step and the evaluation program, so it is
+slow; the rerun reuses the run's workdir and, through the session's compilation cache, its
+programs. The fast tier checks the configs and the `task` field.
 """
 
 import json
@@ -64,7 +64,7 @@ def test_smoke_run_writes_ap_summary_checkpoints_and_results(finished_run):
 
     with open(os.path.join(workdir, phases.RESULTS_FILE)) as f:
         results = json.load(f)
-    # After 4 steps a few scores pass the post-processing's 0.05 threshold.
+    # After 2 steps a few scores pass the post-processing's 0.05 threshold.
     assert results, "the student detects nothing"
     ground_truth = phases.load_dataset(detection.get_config("smoke")).ground_truth()
     coco_eval.check_results_match(ground_truth, results)  # known image and category ids

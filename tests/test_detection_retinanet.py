@@ -37,7 +37,9 @@ def random_images(shape=IMAGES, seed=0) -> jax.Array:
 
 @pytest.fixture(scope="module")
 def initialised():
-    """(model, variables, apply) of a v1 resnet18 RetinaNet, `apply` jitted."""
+    """(model, variables, apply) of a v1 resnet18 RetinaNet, `apply` jitted. Every test
+    passes `train` positionally, as `test_one_compilation_serves_every_batch_and_mode`
+    must, so that they all share one compilation."""
     model = RetinaNet("resnet18", CLASSES)
     variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), random_images())
     return model, variables, jax.jit(model.apply)
@@ -50,7 +52,7 @@ def abstract_variables(model: nn.Module) -> dict:
 
 def test_outputs_follow_the_pyramid(initialised):
     model, variables, apply = initialised
-    outputs = apply(variables, random_images())
+    outputs = apply(variables, random_images(), False)
     shapes = pyramid_shapes(*IMAGES[1:3])
     assert shapes == ((9, 13), (5, 7), (3, 4), (2, 2), (1, 1))
     assert outputs.level_shapes == shapes  # static, through jit
@@ -70,7 +72,7 @@ def test_the_prior_sets_every_initial_score(initialised):
     probability of 0.01, and the box deltas near 0 (within 0.1: every initial box within
     about 10% of its anchor)."""
     _, variables, apply = initialised
-    outputs = apply(variables, random_images(seed=1))
+    outputs = apply(variables, random_images(seed=1), False)
     scores = jax.nn.sigmoid(outputs.class_logits)
     assert abs(float(scores.mean()) - 0.01) < 1e-4
     np.testing.assert_allclose(scores, 0.01, atol=1e-3)
