@@ -24,9 +24,10 @@ tiny shapes, so compiling is most of their time:
 - `--xla_backend_optimization_level=0`: no LLVM optimisations; unoptimised machine code
   compiles 2 to 10 times faster (a smoke run's state creation: 11 s to 0.7 s);
 - `--xla_cpu_use_fusion_emitters=false`: XLA:CPU's older elemental emitters for fused
-  loops instead of its MLIR fusion emitters, which take longer to compile; together with the first, a ResNet-18
-  training gradient compiles in 1.1-1.4 s instead of 2.2-3.0 s with the first alone, and
-  runs as fast (2 cores, `jit(...).lower(...).compile()` timed in one process per setting).
+  loops instead of its MLIR fusion emitters, which take longer to compile. With both, a
+  ResNet-18 training gradient compiles in 1.1-1.4 s against 2.2-3.0 s with the first
+  alone, and runs as fast (2 cores; `jit(...).lower(...).compile()` timed in one process
+  per setting).
 What a program computes does not depend on either; users' runs keep XLA's defaults. Set
 here, before any JAX backend exists, and inherited by every subprocess through the
 environment (`tests/processes.xla_flags`)."""
