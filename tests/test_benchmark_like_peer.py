@@ -46,7 +46,10 @@ def to_flax(module, torch_model) -> dict:
     from torch_references import numpy_state_dict
 
     abstract = abstract_variables(module, IMAGE_SIZE)
-    return convert.to_flax("resnet18", numpy_state_dict(torch_model), abstract)
+    variables = convert.to_flax("resnet18", numpy_state_dict(torch_model), abstract)
+    # Copies: the arrays may share memory with the torch tensors, which the peer's step
+    # then updates in place, while our step, dispatched asynchronously, may still read them.
+    return jax.tree.map(np.array, variables)
 
 
 def like_peer_config(mode: str):
