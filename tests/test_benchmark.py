@@ -96,10 +96,24 @@ def torch_peer():
     return torch_peer
 
 
+@pytest.fixture
+def brief_timing(monkeypatch):
+    """One warm-up call per step and one timed call of the aggregation instead of
+    `measurement`'s 2 and 20: these tests check the sections and the ratios the JSON is
+    made of, not how steady the medians are, and on two ResNet-18 students the 20 timed
+    `mokd` updates (K = 2 and 3, unoptimised test builds) took half the test's minute."""
+    from mokd_jax import measurement
+
+    monkeypatch.setattr(measurement, "WARMUP_STEPS", 1)
+    monkeypatch.setattr(measurement, "AGGREGATION_REPEATS", 1)
+
+
 def measured(framework: str, settings=PEER_SETTINGS, modes=("kd_1bwd", "mokd")) -> dict:
+    """The run of `measure` on 16 px images: the ResNets' smallest input that still reaches
+    their last stage (1 x 1), so that each framework's steps cost the least they can."""
     from mokd_jax import benchmark
 
-    return benchmark.measure(benchmark.benchmark_base(settings, "float32"), 32, 1, modes, framework)
+    return benchmark.measure(benchmark.benchmark_base(settings, "float32"), 16, 1, modes, framework)
 
 
 def test_the_peer_modes_are_the_peer_steps(torch_peer):
@@ -132,14 +146,14 @@ def check_peer_section(results: dict) -> None:
 
 
 @pytest.mark.slow
-def test_the_torch_framework_times_the_peer_alone(torch_peer):
+def test_the_torch_framework_times_the_peer_alone(torch_peer, brief_timing):
     results = measured("torch")
     check_peer_section(results)
     assert "modes" not in results and "ratios_vs_peer" not in results
 
 
 @pytest.mark.slow
-def test_both_frameworks_write_every_section_and_their_ratios(torch_peer):
+def test_both_frameworks_write_every_section_and_their_ratios(torch_peer, brief_timing):
     from mokd_jax.benchmark_report import format_table
 
     results = measured("both")
