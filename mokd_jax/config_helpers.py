@@ -141,7 +141,9 @@ def add_detection_fields(
     (`teacher.checkpoint_dir`, WORKDIR/teacher) does not read it. `augment.train_min_sizes`
     is multi-scale training: each training image's shorter side drawn from these (empty:
     the evaluation's, `image_size` or the dataset's), the longer still at most the max
-    size (`detection.transforms.Geometry`)."""
+    size (`detection.transforms.Geometry`). `shapes_images` is the shapes set's (training,
+    evaluation) image counts when `dataset` is 'shapes' (empty: the set's own 1000 and 200,
+    `detection.synthetic.write`)."""
     for role, backbone in (("teacher", teacher), ("student", student)):
         config[role].model = backbone
         config[role].variant = "v1"
@@ -153,6 +155,7 @@ def add_detection_fields(
     config.teacher.num_classes = 0
     config.distill.teacher_classes = ()
     config.distill.foreground_weight = 0.0
+    config.shapes_images = ()
 
 
 def split_arg(arg: str | None, pairs: tuple[str, ...]) -> tuple[str, str, bool]:

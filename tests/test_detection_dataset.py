@@ -208,6 +208,11 @@ def test_load_draws_the_shapes_set_into_a_temporary_folder():
     assert not os.path.exists(folder)
 
 
+def test_load_draws_as_many_shapes_images_as_asked():
+    shapes = dataset.load("shapes", shapes_images=(3, 2))
+    assert len(shapes.train) == 3 and len(shapes.val) == 2
+
+
 def test_multi_scale_training_draws_each_images_shorter_side(shapes):
     """128 px images, training sides 32 or 48 drawn per row, evaluation at min_size 64."""
     sides = (32, 48)

@@ -294,14 +294,21 @@ def open_coco_json(
 
 
 def open_shapes(
-    geometry: Geometry, directory: str = "", *, seed: int = 0, workers: int = DEFAULT_WORKERS
+    geometry: Geometry,
+    directory: str = "",
+    *,
+    seed: int = 0,
+    workers: int = DEFAULT_WORKERS,
+    images: tuple[int, int] | tuple[()] = (),
 ) -> CocoJsonDataset:
     """Generates the shapes set (`synthetic.write`) into `directory` (a temporary folder
-    removed with the dataset when '') and opens it."""
+    removed with the dataset when '') and opens it; `images`: its (training, evaluation)
+    image counts, empty for `synthetic.write`'s."""
     folder = None if directory else tempfile.TemporaryDirectory(prefix="mokd_shapes_")
     directory = directory or folder.name
     logging.info("drawing the shapes set into %s", directory)
-    synthetic.write(directory, seed=seed, workers=workers)
+    counts = dict(zip(("num_train", "num_val"), images, strict=True)) if images else {}
+    synthetic.write(directory, seed=seed, workers=workers, **counts)
     return open_coco_json(
         directory, geometry, name="shapes", workers=workers, temporary_folder=folder
     )
@@ -313,14 +320,16 @@ def load(
     geometry: Geometry | None = None,
     *,
     workers: int = DEFAULT_WORKERS,
+    shapes_images: tuple[int, int] | tuple[()] = (),
 ) -> DetectionDataset:
     """Opens dataset `name` (one of NAMES) from `data_dir`, with `geometry` (None: the
     dataset's DEFAULT_GEOMETRIES entry). 'shapes' is generated into data_dir, or into a
-    temporary folder when it is ''; 'coco/2017' reads TFDS's files ('': TFDS's default)."""
+    temporary folder when it is '', with `shapes_images` (training, evaluation) images
+    (empty: the set's own counts); 'coco/2017' reads TFDS's files ('': TFDS's default)."""
     check_choice("dataset", name, NAMES)
     geometry = geometry or DEFAULT_GEOMETRIES[name]
     if name == "shapes":
-        return open_shapes(geometry, data_dir, workers=workers)
+        return open_shapes(geometry, data_dir, workers=workers, images=shapes_images)
     if name == "coco_json":
         return open_coco_json(data_dir, geometry, workers=workers)
     from mokd_jax.detection import tfds_coco  # imports TensorFlow: only when asked for

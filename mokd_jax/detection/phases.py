@@ -88,7 +88,10 @@ def dataset_geometry(config: ml_collections.ConfigDict, name: str) -> Geometry:
 def load_dataset(config: ml_collections.ConfigDict) -> detection_dataset.DetectionDataset:
     """The config's detection dataset (`detection.dataset.load`)."""
     return detection_dataset.load(
-        config.dataset, config.data_dir, dataset_geometry(config, config.dataset)
+        config.dataset,
+        config.data_dir,
+        dataset_geometry(config, config.dataset),
+        shapes_images=tuple(config.shapes_images),
     )
 
 
