@@ -116,11 +116,11 @@ def shared_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
     (or restored) in the workdir WORKDIR/teacher, whose export is WORKDIR/teacher/teacher."""
     if config.teacher.checkpoint_dir:
         return config.teacher.checkpoint_dir
-    from mokd_jax import train  # imported here: see `compare`
+    from mokd_jax import data, train  # imported here: see `compare`
 
     teacher_workdir = os.path.join(workdir, "teacher")
     mesh = parallel.make_mesh(config.mesh.fsdp)
-    train.obtain_teacher(config, teacher_workdir, train.load_dataset(config), mesh)
+    train.obtain_teacher(config, teacher_workdir, data.load_configured(config), mesh)
     return os.path.join(teacher_workdir, "teacher")
 
 

@@ -24,6 +24,7 @@ from mokd_jax import (
     checkpoint,
     cli,
     config_files,
+    data,
     identities,
     models,
     normalization,
@@ -71,11 +72,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, directory: str) -> di
     inputs = normalization.from_identity(identity, directory)
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
-    # The trainer (CLU's writers import TensorFlow: seconds) is imported here, not at the
-    # top, so that --help and a bad flag answer at once.
-    from mokd_jax import train
-
-    dataset = train.load_dataset(config)
+    dataset = data.load_configured(config)
     if classes != dataset.num_classes:
         raise invalid(
             "checkpoint_dir",

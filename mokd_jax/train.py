@@ -204,17 +204,6 @@ def parameter_count(variables: Mapping[str, Any]) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
 
 
-def load_dataset(config: ml_collections.ConfigDict):
-    """The config's dataset (`mokd_jax.data.load` with its data fields)."""
-    return data.load(
-        config.dataset,
-        config.data_dir,
-        config.num_classes,
-        image_size=config.image_size,
-        recipe=config.recipe,
-    )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the three phases and writes WORKDIR/summary.json; returns the summary. A
     detection config (`task='detection'`) runs `mokd_jax.detection.phases` instead."""
@@ -228,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size("batch_size", config.batch_size, mesh)
     parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
-    dataset = load_dataset(config)
+    dataset = data.load_configured(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     student_input = dataset_inputs(config, "student", dataset)  # checked before any training
     teacher_variables, teacher_input, teacher_accuracy = obtain_teacher(

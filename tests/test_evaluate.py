@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from mokd_jax import checkpoint, evaluate, models, normalization, state, train
+from mokd_jax import checkpoint, data, evaluate, models, normalization, state
 from mokd_jax.errors import InputError
 
 ODD_INPUTS = normalization.Normalization(mean=(0.3,), std=(0.2,))
@@ -33,7 +33,7 @@ def test_evaluates_with_the_model_and_input_statistics_of_the_identity(tmp_path)
     """Slow: compiles an evaluation (10-15 s on 2 shared cores)."""
     module, variables = write_network(tmp_path / "net")
     result = evaluate.evaluate_checkpoint(default.get_config(), str(tmp_path / "net"))
-    dataset = train.load_dataset(default.get_config())
+    dataset = data.load_configured(default.get_config())
     inputs = normalization.apply(ODD_INPUTS, dataset.test_images)
     logits = np.asarray(module.apply(variables, inputs, train=False))
     ranks = (logits > logits[np.arange(len(logits)), dataset.test_labels][:, None]).sum(-1)

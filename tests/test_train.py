@@ -103,7 +103,7 @@ def test_a_restored_teacher_at_chance_level_is_warned_about(tmp_path, monkeypatc
     names its directory and the likely causes; its accuracy is returned for the summary.
     Slow: it compiles the teacher's evaluation (about 15 s on 2 shared cores)."""
     config = default.get_config("smoke")
-    dataset = train.load_dataset(config)
+    dataset = data.load_configured(config)
     model = identities.dataset_model(config, "teacher", dataset)
     variables = state.init_model(model, dataset.image_shape, jax.random.key(0))
     directory = str(tmp_path / "untrained")

@@ -29,6 +29,7 @@ __all__ = [
     "InMemoryDataset",
     "eval_batches",
     "load",
+    "load_configured",
     "process_slice",
     "train_batches",
 ]
@@ -119,6 +120,19 @@ def load(
         test_labels=test_labels,
         num_classes=_num_classes(num_classes, train_labels, test_labels),
         name=dataset,
+    )
+
+
+def load_configured(config) -> Dataset:
+    """The dataset of a training config (an ml_collections ConfigDict): `load` with its
+    data fields. Here rather than in `mokd_jax.train`, so that `mokd-evaluate` reads data
+    without importing the trainer, whose TensorBoard writers import TensorFlow (seconds)."""
+    return load(
+        config.dataset,
+        config.data_dir,
+        config.num_classes,
+        image_size=config.image_size,
+        recipe=config.recipe,
     )
 
 
