@@ -75,24 +75,37 @@ def is_not_orbax_chatter(record) -> bool:
     return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname.replace("\\", "/")
 
 
+def refuse(error: InputError) -> None:
+    """Bad input's one-line error and exit status 2."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
-    # The trainer (CLU's writers import TensorFlow: seconds) is imported once the flags
-    # are parsed, so that --help and a bad flag answer at once.
-    from mokd_jax import loop, parallel, train
+    from mokd_jax import parallel
+    from mokd_jax.config_checks import check_config
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # On SIGTERM the training loop saves and stops at the end of its current step.
-    signal.signal(signal.SIGTERM, lambda signum, frame: loop.PREEMPTION.set())
     logging.get_absl_logger().addFilter(is_not_orbax_chatter)
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     logging.info("workdir %s; config:\n%s", workdir, FLAGS.config)
     try:
-        parallel.initialize_distributed()
+        parallel.initialize_distributed()  # before anything that may start a JAX backend
+        check_config(FLAGS.config)
+    except InputError as error:
+        refuse(error)
+    # The trainer (CLU's writers import TensorFlow: seconds) is imported once the flags
+    # are parsed and the config checked, so that --help, a bad flag and a bad config
+    # answer at once.
+    from mokd_jax import loop, train
+
+    # On SIGTERM the training loop saves and stops at the end of its current step.
+    signal.signal(signal.SIGTERM, lambda signum, frame: loop.PREEMPTION.set())
+    try:
         summary = train.train_and_evaluate(FLAGS.config, workdir)
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        refuse(error)
     except loop.Preempted as stopped:
         print(f"{stopped}; run the same command to resume from it", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_STATUS)
