@@ -85,3 +85,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"sgd with aggregator={config.aggregator} (it keeps its own momenta)",
         )
     make_aggregator(config)  # checks the aggregator's hyperparameters
+    if config.task == "detection":
+        check_shapes_images(config.shapes_images)
+
+
+def check_shapes_images(value) -> None:
+    """`shapes_images`: empty (the shapes set's own counts) or (training images, evaluation
+    images), each at least 1."""
+    if not isinstance(value, tuple | list) or len(value) not in (0, 2):
+        raise invalid("shapes_images", value, "() or (training images, evaluation images)")
+    for count in value:
+        check_int("shapes_images", count, 1)

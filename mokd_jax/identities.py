@@ -34,8 +34,12 @@ def data_fingerprint(config: ml_collections.ConfigDict, dataset) -> dict:
     global batches for any process count and resume anywhere.
     """
     streamed = {"process_count": jax.process_count()} if dataset.name in data.TFDS_NAMES else {}
+    # Detection's generated shapes set: its image counts when the config sets them (kept
+    # out when empty, so that runs written before the field existed still resume).
+    shapes = {"shapes_images": list(config.shapes_images)} if config.get("shapes_images") else {}
     return {
         **streamed,
+        **shapes,
         "dataset": config.dataset,
         "data_dir": config.data_dir,
         "num_classes": dataset.num_classes,

@@ -67,3 +67,14 @@ def test_step_schedule_with_boundaries_outside_the_run_is_refused():
     config.student.schedule, config.student.decay_boundaries = "step", (10, 30)
     with pytest.raises(InputError, match=r"student.decay_boundaries=\(10, 30\)"):
         check_config(config)
+
+
+@pytest.mark.parametrize("value", [(8,), (8, 0), 8, ("8", "40")])
+def test_detection_shapes_image_counts_are_checked(value):
+    from configs import detection
+
+    config = detection.get_config("smoke")
+    check_config(config)
+    config.shapes_images = value
+    with pytest.raises(InputError, match="shapes_images="):
+        check_config(config)

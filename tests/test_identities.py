@@ -38,3 +38,13 @@ def test_a_streamed_dataset_resumes_only_on_the_process_count_that_wrote_it(tmp_
     manager.wait_until_finished()
     with pytest.raises(InputError, match="different configuration \\(process_count: 2 -> 1\\)"):
         checkpoint.restore_latest(manager, None, identities.data_fingerprint(config, dataset))
+
+
+def test_the_shapes_sets_image_counts_shape_the_data_fingerprint_when_set():
+    from configs import detection
+
+    config = detection.get_config("smoke")
+    digits = data.load("digits")  # the fields read from the dataset do not matter here
+    assert identities.data_fingerprint(config, digits)["shapes_images"] == [8, 40]
+    config.shapes_images = ()
+    assert "shapes_images" not in identities.data_fingerprint(config, digits)
