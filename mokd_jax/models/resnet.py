@@ -51,13 +51,15 @@ from mokd_jax.checks import check_int
 from mokd_jax.errors import invalid
 from mokd_jax.models.base import StagedClassifier
 from mokd_jax.models.layers import batch_norm, conv, torch_default_init, torch_linear
+from mokd_jax.models.pooling import max_pool
 
 
 def stem_max_pool(x: jax.Array) -> jax.Array:
     """torch's MaxPool2d(3, stride=2, padding=1): pads one -inf row/column on each side
-    (flax pools pad with the reduction's identity), where 'SAME' would pad only the
-    bottom/right of an even-sized map and shift every window."""
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    (never a maximum), where 'SAME' would pad only the bottom/right of an even-sized map and
+    shift every window; its gradient goes to each window's first maximum, as torch's
+    (`pooling.max_pool`)."""
+    return max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 def _block_plan(

@@ -29,6 +29,7 @@ from flax.typing import Dtype
 
 from mokd_jax.models.base import StagedClassifier
 from mokd_jax.models.layers import ConvBN
+from mokd_jax.models.pooling import max_pool
 
 # RepDistiller's cfg: the conv widths of each of the five blocks.
 CFG_S = ((64,), (128,), (256,), (512,), (512,))
@@ -36,8 +37,8 @@ CFG_B = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
-    """torch's MaxPool2d(2, 2)."""
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    """torch's MaxPool2d(2, 2) (`pooling.max_pool`)."""
+    return max_pool(x, (2, 2), strides=(2, 2))
 
 
 class VGG(StagedClassifier):
