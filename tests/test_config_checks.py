@@ -69,7 +69,7 @@ def test_step_schedule_with_boundaries_outside_the_run_is_refused():
         check_config(config)
 
 
-@pytest.mark.parametrize("value", [(8,), (8, 0), 8, ("8", "40")])
+@pytest.mark.parametrize("value", [(8,), (8, 0), (8, 40, 2), ("8", "40")])
 def test_detection_shapes_image_counts_are_checked(value):
     from configs import detection
 
