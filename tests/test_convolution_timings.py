@@ -5,6 +5,7 @@ from mokd_jax import convolution_timings
 pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_every_shape_is_timed_in_both_frameworks_and_totalled_by_count():
     results = convolution_timings.measure(image_size=32, batch_size=1, repeats=1)
     rows = results["rows"]

@@ -29,6 +29,7 @@ def faults_of_a_second_block(setting: str) -> int:
     return int(result.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_a_freed_block_is_reused_instead_of_mapped_and_faulted_in_again():
     """malloc's defaults map a 200 MiB block afresh after it was freed, so writing it

@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mokd_jax import xla_flags
 
 
@@ -23,6 +25,7 @@ def test_the_opt_out_and_an_unmeasured_jaxlib_leave_xla_flags_alone(monkeypatch)
     assert environ["XLA_FLAGS"] == "--a=1"
 
 
+@pytest.mark.slow
 def test_importing_the_package_sets_the_flags_before_the_backend_reads_them():
     """In a fresh interpreter: the flags are in the environment once mokd_jax is imported,
     and the CPU backend starts with them (XLA would abort on a flag it does not know)."""
