@@ -91,7 +91,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from mokd_jax import cli, config_helpers, host_memory, models
+from mokd_jax import cli, config_helpers, models
 from mokd_jax.benchmark_detection import DETECTION_MODES, measure_detection
 from mokd_jax.benchmark_like_peer import LIKE_PEER
 from mokd_jax.benchmark_ours import MODES, measure_ours
@@ -306,9 +306,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-    """The `mokd-benchmark` entry point, with host memory kept for reuse (`host_memory`)."""
-    host_memory.keep_freed_memory()
-    cli.run(main, define_flags)
+    """The `mokd-benchmark` entry point."""
+    cli.run(main, define_flags, runs_steps=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from typing import Any
 
 from absl import app, flags
 
+from mokd_jax import host_memory
+
 HELP_FLAGS = ("help", "helpshort", "helpfull")
 
 
@@ -47,14 +49,20 @@ def report(table: str, results: Mapping[str, Any], json_path: str) -> None:
 
 
 def run(
-    main: Callable[[list[str]], None], define_flags: Callable[[flags.FlagValues], None]
+    main: Callable[[list[str]], None],
+    define_flags: Callable[[flags.FlagValues], None],
+    runs_steps: bool = False,
 ) -> None:
-    """Defines the command's flags on absl's FLAGS, then `app.run(main)`.
+    """Defines the command's flags on absl's FLAGS, then `app.run(main)`. A command that
+    `runs_steps` (trains or times steps) first sets malloc to reuse freed host memory
+    (`host_memory`).
 
     absl's --help shows the docstring of `__main__` and the flags of the module named by
     sys.argv[0]: under `python -m` the command's module, but for an installed console
     script pip's wrapper (or a wrapper in scripts/); both are pointed at the command here.
     """
+    if runs_steps:
+        host_memory.keep_freed_memory()
     defined_before = set(flags.FLAGS)
     define_flags(flags.FLAGS)
     for name in set(flags.FLAGS) - defined_before:

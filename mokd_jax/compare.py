@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mokd_jax import cli, config_files, config_helpers, host_memory, parallel, recipes
+from mokd_jax import cli, config_files, config_helpers, parallel, recipes
 from mokd_jax.config_checks import check_config
 from mokd_jax.errors import InputError, invalid
 
@@ -349,9 +349,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """The `mokd-compare` entry point, with host memory kept for reuse (`host_memory`)."""
-    host_memory.keep_freed_memory()
-    cli.run(main, define_flags)
+    """The `mokd-compare` entry point."""
+    cli.run(main, define_flags, runs_steps=True)
 
 
 if __name__ == "__main__":

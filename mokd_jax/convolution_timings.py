@@ -26,34 +26,30 @@ from mokd_jax import cli
 FLAGS = flags.FLAGS
 
 
+RESNET18_CONVOLUTIONS = (
+    # name, input and output channels, kernel, stride, input side as a divisor of the
+    # image side, how many the network has
+    ("stem_7x7_s2", 3, 64, 7, 2, 1, 1),
+    ("layer1_3x3", 64, 64, 3, 1, 4, 4),
+    ("layer2_3x3_s2", 64, 128, 3, 2, 4, 1),
+    ("layer2_3x3", 128, 128, 3, 1, 8, 3),
+    ("layer2_1x1_s2", 64, 128, 1, 2, 4, 1),
+    ("layer3_3x3_s2", 128, 256, 3, 2, 8, 1),
+    ("layer3_3x3", 256, 256, 3, 1, 16, 3),
+    ("layer3_1x1_s2", 128, 256, 1, 2, 8, 1),
+    ("layer4_3x3_s2", 256, 512, 3, 2, 16, 1),
+    ("layer4_3x3", 512, 512, 3, 1, 32, 3),
+    ("layer4_1x1_s2", 256, 512, 1, 2, 16, 1),
+)
+
+
 def resnet18_convolutions(image_size: int) -> list[dict[str, int | str]]:
     """Each distinct convolution of a ResNet-18 on `image_size` images: its name, input and
     output channels, kernel, stride, input side and how many the network has."""
-    side = image_size
-
-    def entry(name, in_channels, out_channels, kernel, stride, input_side, count):
-        return dict(
-            name=name,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            kernel=kernel,
-            stride=stride,
-            side=input_side,
-            count=count,
-        )
-
+    keys = ("name", "in_channels", "out_channels", "kernel", "stride", "side", "count")
     return [
-        entry("stem_7x7_s2", 3, 64, 7, 2, side, 1),
-        entry("layer1_3x3", 64, 64, 3, 1, side // 4, 4),
-        entry("layer2_3x3_s2", 64, 128, 3, 2, side // 4, 1),
-        entry("layer2_3x3", 128, 128, 3, 1, side // 8, 3),
-        entry("layer2_1x1_s2", 64, 128, 1, 2, side // 4, 1),
-        entry("layer3_3x3_s2", 128, 256, 3, 2, side // 8, 1),
-        entry("layer3_3x3", 256, 256, 3, 1, side // 16, 3),
-        entry("layer3_1x1_s2", 128, 256, 1, 2, side // 8, 1),
-        entry("layer4_3x3_s2", 256, 512, 3, 2, side // 16, 1),
-        entry("layer4_3x3", 512, 512, 3, 1, side // 32, 3),
-        entry("layer4_1x1_s2", 256, 512, 1, 2, side // 16, 1),
+        dict(zip(keys, (*fields[:5], image_size // fields[5], fields[6]), strict=True))
+        for fields in RESNET18_CONVOLUTIONS
     ]
 
 
@@ -133,12 +129,13 @@ def measure(image_size: int, batch_size: int, repeats: int) -> dict[str, Any]:
     import jax
     import torch
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    # The cores the process may run on (`taskset`), where the platform says.
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    torch.set_num_threads(len(cores) if cores else os.cpu_count() or 1)
     rows = []
     for shape in resnet18_convolutions(image_size):
-        rows.append(time_shape(shape, batch_size, repeats))
-        row = rows[-1]
+        row = time_shape(shape, batch_size, repeats)
+        rows.append(row)
         print(
             f"{row['name']:14s} x{row['count']}  forward: ours {row['jax_forward_ms']:8.2f} ms,"
             f" torch {row['torch_forward_ms']:8.2f} ms;  forward + backward: ours"

@@ -25,7 +25,7 @@ import sys
 
 from absl import app, flags, logging
 
-from mokd_jax import cli, config_files, host_memory
+from mokd_jax import cli, config_files
 from mokd_jax.errors import InputError
 
 PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
@@ -115,9 +115,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """The `mokd-train` entry point, with host memory kept for reuse (`host_memory`)."""
-    host_memory.keep_freed_memory()
-    cli.run(main, define_flags)
+    """The `mokd-train` entry point."""
+    cli.run(main, define_flags, runs_steps=True)
 
 
 if __name__ == "__main__":

@@ -43,33 +43,28 @@ def _padded(x: jax.Array, padding: tuple[Pair, Pair]) -> jax.Array:
     return jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
 
 
-def _output_size(size: int, window: int, stride: int) -> int:
-    return (size - window) // stride + 1
+def _tap_spans(shape: tuple[int, ...], window: Pair, strides: Pair) -> list[tuple[Pair, Pair]]:
+    """Per tap of the window, in row-major window order: the (start, limit) of its strided
+    slice of a padded NHWC map of `shape`, rows then columns: the tap's value at every
+    output position."""
+    spans = []
+    for axis in (0, 1):
+        outputs = (shape[1 + axis] - window[axis]) // strides[axis] + 1
+        last = (outputs - 1) * strides[axis] + 1
+        spans.append([(offset, offset + last) for offset in range(window[axis])])
+    return [(rows, columns) for rows in spans[0] for columns in spans[1]]
 
 
-def _taps(padded: jax.Array, window: Pair, strides: Pair) -> list[tuple[Pair, jax.Array]]:
-    """((row, column) of the tap in the window, the tap's value at every output position),
-    in row-major window order."""
-    batch, height, width, channels = padded.shape
-    rows = _output_size(height, window[0], strides[0])
-    columns = _output_size(width, window[1], strides[1])
-    taps = []
-    for row in range(window[0]):
-        for column in range(window[1]):
-            start = (0, row, column, 0)
-            limit = (
-                batch,
-                row + (rows - 1) * strides[0] + 1,
-                column + (columns - 1) * strides[1] + 1,
-                channels,
-            )
-            taps.append(((row, column), lax.slice(padded, start, limit, (1, *strides, 1))))
-    return taps
+def _tap(padded: jax.Array, rows: Pair, columns: Pair, strides: Pair) -> jax.Array:
+    batch, _, _, channels = padded.shape
+    start, limit = (0, rows[0], columns[0], 0), (batch, rows[1], columns[1], channels)
+    return lax.slice(padded, start, limit, (1, *strides, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, padding):
-    taps = [tap for _, tap in _taps(_padded(x, padding), window, strides)]
+    padded = _padded(x, padding)
+    taps = [_tap(padded, *span, strides) for span in _tap_spans(padded.shape, window, strides)]
     return functools.reduce(jnp.maximum, taps)
 
 
@@ -79,40 +74,27 @@ def _max_pool_forward(x, window, strides, padding):
 
 
 def _max_pool_backward(window, strides, padding, residuals, cotangent):
+    """Each tap's share of the cotangent padded back to where its slice came from: the
+    slice's start before it, the rest of the map after, `stride - 1` between positions."""
     x, pooled = residuals
     padded = _padded(x, padding)
+    height, width = padded.shape[1:3]
     gradient = jnp.zeros_like(padded)
     claimed = jnp.zeros(pooled.shape, bool)
-    for (row, column), tap in _taps(padded, window, strides):
+    zero = jnp.zeros((), cotangent.dtype)
+    for rows, columns in _tap_spans(padded.shape, window, strides):
+        tap = _tap(padded, rows, columns, strides)
         first = ((tap == pooled) | jnp.isnan(tap)) & ~claimed
         claimed = claimed | first
-        share = jnp.where(first, cotangent, jnp.zeros_like(cotangent))
-        gradient = gradient + lax.pad(
-            share,
-            jnp.zeros((), share.dtype),
-            _placement(padded.shape, share.shape, (row, column), strides),
+        placement = (
+            (0, 0, 0),
+            (rows[0], height - rows[1], strides[0] - 1),
+            (columns[0], width - columns[1], strides[1] - 1),
+            (0, 0, 0),
         )
+        gradient = gradient + lax.pad(jnp.where(first, cotangent, zero), zero, placement)
     (top, bottom), (left, right) = padding
-    height, width = padded.shape[1:3]
     return (gradient[:, top : height - bottom, left : width - right, :],)
-
-
-def _placement(
-    padded_shape: tuple[int, ...], share_shape: tuple[int, ...], tap: Pair, strides: Pair
-) -> list[tuple[int, int, int]]:
-    """`lax.pad`'s (low, high, interior) per dimension that puts output position (i, j) of a
-    tap's share at padded position (tap row + i * stride, tap column + j * stride)."""
-    config = [(0, 0, 0)]
-    for axis in (0, 1):
-        size, count, offset, stride = (
-            padded_shape[1 + axis],
-            share_shape[1 + axis],
-            tap[axis],
-            strides[axis],
-        )
-        spanned = offset + (count - 1) * stride + 1
-        config.append((offset, size - spanned, stride - 1))
-    return [*config, (0, 0, 0)]
 
 
 _max_pool.defvjp(_max_pool_forward, _max_pool_backward)
