@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 from mokd_jax import cli, config_files, config_helpers, parallel, recipes
 from mokd_jax.config_checks import check_config
 from mokd_jax.errors import InputError, invalid
+from mokd_jax.events import read_scalars
 
 METHODS = recipes.METHODS
 """Every method `--methods` takes: the baselines (ce, kd, kd_feature, dkd, dot), then every
@@ -135,11 +136,9 @@ def run_result(method: str, seed: int, summary: Mapping[str, Any], run_dir: str)
 
     The diagnostics come from the events rather than the summary's means: a rerun of a
     finished workdir trains no step and its summary has no means, its events still do.
-    steps/s is the mean of CLU's `steps_per_sec` reports, which time the training loop
+    steps/s is the mean of the progress reports' `steps_per_sec`, which time the training loop
     only (compilation and evaluation excluded); NaN when the run was too short to report.
     """
-    from mokd_jax.plots import read_scalars  # imported here: see `compare`
-
     scalars = read_scalars(os.path.join(run_dir, "tensorboard", "student"))
     return RunResult(
         method=method,
@@ -283,9 +282,9 @@ def compare(
 ) -> list[Row]:
     """Trains every (method, seed) from one teacher; writes comparison.md and .png.
 
-    The trainer (CLU's writers import TensorFlow: seconds) and TensorBoard's event reader
-    are imported by the functions that use them, not at the top, so that `mokd-compare
-    --help` and a bad flag answer at once."""
+    The trainer (JAX, the models, the data loaders: seconds) is imported by the functions
+    that use it, not at the top, so that `mokd-compare --help` and a bad flag answer at
+    once."""
     from mokd_jax import train
 
     for field, values in (("methods", methods), ("seeds", seeds)):

@@ -1,19 +1,23 @@
 """The training loop of one phase: steps, TensorBoard, progress, checkpoints, preemption.
 
-This is where the I/O lives (CLU's metric writers, which import TensorFlow, and Orbax's
-checkpoint manager); the steps it runs are the pure functions of `mokd_jax.steps`.
+This is where the I/O lives (TensorBoard events through `mokd_jax.events`, progress notes
+through CLU's `platform`, Orbax's checkpoint manager); the steps it runs are the pure
+functions of `mokd_jax.steps`. Nothing here imports TensorFlow: a run whose data needs none
+starts without it.
 """
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import platform
 
 from mokd_jax import checkpoint, parallel
+from mokd_jax.events import EventWriter, NoWriter
 from mokd_jax.state import TrainState
 
 PREEMPTION = threading.Event()
@@ -75,8 +79,8 @@ def run_phase(
 
     Every step's metrics go to `writer` with their own step number, but they are fetched
     from the device once per `log_every_steps`, so the loop never waits on the device each
-    step; the log gets one line per `log_every_steps` and CLU's progress report (steps/s,
-    ETA). A preemption notice (SIGTERM in a single-process run, see `PREEMPTION`; on
+    step; the log gets one line per `log_every_steps` and a progress note (steps/s, ETA;
+    `ProgressReport`). A preemption notice (SIGTERM in a single-process run, see `PREEMPTION`; on
     several hosts Orbax's `reached_preemption`, which every host agrees on) saves the
     state at the current step and raises `Preempted`. Returns the final state and the mean
     of each metric over the steps run here.
@@ -91,9 +95,8 @@ def run_phase(
     are a few evaluations per run, so the wait costs little.
     """
     first_step = int(state.step)
-    report = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_steps=log_every_steps, every_secs=30.0
-    )
+    writer.start_session(first_step + 1)
+    report = ProgressReport(num_steps, writer, log_every_steps, every_secs=30.0)
     pending: list[tuple[int, dict]] = []
     sums: dict[str, float] = {}
     for step in range(first_step + 1, num_steps + 1):
@@ -106,6 +109,7 @@ def run_phase(
                 for key, value in logged.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
             logging.info("%s step %d/%d: %s", name, step, num_steps, format_metrics(logged))
+            writer.flush()
             pending = []
         if evaluation is not None and (step % evaluation.every_steps == 0 or step == num_steps):
             manager.wait_until_finished()
@@ -137,12 +141,75 @@ def preemption_noticed(manager, step: int) -> bool:
     return PREEMPTION.is_set()
 
 
-def phase_writer(workdir: str, phase: str) -> metric_writers.MetricWriter:
+def phase_writer(workdir: str, phase: str) -> EventWriter | NoWriter:
     """TensorBoard events of one phase in WORKDIR/tensorboard/<phase> (process 0 only)."""
     if jax.process_index() > 0:
-        return metric_writers.MultiWriter([])
-    directory = os.path.join(workdir, "tensorboard", phase)
-    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(directory))
+        return NoWriter()
+    return EventWriter(os.path.join(workdir, "tensorboard", phase))
+
+
+class ProgressReport:
+    """Steps per second and the time left, every `every_steps` steps, after `every_secs`
+    seconds without a report, and at the last step.
+
+    Each report covers the steps since the previous one: the first call only starts the
+    clock, so the first step's compilation is left out of every rate. A report is a CLU
+    work-unit note (a log line when run locally, the job's status on a cluster that shows
+    notes) and the scalars `steps_per_sec` and `uptime` (seconds since the first call) at
+    that step, the tags CLU's `ReportProgress` wrote before.
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        writer,
+        every_steps: int,
+        every_secs: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.num_steps = num_steps
+        self.writer = writer
+        self.every_steps = every_steps
+        self.every_secs = every_secs
+        self.clock = clock
+        self.started: float | None = None
+        self.last: tuple[int, float] | None = None
+
+    def due(self, step: int, now: float) -> bool:
+        last_step, last_time = self.last
+        if step == last_step:
+            return False
+        return (
+            step % self.every_steps == 0
+            or now - last_time > self.every_secs
+            or step == self.num_steps
+        )
+
+    def __call__(self, step: int) -> bool:
+        """Reports at `step` if one is due; returns whether it did."""
+        now = self.clock()
+        if self.last is None:
+            self.started, self.last = now, (step, now)
+            return False
+        if not self.due(step, now):
+            return False
+        last_step, last_time = self.last
+        rate = (step - last_step) / max(now - last_time, 1e-9)
+        left = (self.num_steps - step) / rate
+        platform.work_unit().set_notes(
+            f"{rate:.1f} steps/s, {100 * step / self.num_steps:.1f}% ({step}/{self.num_steps}),"
+            f" ETA: {format_duration(left)}"
+        )
+        self.writer.write_scalars(step, {"steps_per_sec": rate, "uptime": now - self.started})
+        self.last = (step, now)
+        return True
+
+
+def format_duration(seconds: float) -> str:
+    """h:mm:ss, e.g. 1:02:03."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
         check_config(FLAGS.config)
     except InputError as error:
         refuse(error)
-    # The trainer (CLU's writers import TensorFlow: seconds) is imported once the flags
+    # The trainer (JAX, the models, the data loaders: seconds) is imported once the flags
     # are parsed and the config checked, so that --help, a bad flag and a bad config
     # answer at once.
     from mokd_jax import loop, train

@@ -161,18 +161,22 @@ def train_phase(
         batch_arguments=phase.batch_arguments,
     )
     num_steps = config[phase.name].num_train_steps
-    state, means = run_phase(
-        phase.name,
-        state,
-        lambda current, *batch: compiled(current, *phase.constants, *batch),
-        phase.batches(int(state.step)),
-        num_steps,
-        manager,
-        phase.fingerprint,
-        phase_writer(workdir, phase.name),
-        config.log_every_steps,
-        Evaluation(evaluation_interval(config, phase.name), phase.evaluation.evaluate),
-    )
+    writer = phase_writer(workdir, phase.name)
+    try:
+        state, means = run_phase(
+            phase.name,
+            state,
+            lambda current, *batch: compiled(current, *phase.constants, *batch),
+            phase.batches(int(state.step)),
+            num_steps,
+            manager,
+            phase.fingerprint,
+            writer,
+            config.log_every_steps,
+            Evaluation(evaluation_interval(config, phase.name), phase.evaluation.evaluate),
+        )
+    finally:
+        writer.close()
     manager.close()
     metrics = phase.evaluation.at_step(num_steps, state)
     return phase.evaluation.variables_of(state), metrics, means

@@ -15,36 +15,12 @@ from etils import epath
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
+
+from mokd_jax.events import Series, read_scalars
 
 SMOOTHING_FRACTION = 0.02
 """The moving-average window as a fraction of the steps: wide enough to read a trend
 through per-batch noise, narrow enough to keep the first steps' transient visible."""
-
-Series = tuple[np.ndarray, np.ndarray]
-
-
-def read_scalars(events_dir: str) -> dict[str, Series]:
-    """Every scalar tag in `events_dir` as (steps, values), sorted by step.
-
-    CLU writes scalars as TF2 tensor summaries, so they are read from the TENSORS store
-    (unbounded: by default TensorBoard samples only some events per tag). Steps that a
-    resumed run wrote twice are purged by the accumulator, so each step appears once.
-    """
-    events = event_accumulator.EventAccumulator(
-        events_dir, size_guidance={event_accumulator.TENSORS: 0}
-    )
-    events.Reload()
-    scalars = {}
-    for tag in events.Tags()[event_accumulator.TENSORS]:
-        logged = sorted(events.Tensors(tag), key=lambda event: event.step)
-        steps = np.array([event.step for event in logged], np.int64)
-        values = np.array(
-            [float(tensor_util.make_ndarray(event.tensor_proto)) for event in logged], np.float64
-        )
-        scalars[tag] = (steps, values)
-    return scalars
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
