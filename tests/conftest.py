@@ -10,6 +10,7 @@ lookup (a smoke run: 22 s cold, 5 s warm, on 2 cores). `MOKD_TEST_XLA_CACHE=DIR`
 cache in DIR across sessions instead, for a faster inner loop.
 """
 
+import gc
 import os
 import shutil
 import sys
@@ -63,6 +64,15 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def pytest_collection_finish(session):
+    """Moves everything the imports and the collection created out of the garbage
+    collector's sight (`gc.freeze`): those objects live for the whole session, and each of
+    Python's full collections (automatic ones during the tests, and pytest's five at the
+    end of a session) would otherwise walk all of them, JAX's, TensorFlow's and torch's
+    modules included."""
+    gc.freeze()
+
+
 def pytest_unconfigure(config):
     for directory in _SESSION_CACHE:
         shutil.rmtree(directory, ignore_errors=True)
@@ -74,29 +84,46 @@ way of being driven (per-objective rows: the min-norm mokd and the projecting pc
 weighted row: famo; own momenta: dot; at the representation: graddrop). The full suite
 runs every method."""
 
-SWEEP_SIZE = 8
-"""A test parametrized over at least this many aggregator names is a sweep."""
+INNER_LOOP_MODELS = ("cnn_small", "resnet18", "resnet50", "resnet8x4", "mobilenet_v2", "vit_tiny")
+"""The models that a sweep over the model zoo runs in the fast tier: one of each kind of
+block the zoo converts and computes (plain convolutions; ResNet basic and bottleneck
+blocks, ImageNet and CIFAR stems; depthwise-separable inverted residuals; attention). The
+full suite runs every model."""
+
+SWEEP_SIZE = 7
+"""A test parametrized over at least this many aggregators (its `name`), or this many
+models (its `name` or `arch`), is a sweep."""
 
 
 def pytest_collection_modifyitems(config, items):
-    """Marks the other methods of every aggregator sweep `slow` (see INNER_LOOP_METHODS)."""
-    from mokd_jax import aggregation
+    """Marks `slow` the members of every sweep beyond the inner loop's (INNER_LOOP_METHODS,
+    INNER_LOOP_MODELS; a sweep with none of them keeps its first member)."""
+    from mokd_jax import aggregation, models
 
-    def method(item):
-        name = getattr(item, "callspec", None) and item.callspec.params.get("name")
-        return name if isinstance(name, str) and name in aggregation.NAMES else None
+    def swept_value(item, keys, names):
+        params = getattr(item, "callspec", None) and item.callspec.params or {}
+        values = [params.get(key) for key in keys]
+        return next((value for value in values if isinstance(value, str) and value in names), None)
 
-    def sweep_of(item):
-        return item.nodeid.split("::")[0], item.originalname
+    def fast_share(sweep: list[str]) -> set[str]:
+        """The inner loop's members of a sweep, or its first one if it has none."""
+        inner = set(sweep) & (set(INNER_LOOP_METHODS) | set(INNER_LOOP_MODELS))
+        return inner or {sweep[0]}
 
-    swept: dict[tuple[str, str], set[str]] = {}
-    for item in items:
-        if method(item):
-            swept.setdefault(sweep_of(item), set()).add(method(item))
-    for item in items:
-        name = method(item)
-        if name and len(swept[sweep_of(item)]) >= SWEEP_SIZE and name not in INNER_LOOP_METHODS:
-            item.add_marker(pytest.mark.slow)
+    for keys, names in (
+        (("name",), aggregation.NAMES),
+        (("name", "arch"), models.NAMES),
+    ):
+        swept: dict[tuple[str, str], list[str]] = {}
+        for item in items:
+            if value := swept_value(item, keys, names):
+                sweep = swept.setdefault((item.nodeid.split("::")[0], item.originalname), [])
+                sweep.append(value)
+        for item in items:
+            value = swept_value(item, keys, names)
+            sweep = swept.get((item.nodeid.split("::")[0], item.originalname), [])
+            if value and len(set(sweep)) >= SWEEP_SIZE and value not in fast_share(sweep):
+                item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
