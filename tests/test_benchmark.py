@@ -208,7 +208,7 @@ def test_a_request_the_task_or_framework_cannot_run_is_refused(
 
 
 @pytest.mark.slow
-def test_the_detection_task_writes_the_classification_json_shape():
+def test_the_detection_task_writes_the_classification_json_shape(brief_timing):
     """A tiny RetinaNet pair (64 px, batch 1, 8-channel heads one conv deep), one step."""
     from mokd_jax import benchmark
     from mokd_jax.benchmark_detection import measure_detection
