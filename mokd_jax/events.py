@@ -9,8 +9,9 @@ every file whose name contains `tfevents` in a run directory.
 Why the trainer writes them itself: CLU's `metric_writers` and TensorBoard's own reader
 (`EventAccumulator`) both import TensorFlow whenever it is installed (CLU's package imports
 its TF summary writer; TensorBoard reaches its file system through `tensorboard.compat.tf`).
-That costs every training process 3-8 s of start-up and a few hundred MB of memory, even
-when its data needs no TensorFlow (the embedded digits, `.npz` arrays). The protos and the
+That cost every training process about 3 s of start-up and 460 MB of memory (`import
+mokd_jax.train` with and without TensorFlow, 2 CPU cores, /usr/bin/time), even when its
+data needs no TensorFlow (the embedded digits, `.npz` arrays). The protos and the
 record framing come from the `tensorboard` package, which imports no TensorFlow for them.
 
 Scalars are written the way TF2's `tf.summary.scalar` (and so CLU) wrote them: a float32
