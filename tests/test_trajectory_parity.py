@@ -31,7 +31,7 @@ weight decay moves the losses 8.7e-4 (8.7x), torch BN momentum 0.9 the running s
 decoupled weight decay is the thinnest: over 30 steps its effect is of the order of
 float32's drift in the parameters and shows in the losses only.
 
-The wrong settings run in float32, as a wrong float32 implementation would (about 6x
+The wrong settings run in float32, as a wrong float32 implementation would (3-6x
 faster on the CPU than float64): float32's own drift in the losses is 3% of the thinnest margin's
 effect, so what they show is that such an implementation would not pass.
 
