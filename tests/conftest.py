@@ -105,24 +105,21 @@ def pytest_collection_modifyitems(config, items):
         values = [params.get(key) for key in keys]
         return next((value for value in values if isinstance(value, str) and value in names), None)
 
-    def fast_share(sweep: list[str]) -> set[str]:
-        """The inner loop's members of a sweep, or its first one if it has none."""
-        inner = set(sweep) & (set(INNER_LOOP_METHODS) | set(INNER_LOOP_MODELS))
-        return inner or {sweep[0]}
+    def sweep_of(item):
+        return item.nodeid.split("::")[0], item.originalname
 
-    for keys, names in (
-        (("name",), aggregation.NAMES),
-        (("name", "arch"), models.NAMES),
+    for keys, names, inner_loop in (
+        (("name",), aggregation.NAMES, INNER_LOOP_METHODS),
+        (("name", "arch"), models.NAMES, INNER_LOOP_MODELS),
     ):
-        swept: dict[tuple[str, str], list[str]] = {}
-        for item in items:
-            if value := swept_value(item, keys, names):
-                sweep = swept.setdefault((item.nodeid.split("::")[0], item.originalname), [])
-                sweep.append(value)
-        for item in items:
-            value = swept_value(item, keys, names)
-            sweep = swept.get((item.nodeid.split("::")[0], item.originalname), [])
-            if value and len(set(sweep)) >= SWEEP_SIZE and value not in fast_share(sweep):
+        members = [(item, value) for item in items if (value := swept_value(item, keys, names))]
+        sweeps: dict[tuple[str, str], list[str]] = {}
+        for item, value in members:
+            sweeps.setdefault(sweep_of(item), []).append(value)
+        for item, value in members:
+            sweep = sweeps[sweep_of(item)]
+            kept = set(sweep) & set(inner_loop) or {sweep[0]}
+            if len(set(sweep)) >= SWEEP_SIZE and value not in kept:
                 item.add_marker(pytest.mark.slow)
 
 
