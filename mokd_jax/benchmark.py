@@ -52,7 +52,7 @@ forwards): the cost of the teacher forward + student forward + two student backw
 that of one-backward KD. Goal: mokd / kd_1bwd <= 1.05 R.
 
 The aggregation's share of the step (goal <= 2%), two ways, for K = 2 (`mokd`) and K = 3
-(`mokd_separate`):
+(`mokd_separate`), each where that mode was run:
   share           the jitted `mokd` update alone, on random K-stacked gradients shaped like
                   the student's parameters, over the mokd step time: an upper bound, since
                   alone its reductions (one per parameter leaf) run as separate kernels

@@ -106,20 +106,22 @@ def aggregation_shares(
 ) -> dict[str, dict[str, Any]]:
     """The aggregation's share of the step for K = 2 (`mokd`) and K = 3 (`mokd_separate`):
     alone (the jitted update on random gradients shaped like `student_params`, over the
-    step) and in the step (against `kd` / `kd_separate`: the same pullbacks, summed); None
-    where a mode it needs was not run."""
+    step) and in the step (against `kd` / `kd_separate`: the same pullbacks, summed; None
+    where that mode was not run). A K whose step (`mokd` / `mokd_separate`) was not run is
+    left out: with no step to divide by, timing its update (a compilation of its own) would
+    give no share."""
     shares = {}
     for k, reference, summed in ((2, "mokd", "kd"), (3, "mokd_separate", "kd_separate")):
+        if reference not in modes:
+            continue
         log(f"aggregation K={k}")
         seconds = aggregation_time(student_params, k, hparams)
-        step_time = modes.get(reference, {}).get("step_time_s")
+        step_time = modes[reference]["step_time_s"]
         summed_time = modes.get(summed, {}).get("step_time_s")
         shares[f"K{k}"] = {
             "time_s": seconds,
-            "share": seconds / step_time if step_time else None,
-            "in_step_share": (
-                (step_time - summed_time) / step_time if step_time and summed_time else None
-            ),
+            "share": seconds / step_time,
+            "in_step_share": ((step_time - summed_time) / step_time if summed_time else None),
             "step": reference,
         }
     return shares
