@@ -35,6 +35,9 @@ swing with their load; images per CPU second measure the work an image costs wha
 load, and the cores needed for `--step_rate` images/s (default: `mokd` on one H200, bf16,
 224 px, docs/benchmarks.md) are estimated from them, each core assumed as busy as here.
 The load average before and after is recorded.
+
+TensorFlow, TFDS and the pipelines are imported by the functions that run them, so that
+`mokd-pipeline-benchmark --help` answers without importing TensorFlow (6.0 s -> 0.3 s).
 """
 
 import functools
@@ -45,18 +48,18 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
 from mokd_jax import cli
 from mokd_jax.checks import check_int, check_positive
-from mokd_jax.data import tfds_pipeline, tfds_specs
 from mokd_jax.errors import invalid
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 FLAGS = flags.FLAGS
 
@@ -157,10 +160,11 @@ def generated_images(dataset: str, count: int, long_side: int, seed: int = 0) ->
     return [encode(natural_looking_image(*shapes[i % 2], rng), "JPEG") for i in range(count)]
 
 
-def in_memory_reader(encoded: Sequence[bytes], length: int) -> Callable[..., tf.data.Dataset]:
+def in_memory_reader(encoded: Sequence[bytes], length: int) -> Callable[..., "tf.data.Dataset"]:
     """A stand-in for TFDS's file reader (`mock_data`'s `as_dataset_fn`): every split is
     `length` examples cycling through `encoded`, labelled by their index, decoded with the
     caller's decoders as TFDS decodes records (the pipelines skip the image's decoding)."""
+    import tensorflow as tf
 
     def as_dataset(builder, split, decoders=None, read_config=None, shuffle_files=False):
         labels = np.arange(len(encoded)) % builder.info.features["label"].num_classes
@@ -206,6 +210,8 @@ def pipeline_batches(
     pipeline: Pipeline, batch_size: int, image_size: int
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """The batches of `pipeline` (under `mock_data`, whose reader supplies the examples)."""
+    from mokd_jax.data import tfds_pipeline
+
     if pipeline.split == "train":
         return tfds_pipeline.train_batches(
             pipeline.dataset, "", batch_size, 0, image_size=image_size, recipe=pipeline.recipe
@@ -224,6 +230,8 @@ def time_pipeline(
     count: int,
 ) -> Timing:
     """The time of `count` batches of `pipeline` reading `encoded` from memory."""
+    import tensorflow_datasets as tfds
+
     length = (warmup + count) * batch_size  # one epoch, no padded eval batch
     with tfds.testing.mock_data(as_dataset_fn=in_memory_reader(encoded, length)):
         batches = pipeline_batches(pipeline, batch_size, image_size)
@@ -272,6 +280,11 @@ def measure(
     step_rate: float,
 ) -> dict[str, Any]:
     """Times every pipeline of `names`; returns the JSON-ready results."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from mokd_jax.data import tfds_specs
+
     check_arguments(names, image_size, batch_size, warmup, count)
     check_int("source_images", source_images, 1)
     check_int("source_size", source_size, 8)

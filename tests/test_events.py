@@ -156,9 +156,11 @@ def test_files_sort_in_the_order_they_were_opened_after_tensorflows_of_that_seco
 @pytest.mark.slow
 def test_the_trainer_imports_no_tensorflow():
     """The loop, the trainer and its CLI start without TensorFlow (about 3 s and 460 MB);
-    only the TFDS pipelines import it, when a config asks for them."""
+    only the TFDS pipelines import it, when a config asks for them. So does the pipeline
+    benchmark's command (its `--help`), which imports them when it runs."""
     code = (
         "import sys, mokd_jax.main, mokd_jax.train, mokd_jax.compare\n"
+        "import mokd_jax.pipeline_benchmark\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
         "assert not bad, bad[:5]\n"
     )
