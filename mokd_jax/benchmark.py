@@ -96,9 +96,10 @@ from mokd_jax.benchmark_detection import DETECTION_MODES, measure_detection
 from mokd_jax.benchmark_like_peer import LIKE_PEER
 from mokd_jax.benchmark_ours import MODES, measure_ours
 from mokd_jax.benchmark_peer import PEER_MODES, peer_timer
-from mokd_jax.benchmark_report import config_section, format_table, machine_info
+from mokd_jax.benchmark_report import config_section, format_table
 from mokd_jax.checks import check_choice
 from mokd_jax.errors import InputError, invalid
+from mokd_jax.machine import machine_info
 
 FRAMEWORKS = ("jax", "torch", "both")
 FLAGS = flags.FLAGS

@@ -121,7 +121,7 @@ def aggregation_shares(
         shares[f"K{k}"] = {
             "time_s": seconds,
             "share": seconds / step_time,
-            "in_step_share": ((step_time - summed_time) / step_time if summed_time else None),
+            "in_step_share": (step_time - summed_time) / step_time if summed_time else None,
             "step": reference,
         }
     return shares

@@ -1,9 +1,7 @@
 """The benchmark's report: progress lines, the step-time ratios and the cost goals read
-off them, the machine and configuration sections of the JSON, and the table printed at the
-end (`mokd_jax.benchmark`)."""
+off them, the configuration section of the JSON (its machine section: `mokd_jax.machine`),
+and the table printed at the end (`mokd_jax.benchmark`)."""
 
-import os
-import platform
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -140,33 +138,6 @@ def format_peer(peer: Mapping[str, Any], ratios_vs_peer: Mapping[str, float]) ->
         lines.append(f"{'peer ' + mode:<16}{row['step_time_s']:>10.4f}{row['images_per_s']:>10.1f}")
     lines += [f"{mode} ours / peer = {value:.4f}" for mode, value in ratios_vs_peer.items()]
     return lines
-
-
-def cpu_model(cpuinfo_path: str = "/proc/cpuinfo") -> str | None:
-    """The CPU's model name as Linux reports it (e.g. 'AMD EPYC ...'), or None where there is
-    no such file or line. `platform.processor()` gives only the architecture on Linux, and
-    the same two-core CPU budget on different models gave different ratios against the
-    peer, so the JSON records which one a run had."""
-    try:
-        with open(cpuinfo_path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        return None
-    return None
-
-
-def machine_info(load_before: tuple[float, ...]) -> dict[str, Any]:
-    return {
-        "node": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
-    }
 
 
 def config_section(

@@ -57,6 +57,7 @@ from PIL import Image
 from mokd_jax import cli
 from mokd_jax.checks import check_int, check_positive
 from mokd_jax.errors import invalid
+from mokd_jax.machine import machine_info
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -290,7 +291,7 @@ def measure(
     check_int("source_size", source_size, 8)
     check_positive("step_rate", step_rate)
     cores = host_cores()
-    load_before = list(os.getloadavg())
+    load_before = os.getloadavg()
     sources: dict[str, list[bytes]] = {}
     rows = {}
     for name in names:
@@ -320,14 +321,7 @@ def measure(
         }
         log(f"[{name}] {images_per_s:.1f} images/s")
     return {
-        "machine": {
-            "node": platform.node(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "cores_used": cores,
-            "load_avg_before": load_before,
-            "load_avg_after": list(os.getloadavg()),
-        },
+        "machine": {**machine_info(load_before), "cores_used": cores},
         "versions": {
             "python": platform.python_version(),
             "tensorflow": tf.__version__,

@@ -1,6 +1,6 @@
 """mokd_jax.benchmark_report: the memory goal read off the compiled steps' plans."""
 
-from mokd_jax.benchmark_report import cpu_model, extra_memory, format_memory
+from mokd_jax.benchmark_report import extra_memory, format_memory
 
 
 def row(peak_bytes: int) -> dict:
@@ -27,12 +27,3 @@ def test_extra_memory_skips_modes_without_a_plan_or_a_baseline():
     assert "mokd" not in extra_memory({"mokd": row(5)}, gradient_bytes=1)
     no_plan = {"kd_1bwd": row(5), "mokd": {"compiled_memory": None}}
     assert "mokd" not in extra_memory(no_plan, gradient_bytes=1)
-
-
-def test_cpu_model_reads_the_model_name_line(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n")
-    assert cpu_model(str(cpuinfo)) == "AMD EPYC 9B14"
-    cpuinfo.write_text("processor\t: 0\nflags\t: avx512f\n")
-    assert cpu_model(str(cpuinfo)) is None
-    assert cpu_model(str(tmp_path / "absent")) is None
