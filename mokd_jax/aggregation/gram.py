@@ -142,7 +142,7 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     `leaves` side by side.
 
     Each leaf is read once: ONE variadic reduction computes all K (K + 1) / 2 products of
-    its rows for every rescaling together (`_pair_sums`), with the scaling, the casts and
+    its rows for every rescaling together (`_pair_partials`), with the scaling, the casts and
     the products fused into it, and no reshape, slice or concatenation is materialised.
     Alternatives measured on 2 CPU cores for ResNet-18 (11.7 M parameters, K = 2; see
     docs/benchmarks.md): the previous per-pair reductions after a separate peak pass, or
@@ -150,14 +150,17 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     reducing or multiplying that, were all 4-10x slower. Under a mesh each device reduces
     its shard of a leaf and XLA gathers only the partial sums (seen in the compiled HLO on
     8 simulated devices, where the previous reshape to [K, n] gathered whole leaves).
+
+    Each term's partial sums, all leaves' together, are then added up by one reduction
+    (`_total`) instead of one per leaf and term.
     """
     num_objectives = leaves[0].shape[0]
     pairs = [(i, j) for i in range(num_objectives) for j in range(i, num_objectives)]
     # Behind a barrier, or XLA folds (x c) (y c) into (x y) c^2, which overflows again.
     factors = jax.lax.optimization_barrier([jnp.float32(c) for c in rescalings])
     terms = [(c, pair) for c in factors for pair in pairs]
-    per_leaf = [_pair_sums(leaf, terms) for leaf in leaves]
-    totals = iter([sum(sums) for sums in zip(*per_leaf, strict=True)])
+    per_leaf = [_pair_partials(leaf, terms) for leaf in leaves]
+    totals = iter([_total(partials) for partials in zip(*per_leaf, strict=True)])
     grams = []
     for _ in rescalings:
         entries = {pair: next(totals) for pair in pairs}
@@ -172,15 +175,36 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     return grams
 
 
-def _pair_sums(leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]) -> list[jax.Array]:
-    """sum((c leaf[i]) * (c leaf[j])) for every (c, (i, j)) in `terms`, as float32 scalars.
+def _total(partials: Sequence[jax.Array]) -> jax.Array:
+    """The sum of every entry of `partials` (one term's partial sums from every leaf), as
+    ONE reduction over their concatenation.
+
+    The concatenation is behind a barrier, or XLA splits the sum of a concatenation back
+    into one reduction per operand. It changes only how long the step takes to compile: a
+    ResNet-18 has ~120 leaves and there are 3 (K = 2) or 6 (K = 3) pairs for each of the 3
+    rescalings, i.e. 1,000-2,000 small reductions, each its own kernel on the CPU. With
+    one per term, compiling a RetinaNet's K = 3 distillation step took 5.1 s instead of
+    6.6 s (2 CPU cores, the tests' compile flags). The partials are small (a conv kernel's
+    is 1/C_out of its size) and run time did not move: the `mokd` update alone on ResNet-18
+    gradients took 16.3 ms (K = 2) and 27.5 ms (K = 3) either way (`aggregation_time`,
+    median of 30, both versions alternately twice)."""
+    flat = jnp.concatenate([jnp.ravel(partial) for partial in partials])
+    return jnp.sum(jax.lax.optimization_barrier(flat))
+
+
+def _pair_partials(
+    leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]
+) -> list[jax.Array]:
+    """The partial sums of (c leaf[i]) * (c leaf[j]) for every (c, (i, j)) in `terms`, in
+    float32, whose entries add up to the pair's product (`_total` adds them).
 
     Two levels, for float32 accuracy: the variadic reduction sums along the row's last axis
-    (a leaf's channels or features) in a loop, then each [*row_shape[:-1]] array of partial
-    sums is reduced by `jnp.sum`. XLA's CPU loop accumulates serially, so one loop over a
-    whole 2.4 M-entry row was 5e-4 off in relative terms (against float64), while the two
-    levels match the per-pair reductions (5e-8) at the one loop's speed. A 1-D row (a bias,
-    a norm's scale) is short and summed by the loop alone; a scalar one needs no sum.
+    (a leaf's channels or features) in a loop, leaving a [*row_shape[:-1]] array of partial
+    sums that the second level (`_total`) reduces. XLA's CPU loop accumulates serially, so
+    one loop over a whole 2.4 M-entry row was 5e-4 off in relative terms (against float64),
+    while the two levels match the per-pair reductions (5e-8) at the one loop's speed. A 1-D
+    row (a bias, a norm's scale) is short and summed by the loop alone to one number; a
+    scalar one needs no sum.
     """
     rows = [leaf[k].astype(jnp.float32) for k in range(leaf.shape[0])]
     products = tuple((rows[i] * c) * (rows[j] * c) for c, (i, j) in terms)
@@ -191,7 +215,7 @@ def _pair_sums(leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]) 
             lambda left, right: tuple(a + b for a, b in zip(left, right, strict=True)),
             (leaf.ndim - 2,),
         )
-    return [jnp.sum(partial) for partial in products]
+    return list(products)
 
 
 def combination_norm(gram: jax.Array, weights: jax.Array) -> jax.Array:
