@@ -23,6 +23,7 @@ FAST_COMPILE_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_cpu_use_fusion_emitters=false",
     "--xla_disable_hlo_passes=hlo-verifier",
+    "--xla_cpu_parallel_codegen_split_count=1",
 )
 """The tests' programs are compiled for compile speed, not run speed. They run a few steps on
 tiny shapes, so compiling is most of their time:
@@ -35,7 +36,11 @@ tiny shapes, so compiling is most of their time:
   per setting);
 - `--xla_disable_hlo_passes=hlo-verifier`: XLA checks its own HLO after its passes (an
   invariant check of the compiler, not of the program); without it a RetinaNet's K = 3
-  distillation step compiled in 4.3-4.4 s instead of 4.9-5.2 s (two runs each).
+  distillation step compiled in 4.3-4.4 s instead of 4.9-5.2 s (two runs each);
+- `--xla_cpu_parallel_codegen_split_count=1`: the machine code of a program in one piece
+  instead of 32 compiled on parallel threads. The suite keeps every core busy with its
+  own processes, so the split only adds work: tests/test_train.py with tests/test_steps.py
+  took 66.6-68.8 s of CPU instead of 70.9-71.6 s, in the same wall time.
 What a program computes depends on none of them; users' runs keep XLA's defaults. Set
 here, before any JAX backend exists, and inherited by every subprocess through the
 environment (`tests/processes.xla_flags`)."""
