@@ -151,16 +151,16 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     its shard of a leaf and XLA gathers only the partial sums (seen in the compiled HLO on
     8 simulated devices, where the previous reshape to [K, n] gathered whole leaves).
 
-    Each term's partial sums, all leaves' together, are then added up by one reduction
-    (`_total`) instead of one per leaf and term.
+    Each leaf's partial sums are then added up by one reduction for all its terms
+    (`_leaf_terms`), and the leaves' [T] vectors by elementwise sums.
     """
     num_objectives = leaves[0].shape[0]
     pairs = [(i, j) for i in range(num_objectives) for j in range(i, num_objectives)]
     # Behind a barrier, or XLA folds (x c) (y c) into (x y) c^2, which overflows again.
     factors = jax.lax.optimization_barrier([jnp.float32(c) for c in rescalings])
     terms = [(c, pair) for c in factors for pair in pairs]
-    per_leaf = [_pair_partials(leaf, terms) for leaf in leaves]
-    totals = iter([_total(partials) for partials in zip(*per_leaf, strict=True)])
+    per_leaf = [_leaf_terms(_pair_partials(leaf, terms)) for leaf in leaves]
+    totals = iter(sum(per_leaf))
     grams = []
     for _ in rescalings:
         entries = {pair: next(totals) for pair in pairs}
@@ -175,32 +175,35 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     return grams
 
 
-def _total(partials: Sequence[jax.Array]) -> jax.Array:
-    """The sum of every entry of `partials` (one term's partial sums from every leaf), as
-    ONE reduction over their concatenation.
+def _leaf_terms(partials: Sequence[jax.Array]) -> jax.Array:
+    """[T]: the sum of each of a leaf's T partial-sum arrays, as ONE reduction of the
+    arrays stacked.
 
-    The concatenation is behind a barrier, or XLA splits the sum of a concatenation back
-    into one reduction per operand. It changes only how long the step takes to compile: a
-    ResNet-18 has ~120 leaves and there are 3 (K = 2) or 6 (K = 3) pairs for each of the 3
-    rescalings, i.e. 1,000-2,000 small reductions, each its own kernel on the CPU. With
-    one per term, compiling a RetinaNet's K = 3 distillation step took 5.1 s instead of
-    6.6 s (2 CPU cores, the tests' compile flags). The partials are small (a conv kernel's
-    is 1/C_out of its size) and run time did not move: the `mokd` update alone on ResNet-18
-    gradients took 16.3 ms (K = 2) and 27.5 ms (K = 3) either way (`aggregation_time`,
-    median of 30, both versions alternately twice)."""
-    flat = jnp.concatenate([jnp.ravel(partial) for partial in partials])
-    return jnp.sum(jax.lax.optimization_barrier(flat))
+    It changes how long the step takes to compile and how much memory XLA plans for it,
+    not what it computes or how fast it runs. One reduction per leaf and term made
+    1,000-2,000 small reductions for a ResNet-18 (~120 leaves; 3 pairs for K = 2, 6 for
+    K = 3, each for the 3 rescalings), each compiled as its own kernel on the CPU; one per
+    leaf compiled a RetinaNet's K = 3 distillation step in 4.4-4.5 s instead of 6.0-6.6 s
+    (2 CPU cores, the tests' compile flags). One reduction per term over every leaf's
+    partials concatenated compiled faster still (4.0-4.1 s) but kept all the partials alive
+    together: `mokd`'s extra planned memory over `kd_1bwd` (ResNet-34 -> ResNet-18, 112 px,
+    batch 16) rose from 1.11 to 1.18 gradient copies, while this one lowered it to 1.04.
+    The `mokd` update alone on ResNet-18 gradients took the same time before and after
+    (`aggregation_time`: 16.6-18.4 against 16.8-17.1 ms for K = 2, 28.4-29.4 against
+    28.3-28.9 ms for K = 3, alternately in separate processes; docs/benchmarks.md)."""
+    stacked = jnp.stack([jnp.ravel(partial) for partial in partials])
+    return jnp.sum(stacked, axis=1)
 
 
 def _pair_partials(
     leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]
 ) -> list[jax.Array]:
     """The partial sums of (c leaf[i]) * (c leaf[j]) for every (c, (i, j)) in `terms`, in
-    float32, whose entries add up to the pair's product (`_total` adds them).
+    float32, whose entries add up to the pair's product (`_leaf_terms` adds them).
 
     Two levels, for float32 accuracy: the variadic reduction sums along the row's last axis
     (a leaf's channels or features) in a loop, leaving a [*row_shape[:-1]] array of partial
-    sums that the second level (`_total`) reduces. XLA's CPU loop accumulates serially, so
+    sums that the second level (`_leaf_terms`) reduces. XLA's CPU loop accumulates serially, so
     one loop over a whole 2.4 M-entry row was 5e-4 off in relative terms (against float64),
     while the two levels match the per-pair reductions (5e-8) at the one loop's speed. A 1-D
     row (a bias, a norm's scale) is short and summed by the loop alone to one number; a
