@@ -142,8 +142,9 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     `leaves` side by side.
 
     Each leaf is read once: ONE variadic reduction computes all K (K + 1) / 2 products of
-    its rows for every rescaling together (`_pair_partials`), with the scaling, the casts and
-    the products fused into it, and no reshape, slice or concatenation is materialised.
+    its rows for every rescaling together (`_pair_sums`), with the scaling, the casts and
+    the products fused into it, and no reshape, slice or concatenation of a gradient is
+    materialised.
     Alternatives measured on 2 CPU cores for ResNet-18 (11.7 M parameters, K = 2; see
     docs/benchmarks.md): the previous per-pair reductions after a separate peak pass, or
     concatenating the leaves into one [K, P] matrix (XLA copies it: 94 MB of scratch) and
@@ -151,16 +152,14 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     its shard of a leaf and XLA gathers only the partial sums (seen in the compiled HLO on
     8 simulated devices, where the previous reshape to [K, n] gathered whole leaves).
 
-    Each leaf's partial sums are then added up by one reduction for all its terms
-    (`_leaf_terms`), and the leaves' [T] vectors by elementwise sums.
+    The leaves' [T] vectors of sums are then added elementwise.
     """
     num_objectives = leaves[0].shape[0]
     pairs = [(i, j) for i in range(num_objectives) for j in range(i, num_objectives)]
     # Behind a barrier, or XLA folds (x c) (y c) into (x y) c^2, which overflows again.
     factors = jax.lax.optimization_barrier([jnp.float32(c) for c in rescalings])
     terms = [(c, pair) for c in factors for pair in pairs]
-    per_leaf = [_leaf_terms(_pair_partials(leaf, terms)) for leaf in leaves]
-    totals = iter(sum(per_leaf))
+    totals = iter(sum(_pair_sums(leaf, terms) for leaf in leaves))
     grams = []
     for _ in rescalings:
         entries = {pair: next(totals) for pair in pairs}
@@ -175,39 +174,30 @@ def _raw_grams(leaves: list[jax.Array], rescalings: Sequence[float]) -> list[jax
     return grams
 
 
-def _leaf_terms(partials: Sequence[jax.Array]) -> jax.Array:
-    """[T]: the sum of each of a leaf's T partial-sum arrays, as ONE reduction of the
-    arrays stacked.
-
-    It changes how long the step takes to compile and how much memory XLA plans for it,
-    not what it computes or how fast it runs. One reduction per leaf and term made
-    1,000-2,000 small reductions for a ResNet-18 (~120 leaves; 3 pairs for K = 2, 6 for
-    K = 3, each for the 3 rescalings), each compiled as its own kernel on the CPU; one per
-    leaf compiled a RetinaNet's K = 3 distillation step in 4.4-4.5 s instead of 6.0-6.6 s
-    (2 CPU cores, the tests' compile flags). One reduction per term over every leaf's
-    partials concatenated compiled faster still (4.0-4.1 s) but kept all the partials alive
-    together: `mokd`'s extra planned memory over `kd_1bwd` (ResNet-34 -> ResNet-18, 112 px,
-    batch 16) rose from 1.11 to 1.18 gradient copies, while this one lowered it to 1.04.
-    The `mokd` update alone on ResNet-18 gradients took the same time before and after
-    (`aggregation_time`: 16.6-18.4 against 16.8-17.1 ms for K = 2, 28.4-29.4 against
-    28.3-28.9 ms for K = 3, alternately in separate processes; docs/benchmarks.md)."""
-    stacked = jnp.stack([jnp.ravel(partial) for partial in partials])
-    return jnp.sum(stacked, axis=1)
-
-
-def _pair_partials(
-    leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]
-) -> list[jax.Array]:
-    """The partial sums of (c leaf[i]) * (c leaf[j]) for every (c, (i, j)) in `terms`, in
-    float32, whose entries add up to the pair's product (`_leaf_terms` adds them).
+def _pair_sums(leaf: jax.Array, terms: list[tuple[jax.Array, tuple[int, int]]]) -> jax.Array:
+    """[T]: sum((c leaf[i]) * (c leaf[j])) for every (c, (i, j)) in `terms`, in float32.
 
     Two levels, for float32 accuracy: the variadic reduction sums along the row's last axis
-    (a leaf's channels or features) in a loop, leaving a [*row_shape[:-1]] array of partial
-    sums that the second level (`_leaf_terms`) reduces. XLA's CPU loop accumulates serially, so
-    one loop over a whole 2.4 M-entry row was 5e-4 off in relative terms (against float64),
-    while the two levels match the per-pair reductions (5e-8) at the one loop's speed. A 1-D
-    row (a bias, a norm's scale) is short and summed by the loop alone to one number; a
-    scalar one needs no sum.
+    (a leaf's channels or features) in a loop, then the [*row_shape[:-1]] arrays of partial
+    sums it leaves, one per term, are stacked and reduced together. XLA's CPU loop
+    accumulates serially, so one loop over a whole 2.4 M-entry row was 5e-4 off in relative
+    terms (against float64), while the two levels match the per-pair reductions (5e-8) at
+    the one loop's speed. A 1-D row (a bias, a norm's scale) is short and summed by the loop
+    alone; a scalar one needs no sum.
+
+    The second level is ONE reduction of the stacked partial sums, not one per term: that
+    changes how long the step takes to compile and how much memory XLA plans for it, not
+    what it computes or how fast it runs. One reduction per leaf and term made 1,000-2,000
+    small reductions for a ResNet-18 (~120 leaves; 3 pairs for K = 2, 6 for K = 3, each for
+    the 3 rescalings), each compiled as its own kernel on the CPU; one per leaf compiled a
+    RetinaNet's K = 3 distillation step in 4.4-4.5 s instead of 6.0-6.6 s (2 CPU cores, the
+    tests' compile flags). One reduction per term over every leaf's partial sums
+    concatenated compiled faster still (4.0-4.1 s) but kept all of them alive together:
+    `mokd`'s extra planned memory over `kd_1bwd` (ResNet-34 -> ResNet-18, 112 px, batch 16)
+    rose from 1.11 to 1.18 gradient copies, while this one lowered it to 1.04. The `mokd`
+    update alone on ResNet-18 gradients took the same time before and after
+    (`aggregation_time`: 16.6-18.4 against 16.8-17.1 ms for K = 2, 28.4-29.4 against
+    28.3-28.9 ms for K = 3, alternately in separate processes; docs/benchmarks.md).
     """
     rows = [leaf[k].astype(jnp.float32) for k in range(leaf.shape[0])]
     products = tuple((rows[i] * c) * (rows[j] * c) for c, (i, j) in terms)
@@ -218,7 +208,7 @@ def _pair_partials(
             lambda left, right: tuple(a + b for a, b in zip(left, right, strict=True)),
             (leaf.ndim - 2,),
         )
-    return list(products)
+    return jnp.sum(jnp.stack([jnp.ravel(partial) for partial in products]), axis=1)
 
 
 def combination_norm(gram: jax.Array, weights: jax.Array) -> jax.Array:
