@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
+from mokd_jax.models import convolution
 from mokd_jax.models.base import StagedClassifier
 from mokd_jax.models.layers import conv_init
 
@@ -29,6 +30,7 @@ class ConvBlock(nn.Module):
             use_bias=False,
             kernel_init=conv_init,
             dtype=self.dtype,
+            conv_general_dilated=convolution.conv_general_dilated,
         )
         self.bn = nn.BatchNorm(momentum=0.9, dtype=self.dtype)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
 from mokd_jax.errors import invalid
+from mokd_jax.models import convolution
 
 # torch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): an untruncated normal of
 # variance 2 / (k * k * out_channels), as torchvision's and RepDistiller's models draw.
@@ -71,7 +72,8 @@ def conv(
     name: str | None = None,
 ) -> nn.Conv:
     """A conv with torch's symmetric padding k//2 (never 'SAME', which pads stride-2
-    convolutions only at the bottom/right), bias-free unless `use_bias` (bias zero)."""
+    convolutions only at the bottom/right), bias-free unless `use_bias` (bias zero), its
+    backward pass reading a stored copy of its input on CPU (`convolution`)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -83,6 +85,7 @@ def conv(
         kernel_init=kernel_init,
         dtype=dtype,
         name=name,
+        conv_general_dilated=convolution.conv_general_dilated,
     )
 
 
