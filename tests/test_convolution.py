@@ -54,6 +54,20 @@ def test_values_and_gradients_are_laxs(name):
         np.testing.assert_allclose(our_grad, their_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_gradients_outside_jit_are_laxs():
+    """Op by op (no `jit`), as in a notebook: the backward pass runs eagerly too."""
+    case = CASES["3x3 stride 2"]
+    lhs, rhs = arrays(case)
+
+    def loss(conv, lhs, rhs):
+        return jnp.sum(jnp.sin(conv(lhs, rhs, **options(case))))
+
+    ours = jax.grad(lambda *a: loss(conv_general_dilated, *a), argnums=(0, 1))(lhs, rhs)
+    theirs = jax.grad(lambda *a: loss(lax.conv_general_dilated, *a), argnums=(0, 1))(lhs, rhs)
+    for our_grad, their_grad in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(our_grad, their_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_a_nan_input_still_flows_through_the_stored_copy():
     """The copy's predicate must hold for NaN too: with a NaN as the input's first entry
     (the entry the predicate looks at), the gradient is lax's, NaNs in the same places."""

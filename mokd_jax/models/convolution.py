@@ -78,9 +78,12 @@ def _convolution_forward(lhs, rhs, options):
 
 
 def _convolution_backward(options, residuals, cotangent):
+    """The convolution's transposes in each argument (it is linear in each), which, unlike
+    a `jax.vjp`, do not evaluate the forward convolution again outside `jit`."""
     lhs, rhs = residuals
-    _, pullback = jax.vjp(functools.partial(_plain, options=options), lhs, rhs)
-    return pullback(cotangent)
+    (lhs_gradient,) = jax.linear_transpose(lambda x: _plain(x, rhs, options), lhs)(cotangent)
+    (rhs_gradient,) = jax.linear_transpose(lambda w: _plain(lhs, w, options), rhs)(cotangent)
+    return lhs_gradient, rhs_gradient
 
 
 _convolution.defvjp(_convolution_forward, _convolution_backward)
