@@ -175,10 +175,10 @@ class Subnet(nn.Module):
                 )
                 for index in range(self.depth)
             ]
-        self.output = nn.Conv(
+        self.output = conv(
             self.num_anchors * self.outputs_per_anchor,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
+            3,
+            use_bias=True,
             kernel_init=_HEAD_INIT,
             bias_init=nn.initializers.constant(self.output_bias),
             dtype=self.dtype,

@@ -21,7 +21,8 @@ step (XLA's plan for the ResNet-34 -> ResNet-18 step at 112 px, batch 16: 5 MiB 
 Only the CPU lowering has the identity (`lax.platform_dependent`): on GPUs and TPUs XLA
 lays the convolutions out differently, and a conditional there would wait for its
 predicate on the host. The forward values are `lax.conv_general_dilated`'s; the gradients
-are its own VJP's, evaluated at the same input (tests/test_convolution.py). Like every
+are its transposes in each argument, evaluated at the same input, i.e. its own VJP's
+(tests/test_convolution.py). Like every
 `custom_vjp`, it has no forward-mode derivative (`jax.jvp`); nothing in the trainer takes
 one, and `pooling.max_pool` already had the same limit.
 """

@@ -68,12 +68,14 @@ def conv(
     groups: int = 1,
     use_bias: bool = False,
     kernel_init: Initializer = conv_init,
+    bias_init: Initializer = nn.initializers.zeros,
     dtype: Dtype = jnp.float32,
     name: str | None = None,
 ) -> nn.Conv:
     """A conv with torch's symmetric padding k//2 (never 'SAME', which pads stride-2
-    convolutions only at the bottom/right), bias-free unless `use_bias` (bias zero), its
-    backward pass reading a stored copy of its input on CPU (`convolution`)."""
+    convolutions only at the bottom/right), bias-free unless `use_bias` (then `bias_init`,
+    zero by default), its backward pass reading a stored copy of its input on CPU
+    (`convolution`)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -83,6 +85,7 @@ def conv(
         feature_group_count=groups,
         use_bias=use_bias,
         kernel_init=kernel_init,
+        bias_init=bias_init,
         dtype=dtype,
         name=name,
         conv_general_dilated=convolution.conv_general_dilated,
