@@ -44,7 +44,7 @@ def peer_timer(
     def time_mode(mode: str) -> dict[str, Any]:
         log(f"[peer {mode}] building and timing {steps} steps")
         teacher, student = torch_peer.peer_models(
-            base.teacher.model, base.student.model, base.num_classes, base.seed
+            base.teacher.model, base.student.model, base.num_classes, base.seed, image_size
         )
         setup = torch_peer.build_setup(
             teacher,

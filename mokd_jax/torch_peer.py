@@ -3,8 +3,9 @@
 that our jitted steps are timed against it on the same shapes and data.
 
 Needs torch (`pip install .[torch]`): `mokd_jax.benchmark` imports this module only when a
-torch framework is asked for. The models are `mokd_jax.torch_peer_models`' ResNets (in
-torchvision's layout), the MoKD weights `mokd_jax.torch_peer_weights`'.
+torch framework is asked for. The models are `mokd_jax.torch_peer_models`' (torchvision's
+ResNets, timm's RegNetY and ViT/DeiT, in those libraries' layouts), the MoKD weights
+`mokd_jax.torch_peer_weights`'.
 
 Both peer steps run the teacher in eval mode under `no_grad`, the student in train mode,
 and the loss vector [task_weight * CE, logit_weight * T^2 KL] of our `distill` settings;
@@ -29,15 +30,72 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mokd_jax import models
 from mokd_jax.checks import check_choice
+from mokd_jax.models.regnet import RegNet
 from mokd_jax.normalization import Normalization
-from mokd_jax.torch_peer_models import TORCH_RESNETS, torch_resnet
+from mokd_jax.torch_peer_models import TORCH_RESNETS, TorchRegNet, TorchViT, torch_resnet
 from mokd_jax.torch_peer_weights import mokd_coefficients
 
 PEER_MODES = ("kd_1bwd", "mokd")
 
 
 # ----------------------------------------------------------------------------- models
+
+
+PEER_ARCHITECTURES = (
+    *TORCH_RESNETS,
+    "regnety_160",
+    "vit_tiny",
+    "deit_tiny",
+    "vit_small",
+    "deit_small",
+)
+"""Our models with a torch peer: torchvision's ResNets, and DeiT's students and teacher."""
+
+
+def check_architectures(teacher_arch: str, student_arch: str) -> None:
+    """InputError unless both models have a torch peer (PEER_ARCHITECTURES)."""
+    for role, arch in (("teacher", teacher_arch), ("student", student_arch)):
+        check_choice(role, arch, PEER_ARCHITECTURES)
+
+
+def peer_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    """The torch model of our `arch`, built from our module's own settings (RegNetY's
+    widths, depths and group width; a ViT's width, heads, depth, patch, image size and
+    drop-path rate), so that both frameworks run the same network."""
+    if arch in TORCH_RESNETS:
+        return torch_resnet(arch, num_classes)
+    ours = models.get(arch, num_classes, image_size=image_size)
+    if isinstance(ours, RegNet):
+        return TorchRegNet(
+            num_classes, ours.widths, ours.depths, ours.group_width, ours.stem_width, ours.se_ratio
+        )
+    return TorchViT(
+        num_classes,
+        ours.embed_dim,
+        ours.num_heads,
+        ours.depth,
+        ours.image_size,
+        ours.patch_size,
+        ours.mlp_ratio,
+        ours.drop_path_rate,
+    )
+
+
+def peer_models(
+    teacher_arch: str, student_arch: str, num_classes: int, seed: int, image_size: int
+) -> tuple[nn.Module, nn.Module]:
+    """Teacher and student with torch's default random initialisation (seeded): step cost
+    does not depend on the weights."""
+    check_architectures(teacher_arch, student_arch)
+    torch.manual_seed(seed)
+    return (
+        peer_model(teacher_arch, num_classes, image_size),
+        peer_model(student_arch, num_classes, image_size),
+    )
+
+
 # ----------------------------------------------------------------------------- options
 
 
@@ -109,7 +167,6 @@ def normalized(images: torch.Tensor, inputs: Normalization) -> torch.Tensor:
     return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
-# ----------------------------------------------------------------------------- mokd weights
 # ----------------------------------------------------------------------------- steps
 
 
@@ -246,22 +303,6 @@ def peak_bytes(device: str) -> int | None:
     """`torch.cuda.max_memory_allocated` on a GPU: the peak since `reset_peak_bytes`; None
     on CPU, where torch's allocator keeps no such count."""
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-
-
-def check_architectures(teacher_arch: str, student_arch: str) -> None:
-    """InputError unless both models have a torch peer (the ResNets of `TORCH_RESNETS`)."""
-    for role, arch in (("teacher", teacher_arch), ("student", student_arch)):
-        check_choice(role, arch, tuple(TORCH_RESNETS))
-
-
-def peer_models(
-    teacher_arch: str, student_arch: str, num_classes: int, seed: int
-) -> tuple[nn.Module, nn.Module]:
-    """Teacher and student with torch's default random initialisation (seeded): step cost
-    does not depend on the weights."""
-    check_architectures(teacher_arch, student_arch)
-    torch.manual_seed(seed)
-    return torch_resnet(teacher_arch, num_classes), torch_resnet(student_arch, num_classes)
 
 
 def time_mode(

@@ -1,13 +1,19 @@
-"""ResNets in torchvision's layout for the benchmark's PyTorch peer (`mokd_jax.torch_peer`)
-and the tests' torch references: written with torch.nn under torchvision's module names,
-so that their state-dict keys are torchvision's and `mokd_jax.convert` reads them.
+"""The benchmark's PyTorch models (`mokd_jax.torch_peer`) and the tests' torch references:
+torchvision's ResNets, and timm's ViT/DeiT and RegNetY, written with torch.nn under those
+libraries' module names, so that their state-dict keys are the libraries' and
+`mokd_jax.convert` reads them.
 
-torchvision itself is not imported: beside the CPU-only torch it cannot be imported without
-a test shim.
+torchvision and timm themselves are not imported: the CPU-only torch the project is tested
+with cannot import torchvision without a test shim, and timm imports torchvision. The layers
+are the libraries' in what they compute as well (timm's fused-qkv attention through
+`scaled_dot_product_attention`, exact GELU, LayerNorm eps 1e-6, per-sample drop-path);
+`tests/test_convert.py` checks their outputs against our Flax models on the same weights.
 """
 
 import torch
 from torch import nn
+
+from mokd_jax.models.vit import drop_path_rates
 
 
 class BasicBlock(nn.Module):
@@ -95,6 +101,192 @@ class TorchResNet(nn.Module):
         for stage in range(1, self.stages + 1):
             x = getattr(self, f"layer{stage}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Attention(nn.Module):
+    """timm.models.vision_transformer.Attention (fused qkv)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, head_dim] each
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """timm.layers.Mlp: fc1, exact GELU, fc2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """timm.layers.DropPath: in training, each sample's branch is kept with probability
+    1 - `rate` and then divided by that probability; the identity in eval mode."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """timm.models.vision_transformer.Block (no layer scale), with its drop-path on both
+    residual branches."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path_rate=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path1 = DropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path2 = DropPath(drop_path_rate)
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """timm.layers.PatchEmbed: a conv with kernel and stride `patch`, flattened."""
+
+    def __init__(self, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TorchViT(nn.Module):
+    """timm.models.vision_transformer.VisionTransformer with a class token, as DeiT's
+    (deit_tiny_patch16_224: dim 192, 3 heads, depth 12; deit_small: dim 384, 6 heads).
+    `drop_path_rate`: the last block's, rising linearly from 0 at the first (timm's)."""
+
+    def __init__(
+        self,
+        num_classes,
+        dim,
+        num_heads,
+        depth=12,
+        image_size=224,
+        patch=16,
+        mlp_ratio=4.0,
+        drop_path_rate=0.0,
+    ):
+        super().__init__()
+        self.patch_embed = PatchEmbed(dim, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (image_size // patch) ** 2, dim))
+        rates = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, rate) for rate in rates])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class ConvNormAct(nn.Module):
+    """timm.layers.ConvNormAct: `conv` (bias-free), `bn`, then relu unless not `act`."""
+
+    def __init__(self, inp, oup, kernel, stride=1, groups=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(inp, oup, kernel, stride, kernel // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(oup)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class SEModule(nn.Module):
+    """timm.layers.SEModule: x * sigmoid(fc2(relu(fc1(mean(x))))), 1x1 convs with bias."""
+
+    def __init__(self, channels, reduced):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class RegNetBottleneck(nn.Module):
+    """timm.models.regnet.Bottleneck at bottle_ratio 1 with SE, as in RegNetY."""
+
+    def __init__(self, inp, oup, stride, group_size, se_ratio=0.25):
+        super().__init__()
+        self.conv1 = ConvNormAct(inp, oup, 1)
+        self.conv2 = ConvNormAct(oup, oup, 3, stride, groups=oup // group_size)
+        self.se = SEModule(oup, int(round(inp * se_ratio)))
+        self.conv3 = ConvNormAct(oup, oup, 1, act=False)
+        project = stride != 1 or inp != oup
+        self.downsample = ConvNormAct(inp, oup, 1, stride, act=False) if project else None
+        self.act3 = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv3(self.se(self.conv2(self.conv1(x))))
+        return self.act3(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ClassifierHead(nn.Module):
+    """timm.layers.ClassifierHead: average pool, `fc`."""
+
+    def __init__(self, inp, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(inp, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class TorchRegNet(nn.Module):
+    """timm.models.regnet.RegNet for RegNetY: `stem`, stages `s1`.. of blocks `b1`..,
+    `head`; every stage's first block has stride 2."""
+
+    def __init__(self, num_classes, widths, depths, group_size, stem=32, se_ratio=0.25):
+        super().__init__()
+        self.stem = ConvNormAct(3, stem, 3, 2)
+        inp = stem
+        for stage, (width, depth) in enumerate(zip(widths, depths, strict=True), start=1):
+            blocks = nn.Sequential()
+            for block in range(1, depth + 1):
+                stride = 2 if block == 1 else 1
+                blocks.add_module(
+                    f"b{block}", RegNetBottleneck(inp, width, stride, group_size, se_ratio)
+                )
+                inp = width
+            setattr(self, f"s{stage}", blocks)
+        self.head = ClassifierHead(inp, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in range(1, 5):
+            x = getattr(self, f"s{stage}")(x)
+        return self.head(x)
 
 
 TORCH_RESNETS = {  # torchvision's builders

@@ -126,7 +126,7 @@ def test_an_unknown_peer_architecture_is_refused(torch_peer):
     from mokd_jax.errors import InputError
 
     with pytest.raises(InputError, match="student='cnn_small'.*resnet18"):
-        torch_peer.peer_models("resnet18", "cnn_small", 10, 0)
+        torch_peer.peer_models("resnet18", "cnn_small", 10, 0, 16)
 
 
 def check_peer_section(results: dict) -> None:

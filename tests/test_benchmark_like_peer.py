@@ -26,27 +26,36 @@ def torch_peer():
     return torch_peer
 
 
-def narrow_resnets():
-    """(torch teacher, torch student, their flax module) with random weights and BatchNorm
-    statistics."""
+def narrow_resnet(seed):
+    """(torch model, its flax module) with random weights and BatchNorm statistics."""
     from torch_references import randomized
 
     from mokd_jax import torch_peer_models
 
-    def torch_model(seed):
-        block = torch_peer_models.BasicBlock
-        return randomized(torch_peer_models.TorchResNet(block, BLOCKS, 10, WIDTHS, STEM), seed)
-
+    block = torch_peer_models.BasicBlock
+    torch_model = randomized(torch_peer_models.TorchResNet(block, BLOCKS, 10, WIDTHS, STEM), seed)
     module = models.get("resnet18", 10).clone(stage_sizes=BLOCKS, widths=WIDTHS, stem_width=STEM)
-    return torch_model(0), torch_model(1), module
+    return "resnet18", torch_model, module
 
 
-def to_flax(module, torch_model) -> dict:
+def narrow_vit(seed):
+    """A two-block ViT of width 16 in DeiT's layout (timm's), random weights."""
+    from torch_references import randomized
+
+    from mokd_jax import torch_peer_models
+
+    settings = {"depth": 2, "image_size": IMAGE_SIZE}
+    torch_model = randomized(torch_peer_models.TorchViT(10, 16, 2, **settings), seed)
+    module = models.get("vit_tiny", 10).clone(embed_dim=16, num_heads=2, **settings)
+    return "vit_tiny", torch_model, module
+
+
+def to_flax(arch, module, torch_model) -> dict:
     from test_convert import abstract_variables
     from torch_references import numpy_state_dict
 
     abstract = abstract_variables(module, IMAGE_SIZE)
-    variables = convert.to_flax("resnet18", numpy_state_dict(torch_model), abstract)
+    variables = convert.to_flax(arch, numpy_state_dict(torch_model), abstract)
     # Copies: the arrays may share memory with the torch tensors, which the peer's step
     # then updates in place, while our step, dispatched asynchronously, may still read them.
     return jax.tree.map(np.array, variables)
@@ -67,18 +76,28 @@ def like_peer_config(mode: str):
     return mode_config(base, mode)
 
 
-@pytest.mark.parametrize("mode", [pytest.param("kd_1bwd", marks=pytest.mark.slow), "mokd"])
-def test_one_step_of_ours_and_of_the_peer_agree(torch_peer, mode):
+@pytest.mark.parametrize(
+    ("mode", "students"),
+    [
+        pytest.param("kd_1bwd", narrow_resnet, marks=pytest.mark.slow),
+        ("mokd", narrow_resnet),
+        pytest.param("mokd", narrow_vit, marks=pytest.mark.slow),
+    ],
+)
+def test_one_step_of_ours_and_of_the_peer_agree(torch_peer, mode, students):
     """Losses to 1e-4 and every updated student parameter to 1e-4: the same losses, the
-    same gradients (MoKD's combination included) and the same SGD with weight decay.
+    same gradients (MoKD's combination included) and the same SGD with weight decay, for
+    a ResNet student and a ViT one (DeiT's layout; its drop-path is off, as in vit_tiny).
     `kd_1bwd` is marked slow because it adds a second compile of about the same cost while
     checking little more: `mokd` runs the same losses and optimizer, and a second
     backward."""
-    teacher, student, module = narrow_resnets()
-    teacher_vars, student_vars = to_flax(module, teacher), to_flax(module, student)
+    _, teacher, teacher_module = narrow_resnet(0)
+    arch, student, module = students(1)
+    teacher_vars = to_flax("resnet18", teacher_module, teacher)
+    student_vars = to_flax(arch, module, student)
     config = like_peer_config(mode)
     inputs = normalization.IMAGENET
-    nets = networks.Networks(module, module, None, "pooled", inputs, inputs)
+    nets = networks.Networks(teacher_module, module, None, "pooled", inputs, inputs)
     step, tx = distillation_step(mode, config, nets, like_peer=True)
     state = logits_only_state(student_vars, tx)
     image_shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -105,7 +124,8 @@ def test_one_step_of_ours_and_of_the_peer_agree(torch_peer, mode):
     else:
         ours = [metrics["loss_task"], metrics["loss_distill"]]
         np.testing.assert_allclose(ours, peer_losses, rtol=1e-4, atol=1e-4)
-    peer_params = to_flax(module, setup.student)["params"]
+    peer_params = to_flax(arch, module, setup.student)["params"]
     moved = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4)
     jax.tree.map(moved, new_state.params["student"], peer_params)
-    assert not np.allclose(peer_params["fc"]["kernel"], student_vars["params"]["fc"]["kernel"])
+    head = module.head_name
+    assert not np.allclose(peer_params[head]["kernel"], student_vars["params"][head]["kernel"])
