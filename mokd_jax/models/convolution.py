@@ -32,8 +32,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+
+from mokd_jax.models.stored import stored_whole
 
 
 def conv_general_dilated(
@@ -88,20 +89,3 @@ def _convolution_backward(options, residuals, cotangent):
 
 
 _convolution.defvjp(_convolution_forward, _convolution_backward)
-
-
-def stored_whole(x: jax.Array) -> jax.Array:
-    """`x`, kept as one buffer that consumers read rather than recompute: on CPU through
-    `_unfusible_identity`, elsewhere as it is."""
-    return lax.platform_dependent(x, cpu=_unfusible_identity, default=lambda value: value)
-
-
-def _unfusible_identity(x: jax.Array) -> jax.Array:
-    """`x` through a conditional, which XLA does not fuse. The predicate (x == x) | (x != x)
-    of one entry is true for every float, NaN included, but XLA does not fold it; the other
-    branch is never taken and differs from the identity only so that XLA cannot merge the
-    two branches and drop the conditional. Should a later XLA fold the predicate after
-    all, this becomes a plain identity again: slower, never wrong."""
-    probe = x.reshape(-1)[0] if x.size else jnp.zeros((), x.dtype)
-    always = (probe == probe) | (probe != probe)
-    return lax.cond(always, lambda value: value, jnp.zeros_like, x)

@@ -49,6 +49,7 @@ from flax.typing import Dtype
 from mokd_jax.errors import invalid
 from mokd_jax.models.base import StagedClassifier
 from mokd_jax.models.layers import torch_default_init, uniform
+from mokd_jax.models.stored import stored_whole
 
 _linear_init = nn.initializers.normal(0.02)
 
@@ -154,8 +155,10 @@ class Block(nn.Module):
         self.mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype)
 
     def residual(self, x: jax.Array, branch: jax.Array, train: bool) -> jax.Array:
+        """x + drop_path(branch), stored whole (`stored_whole`: on CPU the backward pass
+        would otherwise recompute the stream from every earlier branch)."""
         key = self.make_rng("dropout") if train and self.drop_path_rate > 0 else None
-        return x + drop_path(branch, self.drop_path_rate, key).astype(jnp.float32)
+        return stored_whole(x + drop_path(branch, self.drop_path_rate, key).astype(jnp.float32))
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = self.residual(x, self.attn(self.norm1(x)), train)
