@@ -20,12 +20,20 @@ CE 0.1 / KD 0.9 (mdistiller's CIFAR KD recipe) are the config's `distill.task_we
 `distill.logit_weight`, as `mokd_jax.recipes` sets them for `kd`.
 
 Tolerance. The reference runs in float64, so it is the exact step; ours runs in float32.
-30 steps of SGD at lr 0.05 on random labels amplify float32's roundings: on the KD recipe
-torch's own float32 step ends 2.3e-5 (losses), 2.2e-3 (parameters) and 1.2e-3 (running
-statistics) relative from the float64 one, ours 6.7e-7, 9.3e-5 and 9.4e-4 (DKD, ours:
-6.3e-5, 5.5e-3, 1.1e-3). `TOLERANCE` is 4-8x above torch's float32 drift on KD and at
-least 5x above ours on DKD, and each deliberately wrong setting of the reference falls at
-least 5x outside KD's (`test_a_wrong_setting_falls_outside_the_tolerance`): decoupled
+30 steps of SGD at lr 0.05 on random labels amplify float32's roundings, by how much depends
+on the machine (its vector width changes the order of XLA's and torch's sums). On the KD
+recipe torch's own float32 step ends 2.3e-5 (losses), 2.2e-3 (parameters) and 1.2e-3
+(running statistics) relative from the float64 one on an AVX-512 machine, ours 6.7e-7,
+9.3e-5 and 9.4e-4; on an AVX2 one torch's 2.8e-5, 1.8e-3, 1.3e-3 and ours 2.5e-5, 2.0e-3,
+1.2e-3. `TOLERANCE` is 4-8x above both. DKD's beta 8 makes its steps larger and the
+roundings grow about tenfold every five steps: its final drift was 6.3e-5, 5.5e-3, 1.1e-3
+(ours, AVX-512) and is 2.6e-3, 0.14, 0.084 (ours) against torch float32's 3.4e-3, 0.17,
+0.089 (AVX2). So DKD is checked where the roundings are still small, its first five steps'
+losses (ours within 4e-7 and torch float32 within 2.4e-5 on the AVX2 machine, while a
+float32 reference with beta 1, a one-step warm-up, temperature 1 or alpha 2 moves them 0.25,
+1.35, 0.04 and 4.4e-4), and its end against torch's own float32 run of the same steps on the same
+machine (`DKD_TORCH_FLOAT32_FACTOR`). Each deliberately wrong setting of the reference
+falls at least 5x outside KD's (`test_a_wrong_setting_falls_outside_the_tolerance`): decoupled
 weight decay moves the losses 8.7e-4 (8.7x), torch BN momentum 0.9 the running statistics
 0.16 (16x), no momentum and temperature 1 everything by 0.07-0.3. The margin for
 decoupled weight decay is the thinnest: over 30 steps its effect is of the order of
@@ -92,12 +100,11 @@ class Recipe(NamedTuple):
 
 KD = Recipe("kd", task_weight=0.1, distill_weight=0.9)
 DKD = Recipe("dkd", task_weight=1.0, distill_weight=1.0)
-# Relative drift allowed from the float64 reference (module docstring): DKD's beta 8 makes
-# its steps larger, and float32's roundings grow faster along its trajectory.
-TOLERANCE = {
-    KD: {"losses": 1e-4, "params": 1e-2, "batch_stats": 1e-2},
-    DKD: {"losses": 5e-4, "params": 3e-2, "batch_stats": 1e-2},
-}
+# Relative drift allowed from the float64 reference on KD (module docstring).
+TOLERANCE = {"losses": 1e-4, "params": 1e-2, "batch_stats": 1e-2}
+# DKD (module docstring): its first steps' losses, before float32's roundings have grown,
+# and its final drift against a float32 torch run of the same steps on the same machine.
+DKD_EARLY_STEPS, DKD_EARLY_TOLERANCE, DKD_TORCH_FLOAT32_FACTOR = 5, 1e-4, 3.0
 WRONG_SETTINGS = {
     "decoupled weight decay": {"decoupled_weight_decay": True},
     "BN momentum 0.9": {"bn_momentum": 0.9},
@@ -330,6 +337,16 @@ def reference_trajectory(pair: Pair, recipe: Recipe):
     return losses, convert.to_flax(LAYOUT, state_dict, shapes)
 
 
+def float32_trajectory(pair: Pair, recipe: Recipe):
+    """The reference's steps of `recipe` in float32, as a float32 torch implementation
+    would take them, in our layout."""
+    losses, state_dict = torch_trajectory(
+        pair.torch_student, pair.teacher_logits, pair.batches, recipe, dtype=torch.float32
+    )
+    shapes = jax.eval_shape(lambda: pair.student_variables)
+    return losses, convert.to_flax(LAYOUT, state_dict, shapes)
+
+
 @pytest.fixture(scope="module")
 def reference(pair):
     """`reference_trajectory` of a recipe, computed once per module."""
@@ -339,27 +356,34 @@ def reference(pair):
 # --- tests --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", [KD, DKD], ids=["kd", "dkd"])
-def test_trajectory_matches_the_torch_reference(pair, reference, recipe):
-    drift = drifts(our_trajectory(pair, recipe), reference(recipe))
-    print(f"{recipe.logit_loss}: drift from the float64 reference {drift}")
-    assert all(drift[part] < TOLERANCE[recipe][part] for part in drift), drift
+def test_the_kd_trajectory_matches_the_torch_reference(pair, reference):
+    drift = drifts(our_trajectory(pair, KD), reference(KD))
+    print(f"kd: drift from the float64 reference {drift}")
+    assert all(drift[part] < TOLERANCE[part] for part in drift), drift
+
+
+def test_the_dkd_trajectory_matches_the_torch_reference(pair, reference):
+    """The first steps' losses to DKD_EARLY_TOLERANCE, and a final drift within
+    DKD_TORCH_FLOAT32_FACTOR of torch's own float32 drift along the same steps."""
+    expected = reference(DKD)
+    ours = our_trajectory(pair, DKD)
+    early = slice(0, DKD_EARLY_STEPS)
+    assert relative_drift(ours[0][early], expected[0][early]) < DKD_EARLY_TOLERANCE
+    torch_float32 = float32_trajectory(pair, DKD)
+    drift, yardstick = drifts(ours, expected), drifts(torch_float32, expected)
+    print(f"dkd: drift from the float64 reference {drift}, torch float32's {yardstick}")
+    assert all(drift[part] < DKD_TORCH_FLOAT32_FACTOR * yardstick[part] for part in drift), (
+        drift,
+        yardstick,
+    )
 
 
 @pytest.mark.parametrize("setting", WRONG_SETTINGS)
 def test_a_wrong_setting_falls_outside_the_tolerance(pair, reference, setting):
-    wrong = torch_trajectory(
-        pair.torch_student,
-        pair.teacher_logits,
-        pair.batches,
-        KD._replace(**WRONG_SETTINGS[setting]),
-        dtype=torch.float32,
-    )
-    shapes = jax.eval_shape(lambda: pair.student_variables)
-    wrong = wrong[0], convert.to_flax(LAYOUT, wrong[1], shapes)
+    wrong = float32_trajectory(pair, KD._replace(**WRONG_SETTINGS[setting]))
     drift = drifts(wrong, reference(KD))
     print(f"{setting}: drift {drift}")
-    assert any(drift[part] > 5 * TOLERANCE[KD][part] for part in drift), drift
+    assert any(drift[part] > 5 * TOLERANCE[part] for part in drift), drift
 
 
 def test_the_projector_has_no_effect_without_feature_weight(pair):
