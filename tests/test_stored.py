@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from mokd_jax import models
-from mokd_jax.models import stored, vit
+from mokd_jax.models import regnet as regnet_module
+from mokd_jax.models import stored
+from mokd_jax.models import vit as vit_module
 from mokd_jax.state import init_model
 
 
@@ -41,25 +43,39 @@ def widest_fusion(text: str) -> int:
     return max(counts)
 
 
-def vit_gradient_program(depth: int) -> str:
-    model = models.get("vit_tiny", 10, image_size=32).clone(depth=depth, embed_dim=12)
+def vit(depth: int):
+    return models.get("vit_tiny", 10, image_size=32).clone(depth=depth, embed_dim=12)
+
+
+def regnet(depth: int):
+    """A narrow RegNetY whose third stage has `depth` blocks."""
+    return models.get("regnety_160", 10).clone(
+        widths=(8, 16, 24, 32), depths=(1, 1, depth, 1), group_width=8, stem_width=8
+    )
+
+
+def gradient_program(model) -> str:
     variables = init_model(model, (32, 32, 3), jax.random.key(0))
     images = jnp.ones((2, 32, 32, 3))
 
     def loss(params):
-        return jnp.sum(model.apply({"params": params}, images, train=True))
+        outputs, _ = model.apply(
+            {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(outputs)
 
     return jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
 
 
-def test_a_vits_backward_pass_reads_its_residual_stream_instead_of_recomputing_it(
-    monkeypatch,
+@pytest.mark.parametrize(("build", "module"), [(vit, vit_module), (regnet, regnet_module)])
+def test_the_backward_pass_reads_the_residual_stream_instead_of_recomputing_it(
+    build, module, monkeypatch
 ):
     """On CPU, without the stored stream and cotangent, the copies feeding the weight
     gradients recompute the residual stream's cotangent from every later block, so the
     widest fusion grows with the depth; with them it stays the same."""
-    with_stored = [widest_fusion(vit_gradient_program(depth)) for depth in (4, 8)]
+    with_stored = [widest_fusion(gradient_program(build(depth))) for depth in (4, 8)]
     assert with_stored[0] == with_stored[1]
-    monkeypatch.setattr(vit, "stored_whole", lambda x: x)
-    plain = [widest_fusion(vit_gradient_program(depth)) for depth in (4, 8)]
+    monkeypatch.setattr(module, "stored_whole", lambda x: x)
+    plain = [widest_fusion(gradient_program(build(depth))) for depth in (4, 8)]
     assert plain[1] > plain[0] > with_stored[0]

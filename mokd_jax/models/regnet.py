@@ -41,6 +41,7 @@ from flax.typing import Dtype
 
 from mokd_jax.models.base import StagedClassifier
 from mokd_jax.models.layers import ConvBN, conv
+from mokd_jax.models.stored import stored_whole
 
 
 def _timm_conv_init(groups: int) -> nn.initializers.Initializer:
@@ -103,9 +104,12 @@ class YBlock(nn.Module):
         return self.stride != 1 or self.in_width != self.width
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """The block's output is stored whole (`stored_whole`): on CPU, XLA would otherwise
+        recompute the residual stream, and in the backward pass its cotangent, from every
+        earlier (later) block of the stage."""
         y = self.se(self.conv2(self.conv1(x, train), train))
         y = self.conv3(y, train)
-        return nn.relu(y + (self.downsample(x, train) if self.project else x))
+        return stored_whole(nn.relu(y + (self.downsample(x, train) if self.project else x)))
 
 
 class RegNet(StagedClassifier):
