@@ -33,6 +33,7 @@ from torch import nn
 from mokd_jax import models
 from mokd_jax.checks import check_choice
 from mokd_jax.models.regnet import RegNet
+from mokd_jax.models.vit import VisionTransformer
 from mokd_jax.normalization import Normalization
 from mokd_jax.torch_peer_models import TORCH_RESNETS, TorchRegNet, TorchViT, torch_resnet
 from mokd_jax.torch_peer_weights import mokd_coefficients
@@ -43,34 +44,13 @@ PEER_MODES = ("kd_1bwd", "mokd")
 # ----------------------------------------------------------------------------- models
 
 
-PEER_ARCHITECTURES = (
-    *TORCH_RESNETS,
-    "regnety_160",
-    "vit_tiny",
-    "deit_tiny",
-    "vit_small",
-    "deit_small",
-)
-"""Our models with a torch peer: torchvision's ResNets, and DeiT's students and teacher."""
+def torch_regnet(ours: RegNet, num_classes: int) -> nn.Module:
+    return TorchRegNet(
+        num_classes, ours.widths, ours.depths, ours.group_width, ours.stem_width, ours.se_ratio
+    )
 
 
-def check_architectures(teacher_arch: str, student_arch: str) -> None:
-    """InputError unless both models have a torch peer (PEER_ARCHITECTURES)."""
-    for role, arch in (("teacher", teacher_arch), ("student", student_arch)):
-        check_choice(role, arch, PEER_ARCHITECTURES)
-
-
-def peer_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
-    """The torch model of our `arch`, built from our module's own settings (RegNetY's
-    widths, depths and group width; a ViT's width, heads, depth, patch, image size and
-    drop-path rate), so that both frameworks run the same network."""
-    if arch in TORCH_RESNETS:
-        return torch_resnet(arch, num_classes)
-    ours = models.get(arch, num_classes, image_size=image_size)
-    if isinstance(ours, RegNet):
-        return TorchRegNet(
-            num_classes, ours.widths, ours.depths, ours.group_width, ours.stem_width, ours.se_ratio
-        )
+def torch_vit(ours: VisionTransformer, num_classes: int) -> nn.Module:
     return TorchViT(
         num_classes,
         ours.embed_dim,
@@ -81,6 +61,33 @@ def peer_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
         ours.mlp_ratio,
         ours.drop_path_rate,
     )
+
+
+TORCH_BUILDERS = {RegNet: torch_regnet, VisionTransformer: torch_vit}
+"""Our module types with a torch counterpart, built from the module's own settings."""
+
+PEER_ARCHITECTURES = (
+    *TORCH_RESNETS,
+    *(name for name in models.NAMES if type(models.get(name, 2)) in TORCH_BUILDERS),
+)
+"""Our models with a torch peer: torchvision's ResNets, and those of TORCH_BUILDERS' types
+(DeiT's students and teacher)."""
+
+
+def check_architectures(teacher_arch: str, student_arch: str) -> None:
+    """InputError unless both models have a torch peer (PEER_ARCHITECTURES)."""
+    for role, arch in (("teacher", teacher_arch), ("student", student_arch)):
+        check_choice(role, arch, PEER_ARCHITECTURES)
+
+
+def peer_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    """The torch model of our `arch` (one of PEER_ARCHITECTURES), built from our module's
+    own settings (RegNetY's widths, depths and group width; a ViT's width, heads, depth,
+    patch, image size and drop-path rate), so that both frameworks run the same network."""
+    if arch in TORCH_RESNETS:
+        return torch_resnet(arch, num_classes)
+    ours = models.get(arch, num_classes, image_size=image_size)
+    return TORCH_BUILDERS[type(ours)](ours, num_classes)
 
 
 def peer_models(

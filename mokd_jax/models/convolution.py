@@ -9,22 +9,18 @@ transposed order, a page or more apart. On a ResNet-18 student at 224 px, batch 
 transposes took 578 ms of a 4.1 s distillation step on 2 cores; the first stage's alone
 took 274 ms, where a plain transpose of the same 25 MB map takes about 5 ms.
 
-`conv_general_dilated` computes the same convolution, but its saved input passes through an
-identity that XLA cannot fuse into its consumers (a `lax.cond` whose predicate is true for
-every value, including NaN, but is not a compile-time constant). The transposes then copy
+`conv_general_dilated` computes the same convolution, but saves its input through
+`stored.stored_whole` (an identity XLA cannot fuse, CPU only). The transposes then copy
 one stored map: 172-188 ms instead of 578 ms in the same step, which took 3-5% less time in
 all (two runs alternating both versions in one process; at 112 px, batch 16 the difference
 was within the noise; docs/benchmarks.md). It costs one copy of each convolution input per
 step (XLA's plan for the ResNet-34 -> ResNet-18 step at 112 px, batch 16: 5 MiB more of
 341 MiB).
 
-Only the CPU lowering has the identity (`lax.platform_dependent`): on GPUs and TPUs XLA
-lays the convolutions out differently, and a conditional there would wait for its
-predicate on the host. The forward values are `lax.conv_general_dilated`'s; the gradients
-are its transposes in each argument, evaluated at the same input, i.e. its own VJP's
-(tests/test_convolution.py). Like every
-`custom_vjp`, it has no forward-mode derivative (`jax.jvp`); nothing in the trainer takes
-one, and `pooling.max_pool` already had the same limit.
+The forward values are `lax.conv_general_dilated`'s; the gradients are its transposes in
+each argument, evaluated at the same input, i.e. its own VJP's (tests/test_convolution.py).
+Like every `custom_vjp`, it has no forward-mode derivative (`jax.jvp`); nothing in the
+trainer takes one, and `pooling.max_pool` already had the same limit.
 """
 
 import functools
