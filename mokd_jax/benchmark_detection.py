@@ -114,7 +114,7 @@ def detection_step(
         )
     else:
         tx = optimizers.student_optimizer(config, trainable)
-        step = steps.make_distill_step(config, nets, tx, task=task)
+        step = steps.make_distill_step(config, nets, tx, task=task, trainable=trainable)
     create = functools.partial(
         state_lib.create_student_state, nets, image_shape, tx, example_features=example_pyramid
     )

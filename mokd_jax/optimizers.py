@@ -15,6 +15,7 @@ model's `no_weight_decay()`), as DeiT trains. A method that owns its weight deca
 decays what it decays itself.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -90,9 +91,12 @@ def aggregator_hparams(config: ml_collections.ConfigDict) -> dict:
     return section.to_dict() if section is not None else {}
 
 
-def make_aggregator(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-    """The config's aggregator over the student's parameters (the projector's gradients
-    pass through it unaggregated), with its hyperparameters and those it takes from the
+def make_aggregator(
+    config: ml_collections.ConfigDict, trainable: Callable[[Any], Any] | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """The config's aggregator over the student's parameters, only its `trainable` ones
+    where given (`state.shared_mask`: the projector's and frozen parameters' gradients pass
+    through it unaggregated), with its hyperparameters and those it takes from the
     student's optimizer section."""
     spec = aggregation.spec(config.aggregator)
     hparams = aggregator_hparams(config)
@@ -100,7 +104,7 @@ def make_aggregator(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     return aggregation.get(
         config.aggregator,
         num_objectives=len(objective_names(config.distill)),
-        shared=shared_mask,
+        shared=functools.partial(shared_mask, trainable=trainable),
         granularity=config.granularity,
         **hparams,
     )
@@ -121,11 +125,11 @@ def student_optimizer(
     """optax.chain(aggregator, optimizer): plain SGD on the schedule after a method that
     owns its momenta and weight decay, else the student's configured optimizer. With
     `trainable`, the optimizer updates only those parameters (`only_trainable`: a
-    detector's frozen backbone parts); the aggregator still combines every gradient."""
+    detector's frozen backbone parts) and the aggregator combines only theirs."""
     if aggregation.spec(config.aggregator).owns_momentum:
         optimizer = optax.sgd(learning_rate_schedule(config.student))
     else:
         optimizer = make_optimizer(config.student)
     if trainable is not None:
         optimizer = only_trainable(optimizer, trainable)
-    return optax.chain(make_aggregator(config), optimizer)
+    return optax.chain(make_aggregator(config, trainable), optimizer)

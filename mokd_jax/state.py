@@ -74,9 +74,21 @@ def create_student_state(
     )
 
 
-def shared_mask(params: Mapping[str, Any]) -> dict:
-    """The student's parameters take part in the aggregation; the projectors' do not."""
-    return {
+def shared_mask(params: Mapping[str, Any], trainable: Callable[[Any], Any] | None = None) -> dict:
+    """The student's parameters take part in the aggregation; the projectors' do not.
+
+    With `trainable` (params -> a pytree of bools of their structure: a detector's frozen
+    backbone parts are False), only the student's trainable parameters do. A frozen
+    parameter has no say in the objectives' weights, which balance the gradients of what
+    actually moves; its rows are summed like a projector's, and the optimizer's
+    `only_trainable` then zeroes them, so XLA drops their part of every pullback (the
+    backward pass through a RetinaNet's frozen stem and first stage, and the activations it
+    would keep alive).
+    """
+    mask = {
         "student": jax.tree.map(lambda _: True, params["student"]),
         "projector": jax.tree.map(lambda _: False, params["projector"]),
     }
+    if trainable is None:
+        return mask
+    return jax.tree.map(lambda shared, trains: shared and trains, mask, trainable(params))

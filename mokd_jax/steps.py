@@ -35,7 +35,7 @@ from mokd_jax.aggregation.gram import conflict_diagnostics, gram_matrix
 from mokd_jax.data.mixing import mixup_cutmix, random_erasing
 from mokd_jax.networks import Networks
 from mokd_jax.objectives import cross_entropy, hard_labels, loss_vector, objective_names
-from mokd_jax.state import TrainState
+from mokd_jax.state import TrainState, shared_mask
 
 
 def mix_batch(
@@ -272,6 +272,7 @@ def distill_step(
     distill: ml_collections.ConfigDict,
     mix: Callable | None = None,
     task: TaskFunctions = student_functions,
+    trainable: Callable[[Any], Any] | None = None,
 ) -> tuple[TrainState, dict]:
     """One MoKD step: per-objective gradients from one forward, aggregated by `tx`.
 
@@ -286,7 +287,7 @@ def distill_step(
     `DetectionBatch`), `networks` the task's bundle, and `task` turns them into the two
     halves of the student (`TaskFunctions`). With `mix` (classification's
     `mix(images, labels, step)`), teacher and student see the mixed batch and the task loss
-    uses its soft targets.
+    uses its soft targets. `trainable`: as `make_distill_step`'s.
     """
     if mix is not None:
         batch = mix(*batch, state.step)
@@ -318,7 +319,8 @@ def distill_step(
         **task_metrics,
     }
     if aggregator.drive == aggregation.PER_OBJECTIVE:
-        diagnostics = conflict_diagnostics(gram_matrix(gradients["student"])[0], names)
+        aggregated = shared_mask(state.params, trainable)
+        diagnostics = conflict_diagnostics(gram_matrix(gradients, aggregated)[0], names)
         metrics.update(diagnostics)
         metrics["conflict"] = (diagnostics[f"cos_task_{names[1]}"] < 0).astype(jnp.float32)
     return new_state, metrics
@@ -330,9 +332,13 @@ def make_distill_step(
     tx,
     mix: Callable | None = None,
     task: TaskFunctions = student_functions,
+    trainable: Callable[[Any], Any] | None = None,
 ) -> Callable:
     """`distill_step` with the networks, optimizer, aggregator contract, config and task
-    bound: (state, teacher_variables, *batch) -> (state, metrics)."""
+    bound: (state, teacher_variables, *batch) -> (state, metrics). `trainable`: the
+    parameters `tx` trains, when not all (`optimizers.student_optimizer`'s); the conflict
+    diagnostics then read the gradients the aggregator combines, so that a frozen
+    parameter's gradient is never needed."""
     return functools.partial(
         distill_step,
         networks=networks,
@@ -341,6 +347,7 @@ def make_distill_step(
         distill=config.distill,
         mix=mix,
         task=task,
+        trainable=trainable,
     )
 
 

@@ -61,6 +61,48 @@ def test_student_chain_puts_the_aggregator_first_and_sums_the_projector_rows():
     assert float(aggregation.weights(state).sum()) > 0
 
 
+def test_frozen_parameters_have_no_say_in_the_weights_and_get_no_update():
+    """With `trainable`, MoKD's weights come from the trainable leaves' gradients alone: the
+    same as for a student made of those leaves only, however the frozen leaf's rows
+    conflict; the frozen leaf's update is zero."""
+    config = default.get_config()
+    config.aggregator = "mokd"
+    config.student.warmup_steps = 0  # a nonzero rate at step 0
+    params = {
+        "student": {"frozen": jnp.ones(3), "trained": jnp.ones(2)},
+        "projector": {"p": jnp.ones(3)},
+    }
+    rows = {
+        "student": {
+            "frozen": jnp.array([[50.0, 0.0, 0.0], [-50.0, 1.0, 0.0]]),
+            "trained": jnp.array([[1.0, 0.0], [0.0, 3.0]]),
+        },
+        "projector": {"p": jnp.ones((2, 3))},
+    }
+
+    def trainable(params):
+        return {
+            "student": {"frozen": False, "trained": True},
+            "projector": jax.tree.map(lambda _: True, params["projector"]),
+        }
+
+    def weights_and_updates(tx, params, rows):
+        updates, state = tx.update(rows, tx.init(params), params, losses=jnp.ones(2))
+        return aggregation.weights(state), updates
+
+    weights, updates = weights_and_updates(
+        optimizers.student_optimizer(config, trainable), params, rows
+    )
+    alone = {"student": {"trained": params["student"]["trained"]}, "projector": {}}
+    alone_rows = {"student": {"trained": rows["student"]["trained"]}, "projector": {}}
+    expected, _ = weights_and_updates(optimizers.student_optimizer(config), alone, alone_rows)
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    np.testing.assert_array_equal(updates["student"]["frozen"], jnp.zeros(3))
+    assert float(jnp.abs(updates["student"]["trained"]).sum()) > 0
+    everything, _ = weights_and_updates(optimizers.student_optimizer(config), params, rows)
+    assert not np.allclose(everything, expected, rtol=1e-2)  # the frozen rows would count
+
+
 def test_a_method_that_owns_its_momenta_gets_plain_sgd_and_the_students_weight_decay():
     """dot: its own momenta and weight decay, followed by SGD without momentum; the first
     update of zero gradients is then exactly -lr * weight_decay * params."""

@@ -52,3 +52,13 @@ def test_shared_mask_aggregates_the_student_and_not_the_projector():
     mask = state.shared_mask(params)
     assert jax.tree.leaves(mask["student"]) == [True, True]
     assert jax.tree.leaves(mask["projector"]) == [False]
+
+
+def test_shared_mask_leaves_out_the_frozen_student_parameters():
+    params = {"student": {"a": jnp.ones(2), "b": {"c": jnp.ones(1)}}, "projector": {"p": 0}}
+
+    def trainable(params):
+        return {"student": {"a": False, "b": {"c": True}}, "projector": {"p": True}}
+
+    mask = state.shared_mask(params, trainable)
+    assert mask == {"student": {"a": False, "b": {"c": True}}, "projector": {"p": False}}

@@ -17,8 +17,9 @@ best student's export); what differs is the data, the networks and the evaluatio
 
 Both optimizers leave the stem, the first backbone stage and every backbone BatchNorm of
 their detector as they are (`retinanet.trainable_mask`, torchvision's default of three
-trainable backbone layers); the student's aggregator still sees every gradient, and the
-optimizer after it zeroes the frozen ones' updates (`optimizers.only_trainable`).
+trainable backbone layers). The student's aggregator weighs the objectives on the
+trainable parameters' gradients alone, and the optimizer after it zeroes the frozen ones'
+updates (`optimizers.only_trainable`), so their gradients are never computed.
 
 Evaluation (`detection.evaluation.CocoEvaluator`) runs the jitted `detection.steps.detect`
 over the evaluation split, each process feeding its rows of every batch, and scores the
@@ -229,7 +230,8 @@ def distill_student(config, workdir, dataset, teacher_vars, teacher_input, mesh)
     evaluator = CocoEvaluator(
         networks.student, student_input, dataset, config.eval_batch_size, mesh
     )
-    tx = student_optimizer(config, student_trainable(networks))
+    trainable = student_trainable(networks)
+    tx = student_optimizer(config, trainable)
     task = functools.partial(
         detection_student_functions, anchors=retinanet_anchors(dataset.image_shape[:2])
     )
@@ -244,7 +246,7 @@ def distill_student(config, workdir, dataset, teacher_vars, teacher_input, mesh)
             tx,
             example_features=example_pyramid,
         ),
-        step=make_distill_step(config, networks, tx, task=task),
+        step=make_distill_step(config, networks, tx, task=task, trainable=trainable),
         batches=training_batches(config, dataset, mesh),
         evaluation=PhaseEvaluation(evaluator, student_variables, best.keep),
         constants=(teacher_vars,),
