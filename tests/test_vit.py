@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mokd_jax import models
+from mokd_jax import models, steps
 from mokd_jax.measurement import compiled_memory, tree_bytes
 from mokd_jax.models import vit
 from mokd_jax.state import init_model
@@ -29,26 +29,21 @@ def test_attention_softmax_matches_jax_softmax_in_value_and_gradient():
 
 def _two_objective_peaks(model, image_size: int) -> tuple[int, int, int]:
     """(planned peak of one pullback of the summed objectives, of two pullbacks, one per
-    objective, stacked as the aggregators take them; the parameters' bytes)."""
+    objective, as the trainer's `steps.row_gradients` takes them; the parameters' bytes)."""
     variables = init_model(model, (image_size, image_size, 3), jax.random.key(0))
     images = jnp.ones((8, image_size, image_size, 3))
 
     def objectives(params):
         logits = model.apply({**variables, "params": params}, images)
-        return jnp.stack([jnp.sum(logits**2), jnp.sum(logits)])
+        return jnp.stack([jnp.sum(logits**2), jnp.sum(logits)]), None
 
-    def one_pullback(params):
-        return jax.vjp(objectives, params)[1](jnp.ones(2))[0]
-
-    def two_pullbacks(params):
-        pull = jax.vjp(objectives, params)[1]
-        rows = [pull(jnp.eye(2)[k])[0] for k in range(2)]
-        return jax.tree.map(lambda a, b: jnp.stack([a, b]), *rows)
+    def pullbacks(rows):
+        return lambda params: steps.row_gradients(objectives, params, lambda _: rows)[0]
 
     params = variables["params"]
     one, two = (
-        compiled_memory(jax.jit(f).lower(params).compile())["peak_bytes"]
-        for f in (one_pullback, two_pullbacks)
+        compiled_memory(jax.jit(pullbacks(rows)).lower(params).compile())["peak_bytes"]
+        for rows in (jnp.ones((1, 2)), jnp.eye(2))
     )
     return one, two, tree_bytes(params)
 
