@@ -115,7 +115,7 @@ def test_sigmoid_kd_is_zero_at_the_teacher_with_the_cross_entropys_gradient():
 
     assert float(cross_entropy(teacher)) > 100.0
     gradient = jax.grad(detection_objectives.sigmoid_kd)(student, teacher, foreground, temperature)
-    np.testing.assert_allclose(gradient, jax.grad(cross_entropy)(student), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(gradient, jax.grad(cross_entropy)(student), rtol=1e-5, atol=1e-7)
 
 
 def test_cells_touching_boxes_by_hand():

@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from mokd_jax.checks import check_choice
 from mokd_jax.detection import boxes as box_ops
@@ -31,12 +30,86 @@ SMOOTH_L1_BETA = 1.0
 def sigmoid_focal_loss(
     logits: jax.Array, targets: jax.Array, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
 ) -> jax.Array:
-    """Focal loss [...] of independent sigmoid logits against {0, 1} targets (same shape):
-    cross-entropy scaled by (1 - p_t)^gamma, so that the many easy negatives of dense
-    detection do not swamp the loss, and weighted alpha on positives, 1 - alpha on negatives.
+    """Focal loss [...] of independent sigmoid logits against targets in [0, 1] (same
+    shape): cross-entropy scaled by (1 - p_t)^gamma, so that the many easy negatives of
+    dense detection do not swamp the loss, and weighted alpha on positives, 1 - alpha on
+    negatives.
 
-    optax's form computes the focal factor in log space, stable for large logits."""
-    return optax.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
+    The value is computed as optax's `sigmoid_focal_loss` computes it (the focal factor in
+    log space); the gradient is its closed form (`_focal_loss_parts`), for the logits
+    only: the targets are labels, held constant (stop_gradient). The rule is for memory.
+    Autodiff of optax's form keeps many logit-sized intermediates for the backward pass
+    (its log-sum-exp stacks two of them); the rule keeps only the logits and targets, and
+    its one elementwise expression is built from each pullback's own cotangent, so that
+    when MoKD pulls one forward pass back once per objective, XLA does not compute the
+    second pullback's loss-level buffers before the first pullback has run. The figures
+    for a RetinaNet step are in docs/benchmarks.md.
+    """
+    targets = jax.lax.stop_gradient(targets.astype(logits.dtype))
+    return _focal_loss(logits, targets, alpha, gamma)
+
+
+def _focal_loss_parts(logits, targets, alpha, gamma):
+    """(value, derivative in the logits) of the focal loss, elementwise.
+
+    With p = sigmoid(x), target y, the cross-entropy ce = -y log p - (1 - y) log(1 - p),
+    u = 1 - p_t = y (1 - p) + (1 - y) p and alpha_t = alpha y + (1 - alpha)(1 - y), the
+    loss is alpha_t u^gamma ce. Since d ce/dx = p - y and du/dx = (1 - 2y) p (1 - p),
+
+        dL/dx = alpha_t (u^gamma (p - y) + gamma (1 - 2y) ce u^(gamma - 1) p (1 - p)),
+
+    with every power and product taken in log space (log u as optax's log-sum-exp over
+    log p and log(1 - p); u^(gamma - 1) p (1 - p) as one exponential), so that neither
+    large logits nor gamma < 1 make an infinity.
+    """
+    log_p = jax.nn.log_sigmoid(logits)
+    log_not_p = jax.nn.log_sigmoid(-logits)
+    log_u = jnp.logaddexp(log_p + jnp.log1p(-targets), log_not_p + jnp.log(targets))
+    cross_entropy = -targets * log_p - (1.0 - targets) * log_not_p
+    alpha_t = alpha * targets + (1.0 - alpha) * (1.0 - targets)
+    focal_factor = jnp.exp(gamma * log_u)
+    value = alpha_t * focal_factor * cross_entropy
+    focal_slope = jnp.exp((gamma - 1.0) * log_u + log_p + log_not_p)
+    derivative = alpha_t * (
+        focal_factor * (jnp.exp(log_p) - targets)
+        + gamma * (1.0 - 2.0 * targets) * cross_entropy * focal_slope
+    )
+    return value, derivative
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _focal_loss(logits, targets, alpha, gamma):
+    return _focal_loss_parts(logits, targets, alpha, gamma)[0]
+
+
+def _focal_loss_forward(logits, targets, alpha, gamma):
+    return _focal_loss(logits, targets, alpha, gamma), (logits, targets)
+
+
+def _focal_loss_backward(alpha, gamma, saved, cotangent):
+    logits, targets = saved
+    logits = tied_to_cotangent(logits, cotangent)
+    derivative = _focal_loss_parts(logits, targets, alpha, gamma)[1]
+    return cotangent * derivative, None
+
+
+_focal_loss.defvjp(_focal_loss_forward, _focal_loss_backward)
+
+
+def tied_to_cotangent(saved: jax.Array, cotangent: jax.Array) -> jax.Array:
+    """`saved`, a value a backward rule reads, made to depend on that pullback's
+    `cotangent` (an optimization barrier with one of its elements; no copy, no arithmetic).
+
+    Why: a rule's derivative is a function of saved forward values, identical in every
+    pullback of the same forward pass. When MoKD pulls it back once per objective, XLA's
+    common-subexpression elimination would compute that derivative once for all pullbacks
+    and keep it alive from the first to the last; tied to each pullback's own cotangent,
+    it is computed inside each pullback. In a small test graph the untied rule kept seven
+    logit-sized buffers more for two pullbacks than for one, the tied rule one
+    (tests/test_detection_losses.py).
+    """
+    tied, _ = jax.lax.optimization_barrier((saved, cotangent.reshape(-1)[0]))
+    return tied
 
 
 def box_regression_loss(
