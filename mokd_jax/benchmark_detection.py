@@ -7,7 +7,10 @@ padded boxes, in two modes:
         optimizer: the baseline;
   mokd  the trainer's step with the `mokd` aggregator: K = 2 rows pulled back.
 
-Both train what the trainer trains (`trainable_parameters`). The JSON has the classification
+Both train what the trainer trains (`trainable_parameters`). The modes are timed in
+interleaved rounds (`measurement.interleaved_mode_rows`): a step takes tens of seconds on a
+CPU, long enough for a shared machine's load to change between modes timed one after the
+other. The JSON has the classification
 benchmark's shape: per mode the step time, images/s, the allocator's peak and the compiled
 step's memory plan, then the FLOP floor of the two RetinaNets' forward passes, the ratio
 mokd / kd against its goal (<= 1.05 R) and MoKD's extra memory in gradient copies. There is
@@ -31,7 +34,7 @@ from mokd_jax.detection import retinanet
 from mokd_jax.detection.anchors import retinanet_anchors
 from mokd_jax.detection.batch import DetectionBatch
 from mokd_jax.detection.steps import detection_student_functions, example_pyramid
-from mokd_jax.measurement import mode_row, models_flop_floor, tree_bytes
+from mokd_jax.measurement import interleaved_mode_rows, models_flop_floor, tree_bytes
 from mokd_jax.networks import build_detection_networks, build_retinanet
 from mokd_jax.state import TrainState
 
@@ -144,15 +147,17 @@ def measure_detection(
         config.batch_size, image_size, config.num_classes, config.seed
     )
 
-    modes: dict[str, dict[str, Any]] = {}
+    runs = {}
     for mode in mode_names:
         mode_config = config_helpers.with_overrides(config, DETECTION_MODES[mode])
         check_config(mode_config)
-        log(f"[detection {mode}] building and compiling")
+        log(f"[detection {mode}] building")
         step, create = detection_step(mode, mode_config, config.num_classes, image_shape)
         state = jax.jit(create)(jax.random.key(config.seed + 1))
-        modes[mode] = mode_row(step, state, (teacher_variables,), (batch,), steps)
-        log(f"[detection {mode}] {modes[mode]['step_time_s']:.4f} s/step")
+        runs[mode] = (step, state, (teacher_variables,), (batch,))
+    modes = interleaved_mode_rows(runs, steps, lambda line: log(f"[detection] {line}"))
+    for mode, row in modes.items():
+        log(f"[detection {mode}] {row['step_time_s']:.4f} s/step (median)")
 
     log("FLOPs of the forward passes")
     floor = models_flop_floor(teacher, student, image_shape, config.batch_size)

@@ -1,4 +1,5 @@
-"""mokd_jax.measurement: the FLOP floor formula and XLA cost-analysis parsing."""
+"""mokd_jax.measurement: the FLOP floor formula, XLA cost-analysis parsing, the memory plan
+and the interleaved timing of several modes."""
 
 import pytest
 
@@ -40,3 +41,40 @@ def test_tree_bytes_counts_every_leaf_in_its_dtype():
 
     tree = {"a": jnp.zeros((2, 3)), "b": [jax.ShapeDtypeStruct((4,), jnp.bfloat16)]}
     assert measurement.tree_bytes(tree) == 6 * 4 + 4 * 2
+
+
+def test_interleaved_mode_rows_warm_up_every_mode_then_call_each_once_per_round():
+    """Two modes whose steps record their calls (a host callback): each is warmed up,
+    then the rounds alternate them; each row is `mode_row`'s."""
+    import jax
+    import jax.numpy as jnp
+
+    calls = []
+
+    def step_of(name):
+        def step(state, increment, batch):
+            jax.debug.callback(lambda: calls.append(name))
+            return state + increment, {"sum": batch.sum()}
+
+        return step
+
+    batch = jnp.ones((3, 2))
+    runs = {
+        "a": (step_of("a"), jnp.zeros(()), (jnp.ones(()),), (batch,)),
+        "b": (step_of("b"), jnp.zeros(()), (2 * jnp.ones(()),), (batch,)),
+    }
+    lines = []
+    rows = measurement.interleaved_mode_rows(runs, steps=3, report=lines.append)
+
+    warm_up = measurement.WARMUP_STEPS
+    assert calls == ["a"] * warm_up + ["b"] * warm_up + ["a", "b"] * 3
+    assert [line.split(":")[0] for line in lines if line.startswith("round")] == [
+        "round 1/3",
+        "round 2/3",
+        "round 3/3",
+    ]
+    assert set(rows) == {"a", "b"}
+    for row in rows.values():
+        assert row["step_time_s"] > 0
+        assert row["images_per_s"] == pytest.approx(3 / row["step_time_s"])
+        assert row["compiled_memory"]["argument_bytes"] > 0
