@@ -29,12 +29,6 @@ def block(tree: Any) -> None:
     jax.tree.map(lambda leaf: leaf.block_until_ready(), tree)
 
 
-def compile_step(step: Callable, state: TrainState, args: tuple, batch: tuple):
-    """(The step compiled with its state donated, as in training; its `compiled_memory`)."""
-    compiled = jax.jit(step, donate_argnums=0).lower(state, *args, *batch).compile()
-    return compiled, compiled_memory(compiled)
-
-
 def timed_call(compiled, state: TrainState, args: tuple, batch: tuple) -> tuple[float, TrainState]:
     """(Seconds of one call with every output blocked on, the new state)."""
     start = time.perf_counter()
@@ -50,38 +44,11 @@ def warmed_up(compiled, state: TrainState, args: tuple, batch: tuple) -> TrainSt
     return state
 
 
-def time_step(
-    step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
-) -> tuple[float, dict[str, int] | None]:
-    """(Median seconds per step, the compiled step's `compiled_memory` or None). The state
-    is donated (as in training), so each call consumes the previous call's state;
-    compilation and WARMUP_STEPS calls happen before the clock starts."""
-    compiled, memory = compile_step(step, state, args, batch)
-    state = warmed_up(compiled, state, args, batch)
-    times = []
-    for _ in range(steps):
-        seconds, state = timed_call(compiled, state, args, batch)
-        times.append(seconds)
-    return statistics.median(times), memory
-
-
 def mode_row(
     step: Callable, state: TrainState, args: tuple, batch: tuple, steps: int
 ) -> dict[str, Any]:
-    """A benchmark mode's row: `time_step`'s median seconds and compiled memory, images/s
-    (the batch's leading dimension) and the device's peak bytes so far."""
-    seconds, memory = time_step(step, state, args, batch, steps)
-    return row(seconds, memory, batch)
-
-
-def row(seconds: float, memory: dict[str, int] | None, batch: tuple) -> dict[str, Any]:
-    """A mode's row from its median seconds per step and its compiled memory."""
-    return {
-        "step_time_s": seconds,
-        "images_per_s": len(jax.tree.leaves(batch)[0]) / seconds,
-        "peak_bytes": peak_bytes(),
-        "compiled_memory": memory,
-    }
+    """A benchmark mode's row (`interleaved_mode_rows`' for this one mode)."""
+    return interleaved_mode_rows({"mode": (step, state, args, batch)}, steps)["mode"]
 
 
 def interleaved_mode_rows(
@@ -89,17 +56,22 @@ def interleaved_mode_rows(
     steps: int,
     report: Callable[[str], None] = lambda _: None,
 ) -> dict[str, dict[str, Any]]:
-    """`mode_row`'s rows for several modes, `runs[mode]` = (step, state, args, batch),
-    timed in interleaved rounds: every mode is compiled and warmed up first, then each of
-    the `steps` rounds calls every mode once, so that a change in the machine's load slows
-    all modes alike. For steps that take tens of seconds on a shared machine, one mode
-    timed after another can land in different minutes of load: the RetinaNet benchmark's
-    `mokd` / `kd` came out 1.79 and 1.40 in two such runs (docs/benchmarks.md).
-    `report(line)` gets each round's times."""
+    """Benchmark rows for several modes, `runs[mode]` = (step, state, args, batch): the
+    median seconds per step, images/s (the batch's leading dimension), the device's peak
+    bytes so far and the compiled step's `compiled_memory`.
+
+    Each step is compiled with its state donated (as in training, so each call consumes
+    the previous call's state) and warmed up (WARMUP_STEPS calls) before the clock starts;
+    then each of the `steps` rounds calls every mode once, so that a change in the
+    machine's load slows all modes alike. For steps that take tens of seconds on a shared
+    machine, one mode timed after another can land in different minutes of load: the
+    RetinaNet benchmark's `mokd` / `kd` came out 1.79 and 1.40 in two such runs
+    (docs/benchmarks.md). `report(line)` gets each round's times."""
     compiled, memories, states, times = {}, {}, {}, {}
     for mode, (step, state, args, batch) in runs.items():
         report(f"[{mode}] compiling and warming up")
-        compiled[mode], memories[mode] = compile_step(step, state, args, batch)
+        compiled[mode] = jax.jit(step, donate_argnums=0).lower(state, *args, *batch).compile()
+        memories[mode] = compiled_memory(compiled[mode])
         states[mode] = warmed_up(compiled[mode], state, args, batch)
         times[mode] = []
     for round_index in range(steps):
@@ -108,10 +80,16 @@ def interleaved_mode_rows(
             times[mode].append(seconds)
         line = ", ".join(f"{mode} {times[mode][-1]:.3f} s" for mode in runs)
         report(f"round {round_index + 1}/{steps}: {line}")
-    return {
-        mode: row(statistics.median(times[mode]), memories[mode], batch)
-        for mode, (_, _, _, batch) in runs.items()
-    }
+    rows = {}
+    for mode, (_, _, _, batch) in runs.items():
+        seconds = statistics.median(times[mode])
+        rows[mode] = {
+            "step_time_s": seconds,
+            "images_per_s": len(jax.tree.leaves(batch)[0]) / seconds,
+            "peak_bytes": peak_bytes(),
+            "compiled_memory": memories[mode],
+        }
+    return rows
 
 
 def compiled_memory(compiled) -> dict[str, int] | None:

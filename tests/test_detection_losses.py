@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from pullback_memory import pullback_peaks
 
-from mokd_jax import steps
 from mokd_jax.detection import anchors, losses
 from mokd_jax.detection import objectives as detection_objectives
 from mokd_jax.errors import InputError
-from mokd_jax.measurement import compiled_memory
 
 torch = pytest.importorskip("torch")
 from torchvision_shim import import_torchvision  # noqa: E402  (needs torch)
@@ -122,12 +121,9 @@ def _loss_pullback_peaks(focal, kd) -> tuple[float, float]:
         logits = jnp.tanh(features) @ params["kernel"]
         return jnp.stack([focal(logits, targets).sum(), kd(logits, teacher).sum()]), None
 
-    def peak(rows):
-        pullbacks = lambda params: steps.row_gradients(objectives, params, lambda _: rows)[0]  # noqa: E731
-        return compiled_memory(jax.jit(pullbacks).lower(params).compile())["peak_bytes"]
-
+    one, two = pullback_peaks(objectives, params)
     logit_bytes = teacher.size * 4
-    return peak(jnp.ones((1, 2))) / logit_bytes, peak(jnp.eye(2)) / logit_bytes
+    return one / logit_bytes, two / logit_bytes
 
 
 def test_loss_rules_keep_one_logit_buffer_per_pullback(monkeypatch):

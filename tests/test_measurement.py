@@ -45,7 +45,7 @@ def test_tree_bytes_counts_every_leaf_in_its_dtype():
 
 def test_interleaved_mode_rows_warm_up_every_mode_then_call_each_once_per_round():
     """Two modes whose steps record their calls (a host callback): each is warmed up,
-    then the rounds alternate them; each row is `mode_row`'s."""
+    then the rounds alternate them; each row has the benchmark's fields."""
     import jax
     import jax.numpy as jnp
 

@@ -4,9 +4,10 @@ that pulls one forward pass back once per objective."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pullback_memory import pullback_peaks
 
-from mokd_jax import models, steps
-from mokd_jax.measurement import compiled_memory, tree_bytes
+from mokd_jax import models
+from mokd_jax.measurement import tree_bytes
 from mokd_jax.models import vit
 from mokd_jax.state import init_model
 
@@ -37,15 +38,8 @@ def _two_objective_peaks(model, image_size: int) -> tuple[int, int, int]:
         logits = model.apply({**variables, "params": params}, images)
         return jnp.stack([jnp.sum(logits**2), jnp.sum(logits)]), None
 
-    def pullbacks(rows):
-        return lambda params: steps.row_gradients(objectives, params, lambda _: rows)[0]
-
     params = variables["params"]
-    one, two = (
-        compiled_memory(jax.jit(pullbacks(rows)).lower(params).compile())["peak_bytes"]
-        for rows in (jnp.ones((1, 2)), jnp.eye(2))
-    )
-    return one, two, tree_bytes(params)
+    return (*pullback_peaks(objectives, params), tree_bytes(params))
 
 
 def test_two_pullbacks_keep_no_more_attention_maps_than_one(monkeypatch):

@@ -1,0 +1,20 @@
+"""Helper for the tests of what a step that pulls one forward pass back once per objective
+keeps alive (not a test file)."""
+
+import jax
+import jax.numpy as jnp
+
+from mokd_jax import steps
+from mokd_jax.measurement import compiled_memory
+
+
+def pullback_peaks(objectives, params) -> tuple[int, int]:
+    """XLA's planned peak bytes of one pullback of the two `objectives` summed and of two
+    pullbacks, one per objective, as the trainer's `steps.row_gradients` takes them.
+    `objectives(params)` -> ([2] losses, aux)."""
+
+    def peak(rows):
+        pullbacks = lambda params: steps.row_gradients(objectives, params, lambda _: rows)[0]  # noqa: E731
+        return compiled_memory(jax.jit(pullbacks).lower(params).compile())["peak_bytes"]
+
+    return peak(jnp.ones((1, 2))), peak(jnp.eye(2))
