@@ -327,6 +327,32 @@ def test_gram_of_tiny_or_huge_gradients_matches_that_of_ordinary_ones(magnitude)
     np.testing.assert_allclose(float(far_scale), float(scale) * magnitude, rtol=1e-5)
 
 
+RUN_COMPILE_OPTIONS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+"""XLA's own optimisation settings, which the tests' flags (tests/conftest.py) turn down for
+compile speed: with them LLVM vectorises the Gram matrix's reduction, and the package's
+fast-math default (`mokd_jax.xla_flags`) lets it reassociate the products."""
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_gram_of_tiny_or_huge_gradients_as_training_compiles_it(magnitude):
+    """The rescaled candidates must survive LLVM's optimisations as training compiles them:
+    reassociating (c x) (c y) into (x y) c^2 would overflow again. Leaves large enough for
+    the vectorised loop, squares far outside float32's range."""
+    rng = np.random.default_rng(2)
+    tree = {
+        "conv": rng.standard_normal((2, 3, 3, 32, 64)).astype(np.float32),
+        "dense": rng.standard_normal((2, 64, 100)).astype(np.float32),
+        "bias": rng.standard_normal((2, 100)).astype(np.float32),
+    }
+    far = jax.tree.map(lambda leaf: leaf * np.float32(magnitude), tree)
+    gram_fn = jax.jit(aggregation.gram_matrix).lower(tree).compile(RUN_COMPILE_OPTIONS)
+    (gram, scale), (far_gram, far_scale) = gram_fn(tree), gram_fn(far)
+    expected = per_leaf_gram(tree, {name: True for name in tree})
+    np.testing.assert_allclose(float(scale) ** 2 * np.asarray(gram), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(far_gram), np.asarray(gram), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(far_scale), float(scale) * magnitude, rtol=1e-5)
+
+
 def test_conflict_diagnostics_are_finite_for_zero_gradients():
     rows = np.zeros((2, SIZE))
     stats = aggregation.conflict_diagnostics(aggregation.gram_matrix(to_tree(rows))[0])
