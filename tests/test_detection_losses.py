@@ -134,7 +134,7 @@ def test_loss_rules_keep_one_logit_buffer_per_pullback(monkeypatch):
     kept 2 and 9 (XLA computed the derivatives once for both pullbacks) with XLA's default
     CPU settings, which is what the last check compiles with: with the package's fast-math
     default (`mokd_jax.xla_flags`) XLA happened to plan 2 and 3 for the untied rules too,
-    and neither a user who turns the defaults off nor another backend gets that."""
+    which a user who turns the defaults off does not get (no other backend was measured)."""
     kd = functools.partial(detection_objectives.binary_kd_terms, temperature=4.0)
     one, two = _loss_pullback_peaks(losses.sigmoid_focal_loss, kd)
     assert one < 2.5 and two - one < 1.5
