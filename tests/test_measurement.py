@@ -1,6 +1,8 @@
 """mokd_jax.measurement: the FLOP floor formula, XLA cost-analysis parsing, the memory plan
 and the interleaved timing of several modes."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from mokd_jax import measurement
@@ -17,9 +19,6 @@ def test_compiled_memory_implies_the_peak_of_a_donating_step():
     """A step that donates its [1000] float32 argument and returns one of that shape: XLA
     plans the output into the argument (aliased), so the implied peak is argument +
     output - alias + temporaries."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.ones(1000)
     compiled = jax.jit(lambda x: (x * 2, x.sum()), donate_argnums=0).lower(x).compile()
     memory = measurement.compiled_memory(compiled)
@@ -36,9 +35,6 @@ def test_compiled_memory_implies_the_peak_of_a_donating_step():
 
 
 def test_tree_bytes_counts_every_leaf_in_its_dtype():
-    import jax
-    import jax.numpy as jnp
-
     tree = {"a": jnp.zeros((2, 3)), "b": [jax.ShapeDtypeStruct((4,), jnp.bfloat16)]}
     assert measurement.tree_bytes(tree) == 6 * 4 + 4 * 2
 
@@ -46,9 +42,6 @@ def test_tree_bytes_counts_every_leaf_in_its_dtype():
 def test_interleaved_mode_rows_warm_up_every_mode_then_call_each_once_per_round():
     """Two modes whose steps record their calls (a host callback): each is warmed up,
     then the rounds alternate them; each row has the benchmark's fields."""
-    import jax
-    import jax.numpy as jnp
-
     calls = []
 
     def step_of(name):

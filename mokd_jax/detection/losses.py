@@ -39,10 +39,9 @@ def sigmoid_focal_loss(
     log space); the gradient is its closed form (`_focal_loss_parts`), for the logits
     only: the targets are labels, held constant (stop_gradient). The rule is for memory.
     Autodiff of optax's form keeps many logit-sized intermediates for the backward pass
-    (its log-sum-exp stacks two of them); the rule keeps only the logits and targets, and
-    its one elementwise expression is built from each pullback's own cotangent, so that
-    when MoKD pulls one forward pass back once per objective, XLA does not compute the
-    second pullback's loss-level buffers before the first pullback has run. The figures
+    (its log-sum-exp stacks two of them); the rule keeps only the logits and targets and
+    computes its derivative inside each pullback (`tied_to_cotangent`), so that MoKD's one
+    pullback per objective does not keep it alive from the first to the last. The figures
     for a RetinaNet step are in docs/benchmarks.md.
     """
     targets = jax.lax.stop_gradient(targets.astype(logits.dtype))
